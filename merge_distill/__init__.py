@@ -1,0 +1,3 @@
+"""merge_distill: per-token multi-teacher distillation of language models."""
+
+__version__ = "0.1.0"
