@@ -1,0 +1,125 @@
+"""The `merge-distill` command.
+
+User errors (bad recipe, missing files, an existing run directory) print one line per problem
+and exit with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from merge_distill.errors import USER_ERROR_EXIT_CODE, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Per-token multi-teacher distillation of language models.")
+err_console = Console(stderr=True, highlight=False)
+
+OVERRIDES = typer.Argument(None, help="Dotted overrides, e.g. train.steps=10 loss.temperature=2")
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="The recipe YAML."),
+    overrides: Optional[list[str]] = OVERRIDES,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in output.dir."),
+    no_color: bool = typer.Option(False, "--no-color", help="Plain text output."),
+) -> None:
+    """Train the student described by RECIPE and print its blending report."""
+    from merge_distill.engine import run as run_engine
+    from merge_distill.recipe import load_recipe
+    from merge_distill.report.command import report_command
+
+    loaded = load_recipe(recipe, overrides or [])
+    console = Console(no_color=no_color, highlight=False)
+    run_dir = run_engine(loaded, overwrite=overwrite, console=console)
+    if int(os.environ.get("RANK", "0")) == 0:
+        report_command([run_dir], no_color=no_color)
+        console.print(f"student saved to {run_dir / 'student'}")
+
+
+@app.command()
+def validate(
+    recipe: Path = typer.Argument(..., help="The recipe YAML."),
+    overrides: Optional[list[str]] = OVERRIDES,
+    no_files: bool = typer.Option(False, "--no-files", help="Skip checks of model and data paths and tokenizers."),
+) -> None:
+    """Check RECIPE (schema, cross-references, paths, tokenizers); report every problem at once."""
+    from merge_distill.recipe import load_recipe
+
+    loaded = load_recipe(recipe, overrides or [], check_files=not no_files)
+    Console(highlight=False).print(
+        f"[green]ok[/]: {recipe} — {len(loaded.teachers)} teachers ({', '.join(loaded.teacher_names)}), "
+        f"routing {loaded.routing.kind}, loss {loaded.loss.kind}, output {loaded.output.dir}"
+    )
+
+
+@app.command("ls")
+def list_plugins() -> None:
+    """List the registered routers and losses."""
+    from merge_distill.losses import DIVERGENCES
+    from merge_distill.routing import ROUTERS
+
+    console = Console(highlight=False)
+    for registry in (ROUTERS, DIVERGENCES):
+        console.print(f"[bold]{registry.what}s[/]")
+        for entry in registry.entries():
+            console.print(f"  {entry.name:<12} {entry.summary}")
+
+
+@app.command()
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="One run directory, or two to compare."),
+    as_json: bool = typer.Option(False, "--json", help="Print report.json instead of tables."),
+    no_color: bool = typer.Option(False, "--no-color", help="Plain text output."),
+    width: Optional[int] = typer.Option(None, "--width", help="Render at this many columns."),
+) -> None:
+    """Render the blending report of a run (or compare two runs)."""
+    from merge_distill.report.command import report_command
+
+    report_command(run_dirs, as_json=as_json, no_color=no_color, width=width)
+
+
+def quiet_libraries() -> None:
+    """Library progress bars and advisory warnings would drown the run's own display."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def main() -> None:
+    quiet_libraries()
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        for problem in exc.problems:
+            err_console.print(f"[red]error:[/] {problem}", soft_wrap=True)
+        sys.exit(USER_ERROR_EXIT_CODE)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors carry their own exit code (2)
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        from merge_distill.teachers import NonFiniteError
+
+        if isinstance(exc, NonFiniteError):
+            err_console.print(f"[red]error:[/] {exc}", soft_wrap=True)
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

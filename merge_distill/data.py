@@ -1,0 +1,185 @@
+"""Data: sources -> tokenized rows of seq_len -> a seeded, weighted mix of TokenBatches.
+
+`datasets` does all reading (text, jsonl, parquet, hub). Text examples are targets on every
+token; chat examples go through the tokenizer's chat template and only assistant tokens are
+targets (others -100). Each row keeps its source's domain tag through to the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import datasets
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from merge_distill.errors import UserError
+from merge_distill.recipe_checks import source_files
+from merge_distill.signals import IGNORE_INDEX, TokenBatch
+
+if TYPE_CHECKING:
+    from merge_distill.recipe import DataSource
+
+datasets.disable_progress_bars()
+datasets.logging.set_verbosity_error()
+
+_BUILDERS = {"text": "text", "jsonl": "json", "parquet": "parquet"}
+
+
+@dataclass
+class SourceRows:
+    """All rows of one source: input_ids, labels, attention_mask, each [N, seq_len] long."""
+
+    label: str
+    domain: str
+    input_ids: Tensor
+    labels: Tensor
+    attention_mask: Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def read_source(source: "DataSource", key: str) -> datasets.Dataset:
+    """The raw examples of a source; `key` (e.g. `data.train[0]`) names it in errors."""
+    try:
+        if source.type == "hub":
+            ds = datasets.load_dataset(source.path, name=source.subset, split=source.split, revision=source.revision)
+        else:
+            kwargs: dict[str, Any] = {"sample_by": "document"} if source.type == "text" else {}
+            ds = datasets.load_dataset(_BUILDERS[source.type], data_files=source_files(source.path), split="train", **kwargs)
+    except Exception as exc:  # datasets wraps parse errors in several exception types
+        cause = exc.__cause__ or exc
+        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise UserError(f"{key}.path: cannot read {source.path} as {source.type}: {detail}; "
+                        f"check that the file is valid {source.type}") from None
+    if source.field not in ds.column_names:
+        raise UserError(f"{key}.field: {source.path} has no column {source.field!r}; "
+                        f"its columns are: {', '.join(ds.column_names)}")
+    if len(ds) == 0:
+        raise UserError(f"{key}.path: {source.path} holds no examples; give a file with data")
+    if source.max_examples:
+        ds = ds.select(range(min(source.max_examples, len(ds))))
+    return ds
+
+
+def is_chat(source: "DataSource", ds: datasets.Dataset) -> bool:
+    if source.format != "auto":
+        return source.format == "chat"
+    return isinstance(ds[0][source.field], list)
+
+
+def chat_tokens(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one conversation: only assistant turns are targets.
+
+    The template is rendered for every prefix of the conversation; the tokens an assistant turn
+    adds beyond the prefix rendered with the generation prompt are its targets. This works with
+    any template that renders a conversation's prefix as a prefix of the whole.
+    """
+    ids = _render(tokenizer, messages, add_generation_prompt=False)
+    labels = [IGNORE_INDEX] * len(ids)
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        start = len(_render(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
+        end_ids = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if ids[: len(end_ids)] != end_ids:
+            raise UserError("chat template: rendering a conversation's prefix does not give a prefix of the whole; "
+                            "this template cannot mark assistant tokens; use format: text")
+        labels[start : len(end_ids)] = ids[start : len(end_ids)]
+    return ids, labels
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    if not messages:
+        return []
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def tokenize_source(source: "DataSource", key: str, tokenizer: PreTrainedTokenizerBase) -> tuple[list[list[int]], list[list[int]]]:
+    """(ids, labels) per example."""
+    ds = read_source(source, key)
+    values = ds[source.field]
+    if is_chat(source, ds):
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError(f"{key}: chat data needs a tokenizer with a chat template; this tokenizer has none")
+        if not all(isinstance(v, list) for v in values):
+            raise UserError(f"{key}.field: {source.field!r} must hold a list of messages in every example for chat data")
+        pairs = [chat_tokens(v, tokenizer) for v in values]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+    if not all(isinstance(v, str) for v in values):
+        raise UserError(f"{key}.field: {source.field!r} must hold text in every example (or set format: chat for messages)")
+    texts = [v for v in values if v.strip()]
+    if not texts:
+        raise UserError(f"{key}.path: {source.path} holds only empty text; give a file with text")
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = [row + eos for row in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return ids, [list(r) for r in ids]
+
+
+def build_rows(source: "DataSource", key: str, tokenizer: PreTrainedTokenizerBase, seq_len: int, packing: bool) -> SourceRows:
+    ids, labels = tokenize_source(source, key, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    if packing:
+        flat_ids = [t for row in ids for t in row]
+        flat_labels = [t for row in labels for t in row]
+        n_rows = max(1, len(flat_ids) // seq_len)
+        chunks = [(flat_ids[i * seq_len:(i + 1) * seq_len], flat_labels[i * seq_len:(i + 1) * seq_len]) for i in range(n_rows)]
+    else:
+        chunks = [(i[:seq_len], l[:seq_len]) for i, l in zip(ids, labels)]
+    input_ids = torch.full((len(chunks), seq_len), pad_id, dtype=torch.long)
+    label_rows = torch.full((len(chunks), seq_len), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(chunks), seq_len), dtype=torch.long)
+    for r, (row_ids, row_labels) in enumerate(chunks):
+        input_ids[r, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
+        label_rows[r, : len(row_labels)] = torch.tensor(row_labels, dtype=torch.long)
+        attention[r, : len(row_ids)] = 1
+    if int((label_rows[:, 1:] != IGNORE_INDEX).sum()) == 0:
+        raise UserError(f"{key}: no token of {source.path} is a training target (chat data with no assistant turn?)")
+    return SourceRows(source.label, source.domain, input_ids, label_rows, attention)
+
+
+class MixedStream:
+    """A deterministic, weighted mix of several sources' rows.
+
+    Global row r (counted over the whole run, all processes) comes from source s_r, drawn with
+    probability proportional to the sources' weights by a seeded generator; within a source
+    rows are taken in a seeded permutation that is redrawn at every pass. The mapping is a pure
+    function of (seed, r), so resuming at any step and sharding over processes need no state.
+    """
+
+    def __init__(self, sources: list[SourceRows], weights: list[float], seed: int, total_rows: int):
+        self.sources = sources
+        gen = torch.Generator().manual_seed(seed)
+        probs = torch.tensor(weights, dtype=torch.float64)
+        self.choice = torch.multinomial(probs / probs.sum(), total_rows, replacement=True, generator=gen)
+        self.index = torch.empty(total_rows, dtype=torch.long)
+        for s, rows in enumerate(sources):
+            where = (self.choice == s).nonzero().squeeze(-1)
+            n = len(rows)
+            passes = math.ceil(len(where) / n) if len(where) else 0
+            perms = [torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + s * 7919 + p))
+                     for p in range(passes)]
+            if perms:
+                self.index[where] = torch.cat(perms)[: len(where)]
+
+    def rows(self, start: int, count: int) -> TokenBatch:
+        picks = [(int(self.choice[r]), int(self.index[r])) for r in range(start, start + count)]
+        src = [self.sources[s] for s, _ in picks]
+        return TokenBatch(
+            input_ids=torch.stack([s.input_ids[i] for s, (_, i) in zip(src, picks)]),
+            attention_mask=torch.stack([s.attention_mask[i] for s, (_, i) in zip(src, picks)]),
+            labels=torch.stack([s.labels[i] for s, (_, i) in zip(src, picks)]),
+            domains=[s.domain for s in src],
+            sources=[s.label for s in src],
+        )
+
+
+def steps_for_epochs(epochs: float, total_rows: int, global_batch_rows: int) -> int:
+    return max(1, math.ceil(epochs * total_rows / global_batch_rows))

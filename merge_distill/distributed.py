@@ -1,0 +1,402 @@
+"""Processes, devices and DeepSpeed: the only module that knows how the models are placed.
+
+Two regimes, chosen once by `make_accelerator` from the recipe's `distributed:` section:
+
+- Plain (one process, or `use_deepspeed: never`): a stock `Accelerator`; the student is
+  wrapped in DDP when there are several processes; every teacher sits whole on the device.
+- DeepSpeed (`use_deepspeed: always`, or `auto` with WORLD_SIZE > 1): the student goes through
+  accelerate's DeepSpeed plugin (ZeRO stage 0-3, so `acc.backward`, `acc.accumulate` and
+  `acc.clip_grad_norm_` keep their meaning); each teacher becomes its own inference-only
+  DeepSpeed engine built with `deepspeed.initialize` (no optimizer): under ZeRO-3 every process
+  keeps 1/N of each teacher's weights and all-gathers one layer at a time during the forward.
+
+Why the teachers bypass accelerate: an engine prepared by `accelerator.prepare` joins the
+accelerator's model list, so `save_state` would checkpoint every teacher; the first prepared
+engine becomes the `backward` target, so order would matter; and the plugin switch
+(`select_deepspeed_plugin`) is global state. A raw engine per teacher has none of this.
+
+Every process must call every teacher's and the student's forward the same number of times:
+under ZeRO-3 a forward is a collective (parameter all-gather).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from accelerate import Accelerator, DeepSpeedPlugin
+from accelerate.scheduler import AcceleratedScheduler
+from accelerate.utils import DistributedType
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+Precision = Literal["fp32", "bf16", "fp16"]
+_MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+class DistributedConfig(BaseModel):
+    """The recipe's `distributed:` section."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    use_deepspeed: Literal["auto", "always", "never"] = Field(
+        "auto", description="auto: DeepSpeed when launched with more than one process (WORLD_SIZE > 1); "
+        "always: also in a single process (ZeRO-3 then only adds offload); never: plain DDP.")
+    teacher_zero_stage: Literal[0, 3] = Field(
+        3, description="3: partition each teacher's weights across processes (ZeRO-3 inference); "
+        "0: every process holds whole teachers. Only used under DeepSpeed.")
+    student_zero_stage: Literal[0, 1, 2, 3] = Field(
+        0, description="ZeRO stage of the student: 1 partitions optimizer state, 2 also gradients, "
+        "3 also weights. Only used under DeepSpeed.")
+    offload_teacher_params: bool = Field(
+        False, description="Keep the teachers' ZeRO-3 partitions in CPU memory (needs teacher_zero_stage 3).")
+    offload_optimizer: bool = Field(
+        False, description="Keep the student's optimizer state in CPU memory (needs student_zero_stage >= 1).")
+    zero3_param_persistence_threshold: int = Field(
+        100_000, ge=0, description="Under ZeRO-3, tensors with at most this many elements (norms, biases) "
+        "stay whole on every process instead of being partitioned.")
+    deepspeed_config: Path | None = Field(
+        None, description="A DeepSpeed JSON for the student, merged over the one built from these fields "
+        "and `train:` (its values win). Must not define `optimizer` or `scheduler`.")
+    teacher_deepspeed_config: Path | None = Field(
+        None, description="A DeepSpeed JSON merged over the built teacher config (e.g. offload to nvme).")
+
+    def check(self) -> list[str]:
+        """Cross-field problems, one line each, key path first."""
+        problems: list[str] = []
+        if self.offload_optimizer and self.student_zero_stage == 0:
+            problems.append("distributed.offload_optimizer needs student_zero_stage >= 1 (ZeRO-Offload moves the "
+                            "partitioned optimizer state); set student_zero_stage: 2 or offload_optimizer: false")
+        if self.offload_teacher_params and self.teacher_zero_stage != 3:
+            problems.append("distributed.offload_teacher_params needs teacher_zero_stage: 3 (only partitioned "
+                            "weights can be offloaded); set teacher_zero_stage: 3 or offload_teacher_params: false")
+        if self.use_deepspeed == "never":
+            used = [k for k in ("offload_teacher_params", "offload_optimizer") if getattr(self, k)]
+            used += [k for k in ("deepspeed_config", "teacher_deepspeed_config") if getattr(self, k) is not None]
+            used += ["student_zero_stage"] if self.student_zero_stage else []
+            if used:
+                problems.append(f"distributed.use_deepspeed is never, so {', '.join(used)} would be ignored; "
+                                "set use_deepspeed: auto or always, or remove them")
+        for key in ("deepspeed_config", "teacher_deepspeed_config"):
+            problems += _json_problems(f"distributed.{key}", getattr(self, key))
+        user = _read_json(self.deepspeed_config) if self.deepspeed_config and self.deepspeed_config.is_file() else {}
+        for section in ("optimizer", "scheduler"):
+            if section in user:
+                problems.append(f"distributed.deepspeed_config defines '{section}'; merge_distill builds it from "
+                                "the recipe's train: section; remove it from the JSON")
+        stage = user.get("zero_optimization", {}).get("stage") if isinstance(user, dict) else None
+        if stage is not None and stage != self.student_zero_stage:
+            problems.append(f"distributed.deepspeed_config sets zero_optimization.stage {stage} but "
+                            f"student_zero_stage is {self.student_zero_stage}; set the stage in one place")
+        return problems
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _json_problems(key: str, path: Path | None) -> list[str]:
+    if path is None:
+        return []
+    if not Path(path).is_file():
+        return [f"{key}: file {path} not found; give the path of a DeepSpeed JSON, relative to the recipe"]
+    try:
+        data = _read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return [f"{key}: {path} is not valid JSON ({exc})"]
+    return [] if isinstance(data, dict) else [f"{key}: {path} must hold a JSON object, got {type(data).__name__}"]
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """Recursive dict merge; `over` wins on leaves."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# ---------------------------------------------------------------- who am I
+
+
+def world_info() -> dict[str, int]:
+    """{"world_size", "rank", "local_rank", "num_nodes"} from torch.distributed or the launcher's env."""
+    env = os.environ
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    else:
+        world, rank = int(env.get("WORLD_SIZE", 1)), int(env.get("RANK", 0))
+    local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", world)))
+    nodes = env.get("NNODES") or env.get("SLURM_NNODES") or str(max(1, -(-world // max(local_world, 1))))
+    return {"world_size": world, "rank": rank, "local_rank": int(env.get("LOCAL_RANK", 0)), "num_nodes": int(nodes)}
+
+
+def deepspeed_wanted(dist: DistributedConfig) -> bool:
+    """Whether this launch runs under DeepSpeed (decided from the config and WORLD_SIZE)."""
+    if dist.use_deepspeed == "auto":
+        return int(os.environ.get("WORLD_SIZE", 1)) > 1
+    return dist.use_deepspeed == "always"
+
+
+def uses_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single_process_env() -> None:
+    """DeepSpeed needs a process group even alone; fake a one-process launch if none was made."""
+    if "LOCAL_RANK" in os.environ:
+        return
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    for k, v in defaults.items():
+        os.environ.setdefault(k, v)
+
+
+# ---------------------------------------------------------------- DeepSpeed configs
+
+
+def _zero3_extras(dist: DistributedConfig) -> dict[str, Any]:
+    return {"stage3_param_persistence_threshold": dist.zero3_param_persistence_threshold}
+
+
+def student_deepspeed_config(dist: DistributedConfig, precision: Precision, grad_accum: int,
+                             max_grad_norm: float | None, micro_batch_size: int, world_size: int) -> dict:
+    """The student's DeepSpeed config: the recipe's numbers, then `dist.deepspeed_config` over it."""
+    zero: dict[str, Any] = {"stage": dist.student_zero_stage}
+    if dist.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if dist.student_zero_stage == 3:
+        zero.update(_zero3_extras(dist))
+    cfg = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * world_size,
+        "gradient_clipping": float(max_grad_norm or 0.0),  # 0 = no clipping in DeepSpeed
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        # fp16 needs loss scaling; DeepSpeed's dynamic scaler skips steps that overflow.
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(cfg, _read_json(dist.deepspeed_config)) if dist.deepspeed_config else cfg
+
+
+def teacher_deepspeed_config(dist: DistributedConfig, dtype: torch.dtype, micro_batch_size: int) -> dict:
+    """An inference-only ZeRO-3 config. Half precision follows the teacher's own dtype, so
+    DeepSpeed never recasts a teacher that the recipe loaded in float32 (or vice versa)."""
+    zero: dict[str, Any] = {"stage": 3, **_zero3_extras(dist)}
+    if dist.offload_teacher_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    cfg = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(cfg, _read_json(dist.teacher_deepspeed_config)) if dist.teacher_deepspeed_config else cfg
+
+
+# ---------------------------------------------------------------- accelerator and models
+
+
+def make_accelerator(dist: DistributedConfig, precision: Precision, grad_accum: int,
+                     max_grad_norm: float | None, micro_batch_size: int) -> Accelerator:
+    """The run's Accelerator. Plain (no DeepSpeed) costs nothing over `Accelerator(...)`."""
+    if not deepspeed_wanted(dist):
+        # `accelerate launch --use_deepspeed` exports this; it would make Accelerator() build a
+        # default DeepSpeed plugin behind our back.
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
+        return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_MIXED[precision],
+                           gradient_accumulation_steps=grad_accum)
+    _single_process_env()
+    cfg = student_deepspeed_config(dist, precision, grad_accum, max_grad_norm, micro_batch_size,
+                                   int(os.environ["WORLD_SIZE"]))
+    plugin = DeepSpeedPlugin(hf_ds_config=cfg, zero3_init_flag=False)
+    acc = Accelerator(mixed_precision=_MIXED[precision], gradient_accumulation_steps=grad_accum,
+                      deepspeed_plugins={"student": plugin})
+    # Selecting a plugin registers its config with transformers, which would then build every
+    # model (teachers too) inside zero.Init. Loading stays plain; the *_init_context managers
+    # below opt in explicitly.
+    _unset_hf_deepspeed_config()
+    return acc
+
+
+def _unset_hf_deepspeed_config() -> None:
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
+@contextlib.contextmanager
+def _zero_init(config: dict) -> Iterator[None]:
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep_alive = HfDeepSpeedConfig(config)  # transformers holds only a weakref to it
+    try:
+        yield
+    finally:
+        del keep_alive
+        _unset_hf_deepspeed_config()
+
+
+@contextlib.contextmanager
+def teacher_init_context(accelerator: Accelerator, dist: DistributedConfig, dtype: torch.dtype) -> Iterator[None]:
+    """Enter around a teacher's `from_pretrained(..., dtype=dtype)`: under DeepSpeed with
+    teacher_zero_stage 3 the weights are partitioned as they load (zero.Init), so no process
+    ever holds a whole teacher. Elsewhere a no-op."""
+    if not (uses_deepspeed(accelerator) and dist.teacher_zero_stage == 3):
+        yield
+        return
+    micro = accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"]
+    with _zero_init(teacher_deepspeed_config(dist, dtype, micro)):
+        yield
+
+
+@contextlib.contextmanager
+def student_init_context(accelerator: Accelerator, dist: DistributedConfig) -> Iterator[None]:
+    """Enter around the student's load: partitioned at load under student ZeRO-3, else a no-op."""
+    if not (uses_deepspeed(accelerator) and dist.student_zero_stage == 3):
+        yield
+        return
+    with _zero_init(accelerator.state.deepspeed_plugin.deepspeed_config):
+        yield
+
+
+def prepare_student(accelerator: Accelerator, dist: DistributedConfig, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[Any, Any, AcceleratedScheduler]:
+    """Wrap the student (DDP or a DeepSpeed engine), its optimizer and its LR scheduler.
+
+    The scheduler steps once per optimizer step (one accumulation window over all processes),
+    so build it with the number of optimizer steps. Under DeepSpeed the optimizer step happens
+    inside `accelerator.backward` at the window's last micro-batch; `optimizer.step()` and
+    `zero_grad()` are then no-ops kept for the shared loop.
+    """
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # split_batches=True: one scheduler step per optimizer step. accelerate's default would
+    # step it world_size times, assuming a schedule counted in single-process steps.
+    wrapped = AcceleratedScheduler(scheduler, optimizer, step_with_optimizer=True, split_batches=True)
+    accelerator._schedulers.append(wrapped)  # so save_state / load_state carry it
+    return model, optimizer, wrapped
+
+
+def prepare_teacher(accelerator: Accelerator, dist: DistributedConfig, model: torch.nn.Module) -> Any:
+    """Frozen, eval-mode teacher: a ZeRO-3 inference engine under DeepSpeed (teacher_zero_stage 3),
+    else the model moved whole to the device. Its dtype is kept as loaded."""
+    model.requires_grad_(False)
+    model.eval()
+    if not (uses_deepspeed(accelerator) and dist.teacher_zero_stage == 3):
+        return model.to(accelerator.device)
+    import deepspeed
+
+    dtype = next(iter(model.parameters())).dtype
+    micro = accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"]
+    engine, *_ = deepspeed.initialize(model=model, config=teacher_deepspeed_config(dist, dtype, micro))
+    engine.eval()
+    return engine
+
+
+def unwrap(accelerator: Accelerator, model: Any) -> Any:
+    """The transformers model inside a DeepSpeed engine, DDP or compile wrapper."""
+    inner = getattr(model, "module", None)
+    if inner is not None and type(model).__name__ == "DeepSpeedEngine":
+        return inner
+    return accelerator.unwrap_model(model)
+
+
+def gather_student_state_dict(accelerator: Accelerator, model: Any) -> dict[str, Tensor] | None:
+    """The full state dict on CPU on rank 0, None on the other ranks. Collective under ZeRO-3:
+    every process must call it. Under DeepSpeed with bf16/fp16 the weights are the engine's
+    16-bit module weights (the float32 masters live in the optimizer)."""
+    if getattr(model, "zero_optimization_partition_weights", lambda: False)():
+        state = model._zero3_consolidated_16bit_state_dict()  # gathers one layer at a time onto rank 0
+        return dict(state) if accelerator.is_main_process else None
+    if not accelerator.is_main_process:
+        return None
+    copies: dict[int, Tensor] = {}  # keep tied weights (embeddings / lm_head) tied in the copy
+    out: dict[str, Tensor] = {}
+    for name, t in unwrap(accelerator, model).state_dict().items():
+        key = t.data_ptr()
+        if key not in copies:
+            copies[key] = t.detach().to("cpu", copy=True)
+        out[name] = copies[key]
+    return out
+
+
+def all_reduce_sum(accelerator: Accelerator, t: Tensor) -> Tensor:
+    """Sum of `t` over processes (a new tensor on the accelerator's device; `t` itself unchanged)."""
+    t = t.to(accelerator.device)
+    if accelerator.num_processes == 1:
+        return t.clone()
+    out = t.clone()
+    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+    return out
+
+
+# ---------------------------------------------------------------- launching
+
+
+Launcher = Literal["accelerate", "deepspeed", "torchrun"]
+
+
+def launcher_prefix(nproc: int, nnodes: int = 1, hostfile: Path | None = None,
+                    launcher: Launcher = "accelerate", node_rank: int | None = None,
+                    master_addr: str | None = None, master_port: int | None = None) -> list[str]:
+    """The launcher part of a command: append a script path or a module option and its args.
+
+    nproc is processes per node. Multi-node: the deepspeed launcher reaches every node itself
+    from `hostfile`; accelerate and torchrun run once per node with its `node_rank` (default
+    from NODE_RANK / SLURM_NODEID) and the first node's `master_addr` (default MASTER_ADDR).
+    """
+    env = os.environ
+    port = str(master_port or env.get("MASTER_PORT", 29500))
+    py = [sys.executable, "-m"]
+    if launcher == "deepspeed":
+        cmd = py + ["deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", port]
+        if nnodes > 1 or hostfile is not None:
+            if hostfile is None:
+                raise ValueError("the deepspeed launcher needs a hostfile for more than one node")
+            cmd += ["--hostfile", str(hostfile), "--num_nodes", str(nnodes)]
+            cmd += ["--master_addr", master_addr] if master_addr else []
+        return cmd
+    rank = str(node_rank if node_rank is not None else env.get("NODE_RANK", env.get("SLURM_NODEID", 0)))
+    addr = master_addr or env.get("MASTER_ADDR")
+    if nnodes > 1 and not addr:
+        raise ValueError(f"{launcher} on {nnodes} nodes needs master_addr (the first node's address) "
+                         "or MASTER_ADDR in the environment")
+    addr = addr or "127.0.0.1"
+    if launcher == "torchrun":
+        return py + ["torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", str(nnodes),
+                     "--node_rank", rank, "--master_addr", addr, "--master_port", port]
+    cmd = py + ["accelerate.commands.launch", "--num_processes", str(nproc * nnodes),
+                "--num_machines", str(nnodes), "--machine_rank", rank,
+                "--main_process_ip", addr, "--main_process_port", port]
+    if nproc * nnodes > 1 and torch.cuda.is_available():
+        cmd += ["--multi_gpu"]
+    return cmd
+
+
+def build_launch_command(recipe_path: Path, nproc: int, nnodes: int = 1, hostfile: Path | None = None,
+                         launcher: Launcher = "accelerate", extra_args: Sequence[str] = (), *,
+                         node_rank: int | None = None, master_addr: str | None = None,
+                         master_port: int | None = None) -> list[str]:
+    """The argv that runs `merge-distill run RECIPE` on nproc processes per node."""
+    prefix = launcher_prefix(nproc, nnodes, hostfile, launcher, node_rank, master_addr, master_port)
+    module = ["--module", "merge_distill.cli"] if launcher == "deepspeed" else ["-m", "merge_distill.cli"]
+    return prefix + module + ["run", str(recipe_path), *extra_args]

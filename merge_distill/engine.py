@@ -1,0 +1,198 @@
+"""The training loop: the only place that knows the order of a step.
+
+    batch -> teachers (inference) -> router weights -> chunked blend + divergence -> backward -> step
+
+Loss normalisation: every micro-batch's summed loss is divided by the number of valid target
+tokens of the whole optimizer step, over all micro-batches and all processes, so the gradient
+is the same whatever the micro-batch size, accumulation or world size.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from merge_distill import distributed as dist_mod
+from merge_distill.losses import DIVERGENCES
+from merge_distill.losses.chunked import distill_loss
+from merge_distill.recipe import Recipe
+from merge_distill.report.stats import BlendStats
+from merge_distill.routing import build_router
+from merge_distill.routing.base import RouterInputs
+from merge_distill.run_setup import RunParts, setup_run
+from merge_distill.signals import IGNORE_INDEX, TokenBatch
+from merge_distill.teachers import NonFiniteError
+
+
+@dataclass
+class StepResult:
+    loss: float
+    divergence: float
+    ce: float
+    tokens: int
+    share: dict[str, float]
+    skipped: bool = False
+    problems: list[str] = field(default_factory=list)
+
+
+def global_sum(parts: RunParts, value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=parts.accelerator.device)
+    return float(dist_mod.all_reduce_sum(parts.accelerator, t).item())
+
+
+def average_gradients(parts: RunParts, module: torch.nn.Module) -> None:
+    """Average a small replicated module's gradients over processes (the learned gate)."""
+    world = parts.world["world_size"]
+    if world == 1:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            p.grad = dist_mod.all_reduce_sum(parts.accelerator, p.grad) / world
+
+
+def micro_batches(parts: RunParts, step: int) -> list[TokenBatch]:
+    """This process's micro-batches of optimizer step `step` (a pure function of the step)."""
+    r = parts.recipe.train
+    world, rank = parts.world["world_size"], parts.world["rank"]
+    rows_per_micro = r.micro_batch_size * world
+    out = []
+    for micro in range(r.grad_accum):
+        start = (step * r.grad_accum + micro) * rows_per_micro + rank * r.micro_batch_size
+        out.append(parts.stream.rows(start, r.micro_batch_size).to(parts.accelerator.device))
+    return out
+
+
+def forward_micro(parts: RunParts, batch: TokenBatch, n_global: float) -> tuple[Tensor, dict]:
+    """One micro-batch: returns the loss to backpropagate (already normalised) and its parts."""
+    recipe, router = parts.recipe, parts.router
+    targets = batch.targets
+    mask = targets != IGNORE_INDEX
+    w_ce = recipe.loss.hard_label_weight
+    out = parts.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                        output_hidden_states=router.needs_hidden, use_cache=False)
+    student_logits = out.logits[..., : parts.vocab_size]
+    info: dict = {"share_sum": torch.zeros(len(parts.teacher_names), dtype=torch.float64)}
+    if w_ce < 1.0:
+        signals = parts.ensemble.signals(batch, targets)
+        hidden = out.hidden_states[-1].detach().float() if router.needs_hidden else None
+        inputs = RouterInputs(signals.gold_nll.clone(), signals.entropy.clone(), mask, batch.domains, hidden)
+        weights = router(inputs)
+        aux = router.aux_loss(inputs)
+        result = distill_loss(student_logits, signals.logits, weights.detach(), targets,
+                              parts.divergence, recipe.loss, recipe.routing.blend,
+                              recipe.train.chunk_tokens, compute_ce=w_ce > 0)
+        parts.stats.update(weights.detach(), signals.gold_nll, signals.entropy, mask, batch.domains,
+                           result.target_entropy_sum)
+        parts.stats.update_agreement(signals.logits, mask)
+        info["share_sum"] = weights.detach().double().sum(dim=(0, 1)).cpu()
+        div_sum, ce_sum = result.divergence_sum, result.ce_sum
+        info["aux"] = aux
+    else:
+        ce_sum = torch.nn.functional.cross_entropy(
+            student_logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        div_sum = torch.zeros((), device=ce_sum.device)
+    loss_sum = (1.0 - w_ce) * div_sum + w_ce * ce_sum
+    # Each process holds its share of the global sum; DDP/DeepSpeed average gradients over
+    # processes and accelerate divides by the accumulation steps: undo both so the result is
+    # sum over all tokens / n_global.
+    scale = parts.world["world_size"] * parts.accelerator.gradient_accumulation_steps / max(n_global, 1.0)
+    info.update(loss=float(loss_sum.detach()), div=float(div_sum.detach()), ce=float(ce_sum.detach()))
+    return loss_sum * scale, info
+
+
+def train_step(parts: RunParts, step: int) -> StepResult:
+    recipe, acc = parts.recipe, parts.accelerator
+    batches = micro_batches(parts, step)
+    n_local = sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches)
+    n_global = global_sum(parts, n_local)
+    totals = {"loss": 0.0, "div": 0.0, "ce": 0.0}
+    share = torch.zeros(len(parts.teacher_names), dtype=torch.float64)
+    aux_total = None
+    problems: list[str] = []
+    for batch in batches:
+        with acc.accumulate(parts.student):
+            try:
+                loss, info = forward_micro(parts, batch, n_global)
+            except NonFiniteError as exc:
+                problems.append(f"{exc} (sources: {', '.join(sorted(set(batch.sources)))})")
+                break
+            if not torch.isfinite(loss):
+                problems.append(f"loss is NaN/inf (sources: {', '.join(sorted(set(batch.sources)))})")
+                break
+            acc.backward(loss)
+            aux = info.get("aux")
+            if aux is not None:
+                (aux / max(n_global, 1.0)).backward()
+                aux_total = float(aux.detach()) + (aux_total or 0.0)
+            for k in totals:
+                totals[k] += info[{"loss": "loss", "div": "div", "ce": "ce"}[k]]
+            share += info["share_sum"]
+            if acc.sync_gradients and recipe.train.max_grad_norm and not problems:
+                norm = acc.clip_grad_norm_(parts.student.parameters(), recipe.train.max_grad_norm)
+                if norm is not None and not math.isfinite(float(norm)):
+                    problems.append("gradient norm is NaN/inf")
+            if problems:
+                break
+            parts.optimizer.step()
+            parts.scheduler.step()
+            parts.optimizer.zero_grad(set_to_none=True)
+    if parts.router_optimizer is not None:
+        if not problems:
+            average_gradients(parts, parts.router)
+            parts.router_optimizer.step()
+        parts.router_optimizer.zero_grad(set_to_none=True)
+    if problems:
+        parts.optimizer.zero_grad(set_to_none=True)
+        return StepResult(math.nan, math.nan, math.nan, int(n_global), {}, skipped=True, problems=problems)
+    loss, div, ce = (global_sum(parts, totals[k]) / max(n_global, 1.0) for k in ("loss", "div", "ce"))
+    shares = dist_mod.all_reduce_sum(acc, share.to(acc.device)).cpu() / max(n_global, 1.0)
+    result = StepResult(loss, div, ce, int(n_global), dict(zip(parts.teacher_names, shares.tolist())))
+    if aux_total is not None:
+        result.share["_router_nll"] = aux_total / max(n_local, 1)
+    return result
+
+
+def run(recipe: Recipe, overwrite: bool = False, console=None) -> Path:
+    """Train the student described by `recipe`; returns the run directory."""
+    parts = setup_run(recipe, overwrite=overwrite, console=console)
+    started = time.perf_counter()
+    tokens_seen = 0
+    skipped = 0
+    status = "failed"
+    try:
+        with parts.live as live:
+            for step in range(parts.start_step, parts.total_steps):
+                t0 = time.perf_counter()
+                result = train_step(parts, step)
+                if result.skipped:
+                    message = f"step {step + 1}: " + "; ".join(result.problems)
+                    if recipe.train.on_nonfinite == "stop":
+                        raise NonFiniteError(message + " (train.on_nonfinite: stop; set it to skip to skip such steps)")
+                    skipped += 1
+                    parts.console.print(f"[yellow]skipped {message}[/]")
+                    continue
+                tokens_seen += result.tokens
+                elapsed = time.perf_counter() - started
+                router_nll = result.share.pop("_router_nll", None)
+                row = {
+                    "step": step + 1, "loss": result.loss, "divergence": result.divergence, "ce": result.ce,
+                    "lr": parts.scheduler.get_last_lr()[0], "tokens": result.tokens,
+                    "tokens_per_s": result.tokens / max(time.perf_counter() - t0, 1e-9),
+                    "elapsed_s": elapsed, "share": result.share, "world_size": parts.world["world_size"],
+                }
+                if router_nll is not None:
+                    row["router_nll"] = router_nll
+                parts.record_step(row, tokens_seen, skipped)
+                live.update(step + 1, row)
+        status = "complete"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        parts.finish(status, tokens_seen, skipped, time.perf_counter() - started)
+    return parts.run_dir

@@ -1,0 +1,296 @@
+"""The loss driver: blended-teacher divergence and gold cross-entropy over valid tokens, in chunks.
+
+`distill_loss` never holds more than one chunk of vocabulary-sized float32 tensors per teacher at
+a time: positions without a target are dropped by index first, the flattened valid tokens are
+processed chunk_tokens at a time, and the teachers of a chunk are folded into the blend one by
+one (`OnlineBlend`), so peak extra memory is O(chunk_tokens x V) and does not grow with K.
+
+Gradients: the forward pass computes, chunk by chunk, d(loss_chunk)/d(student logits of the
+chunk) with a local autograd graph that is freed right away, and writes it into one gradient
+buffer shaped like the student logits (zero rows at masked positions). Backward scales that
+buffer in place by the incoming gradient and adds the cross-entropy gradient, recomputed per
+chunk as softmax - onehot; the buffer itself becomes the logits' gradient, with no copy. Hence
+the outputs can be backpropagated once (no retain_graph) and not twice-differentiated.
+
+`distill_loss_dense` is the plain reference with the same signature and standard autograd.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from merge_distill.losses.base import LossConfigBase
+from merge_distill.losses.blend import OnlineBlend, blend_logprobs, check_blend_mode
+from merge_distill.losses.registry import DivergenceFn
+from merge_distill.signals import IGNORE_INDEX
+
+
+@dataclass
+class DistillOutput:
+    """Sums over the valid tokens of one micro-batch (the engine normalises them).
+
+    divergence_sum: scalar, sum of T^2 * divergence(student_T, target_T); differentiable.
+    ce_sum: scalar, sum of next-token cross-entropy at temperature 1; differentiable (0 if skipped).
+    n_tokens: number of positions with a target (targets != -100).
+    target_entropy_sum: sum of the entropy of the blended target at temperature T (nats).
+    """
+
+    divergence_sum: Tensor
+    ce_sum: Tensor
+    n_tokens: int
+    target_entropy_sum: float
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 inputs stay float64 (for reference tests); everything else runs in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def target_entropy(target_logprobs: Tensor) -> Tensor:
+    """-sum_v P log P per row, [N, V] -> [N], with 0 * log 0 = 0."""
+    safe = torch.where(torch.isfinite(target_logprobs), target_logprobs, torch.zeros_like(target_logprobs))
+    return -(torch.exp(target_logprobs) * safe).sum(dim=-1)
+
+
+def _check_inputs(
+    student_logits: Tensor, teacher_logits: list[Tensor], weights: Tensor, targets: Tensor,
+    config: LossConfigBase, blend: str, chunk_tokens: int,
+) -> None:
+    if student_logits.dim() != 3:
+        raise ValueError(f"student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}")
+    B, T, V = student_logits.shape
+    for k, logits in enumerate(teacher_logits):
+        if logits.shape != student_logits.shape:
+            raise ValueError(
+                f"teacher_logits[{k}] has shape {tuple(logits.shape)} but the student logits have "
+                f"{tuple(student_logits.shape)}; cut both to the tokenizer's vocabulary first"
+            )
+    if weights.shape != (B, T, len(teacher_logits)):
+        raise ValueError(
+            f"weights have shape {tuple(weights.shape)}, expected [B, T, K] = [{B}, {T}, {len(teacher_logits)}]"
+        )
+    if targets.shape != (B, T):
+        raise ValueError(f"targets have shape {tuple(targets.shape)}, expected [B, T] = [{B}, {T}]")
+    if not teacher_logits and config.hard_label_weight < 1.0:
+        raise ValueError(
+            f"no teacher logits were given but hard_label_weight is {config.hard_label_weight}; "
+            "only pure cross-entropy (hard_label_weight = 1.0) runs without teachers"
+        )
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    check_blend_mode(blend)
+    valid_targets = targets[targets != IGNORE_INDEX]
+    if valid_targets.numel() and (int(valid_targets.min()) < 0 or int(valid_targets.max()) >= V):
+        raise ValueError(f"targets must be -100 or token ids in [0, {V}); got values outside that range")
+
+
+@dataclass
+class _Plan:
+    """Everything the autograd function needs besides the student logits (flattened views)."""
+
+    teacher_logits: list[Tensor]  # K x [B*T, V], detached
+    weights: Tensor  # [B*T, K], detached
+    targets: Tensor  # [B*T]
+    valid_idx: Tensor  # [N] flat indices of positions with a target
+    divergence: DivergenceFn
+    config: LossConfigBase
+    blend: str
+    chunk_tokens: int
+    compute_ce: bool
+    needs_grad: bool
+    target_entropy_sum: float = 0.0  # filled in by the forward pass
+
+    def chunks(self) -> list[Tensor]:
+        return list(torch.split(self.valid_idx, self.chunk_tokens))
+
+
+def _blend_chunk(plan: _Plan, idx: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Target log-probs [c, V] at temperature T for the rows idx [c], and has_weight [c] bool."""
+    weights = plan.weights.index_select(0, idx)
+    online = OnlineBlend(plan.blend, weights)
+    for k, logits in enumerate(plan.teacher_logits):
+        # index_select makes a fresh copy, so the in-place ops below touch no caller tensor.
+        x = logits.index_select(0, idx).to(dtype)
+        if plan.config.temperature != 1.0:
+            x.div_(plan.config.temperature)
+        x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))  # log_softmax in place
+        online.add(k, x)
+        del x
+    return online.result(), weights.sum(dim=-1) > 0
+
+
+class _ChunkedDistill(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, student_logits: Tensor, plan: _Plan) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        V = student_logits.shape[-1]
+        flat_student = student_logits.reshape(-1, V)
+        dtype = compute_dtype(student_logits.dtype)
+        temperature = plan.config.temperature
+        has_teachers = bool(plan.teacher_logits)
+        # The gradient of divergence_sum w.r.t. the logits, filled chunk by chunk.
+        grad_buffer = torch.zeros_like(flat_student) if plan.needs_grad and has_teachers else None
+        div_sum = torch.zeros((), dtype=dtype, device=student_logits.device)
+        ce_sum = torch.zeros_like(div_sum)
+        entropy_sum = torch.zeros_like(div_sum)
+        for idx in plan.chunks():
+            student_rows = flat_student.index_select(0, idx)  # [c, V]
+            if has_teachers:
+                target, has_weight = _blend_chunk(plan, idx, dtype)
+                entropy_sum += torch.where(has_weight, target_entropy(target), 0.0).sum()
+                with torch.enable_grad():
+                    rows = student_rows.detach().requires_grad_(plan.needs_grad)
+                    scaled = rows.to(dtype)
+                    if temperature != 1.0:
+                        scaled = scaled / temperature
+                    per_token = plan.divergence(torch.log_softmax(scaled, dim=-1), target, plan.config)
+                    if per_token.shape != idx.shape:
+                        raise ValueError(
+                            f"divergence returned shape {tuple(per_token.shape)}, expected [N] = {tuple(idx.shape)}"
+                        )
+                    # Rows with no teacher weight have no target distribution: no loss there.
+                    chunk_loss = torch.where(has_weight, per_token, 0.0).sum() * temperature**2
+                    if plan.needs_grad:
+                        (grad_rows,) = torch.autograd.grad(chunk_loss, rows)
+                        grad_buffer.index_copy_(0, idx, grad_rows)  # type: ignore[union-attr]
+                div_sum += chunk_loss.detach()
+                del target, has_weight, rows, scaled, per_token, chunk_loss
+            if plan.compute_ce:
+                logits32 = student_rows.to(dtype)
+                gold = logits32.gather(-1, plan.targets.index_select(0, idx).unsqueeze(-1)).squeeze(-1)
+                ce_sum += (torch.logsumexp(logits32, dim=-1) - gold).sum()
+                del logits32
+            del student_rows
+        plan.target_entropy_sum = float(entropy_sum)
+        ctx.plan = plan
+        ctx.grad_buffer = grad_buffer
+        ctx.logits_shape = student_logits.shape
+        ctx.backward_done = False
+        if plan.compute_ce and plan.needs_grad:
+            ctx.save_for_backward(student_logits)
+        return div_sum, ce_sum
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_div: Tensor | None, grad_ce: Tensor | None) -> tuple[Tensor | None, None]:  # type: ignore[override]
+        if ctx.backward_done:
+            raise RuntimeError(
+                "distill_loss outputs can be backpropagated only once: the gradient buffer is "
+                "scaled in place (retain_graph is not supported)"
+            )
+        ctx.backward_done = True
+        plan: _Plan = ctx.plan
+        buffer: Tensor | None = ctx.grad_buffer
+        ctx.grad_buffer = None  # drop our reference: autograd can then adopt the buffer as .grad
+        want_ce = plan.compute_ce and grad_ce is not None
+        if buffer is None and not want_ce:
+            return None, None
+        if buffer is not None:
+            if grad_div is None:
+                buffer.zero_()
+            else:
+                buffer.mul_(grad_div)
+        if want_ce:
+            (student_logits,) = ctx.saved_tensors
+            V = student_logits.shape[-1]
+            flat_student = student_logits.reshape(-1, V)
+            if buffer is None:
+                buffer = torch.zeros_like(flat_student)
+            dtype = compute_dtype(student_logits.dtype)
+            for idx in plan.chunks():
+                # d CE / d logits = softmax(logits) - onehot(target), recomputed per chunk.
+                probs = torch.softmax(flat_student.index_select(0, idx).to(dtype), dim=-1)
+                rows = torch.arange(idx.numel(), device=idx.device)
+                probs[rows, plan.targets.index_select(0, idx)] -= 1.0
+                probs.mul_(grad_ce)
+                buffer.index_add_(0, idx, probs.to(buffer.dtype))
+                del probs
+        return buffer.view(ctx.logits_shape), None  # type: ignore[union-attr]
+
+
+def distill_loss(
+    student_logits: Tensor,
+    teacher_logits: list[Tensor],
+    weights: Tensor,
+    targets: Tensor,
+    divergence: DivergenceFn,
+    config: LossConfigBase,
+    blend: str = "mixture",
+    chunk_tokens: int = 1024,
+    compute_ce: bool = True,
+) -> DistillOutput:
+    """Chunked blended-teacher distillation loss; memory nearly flat in K.
+
+    student_logits [B, T, V] (any float dtype; the gradient flows to it);
+    teacher_logits: K tensors [B, T, V] (any float dtype; treated as constants; K may be 0 only
+    when config.hard_label_weight == 1.0, i.e. pure cross-entropy);
+    weights [B, T, K] (treated as constants; rows summing to 0 carry no divergence);
+    targets [B, T] long, -100 = no target. Logits and teachers are divided by
+    config.temperature before the softmax, and the divergence is multiplied by T^2; the
+    cross-entropy uses temperature 1. Computation is float32 (float64 for float64 logits).
+    """
+    _check_inputs(student_logits, teacher_logits, weights, targets, config, blend, chunk_tokens)
+    V = student_logits.shape[-1]
+    flat_targets = targets.reshape(-1)
+    plan = _Plan(
+        teacher_logits=[logits.detach().reshape(-1, V) for logits in teacher_logits],
+        weights=weights.detach().reshape(-1, len(teacher_logits)),
+        targets=flat_targets,
+        valid_idx=(flat_targets != IGNORE_INDEX).nonzero().squeeze(-1),
+        divergence=divergence,
+        config=config,
+        blend=blend,
+        chunk_tokens=chunk_tokens,
+        compute_ce=compute_ce,
+        needs_grad=torch.is_grad_enabled() and student_logits.requires_grad,
+    )
+    div_sum, ce_sum = _ChunkedDistill.apply(student_logits, plan)
+    return DistillOutput(div_sum, ce_sum, int(plan.valid_idx.numel()), plan.target_entropy_sum)
+
+
+def distill_loss_dense(
+    student_logits: Tensor,
+    teacher_logits: list[Tensor],
+    weights: Tensor,
+    targets: Tensor,
+    divergence: DivergenceFn,
+    config: LossConfigBase,
+    blend: str = "mixture",
+    chunk_tokens: int = 1024,
+    compute_ce: bool = True,
+) -> DistillOutput:
+    """Plain reference for `distill_loss` (same signature; chunk_tokens is ignored).
+
+    Materialises every teacher's log-probs [K, N, V] at once, blends them with `blend_logprobs`
+    and differentiates with ordinary autograd. Memory grows with K: use it for tests only.
+    """
+    _check_inputs(student_logits, teacher_logits, weights, targets, config, blend, chunk_tokens)
+    V = student_logits.shape[-1]
+    dtype = compute_dtype(student_logits.dtype)
+    flat_targets = targets.reshape(-1)
+    valid_idx = (flat_targets != IGNORE_INDEX).nonzero().squeeze(-1)
+    student = student_logits.reshape(-1, V).index_select(0, valid_idx).to(dtype)  # [N, V]
+    temperature = config.temperature
+    div_sum = torch.zeros((), dtype=dtype, device=student_logits.device)
+    entropy_sum = 0.0
+    if teacher_logits:
+        teacher_logprobs = torch.stack([
+            torch.log_softmax(logits.detach().reshape(-1, V).index_select(0, valid_idx).to(dtype) / temperature, -1)
+            for logits in teacher_logits
+        ])  # [K, N, V]
+        valid_weights = weights.detach().reshape(-1, len(teacher_logits)).index_select(0, valid_idx).to(dtype)
+        target = blend_logprobs(teacher_logprobs, valid_weights, blend)
+        has_weight = valid_weights.sum(dim=-1) > 0
+        per_token = divergence(torch.log_softmax(student / temperature, dim=-1), target, config)
+        div_sum = torch.where(has_weight, per_token, 0.0).sum() * temperature**2
+        entropy_sum = float(torch.where(has_weight, target_entropy(target), 0.0).sum())
+    ce_sum = torch.zeros((), dtype=dtype, device=student_logits.device)
+    if compute_ce:
+        ce_sum = F.cross_entropy(student, flat_targets.index_select(0, valid_idx), reduction="sum")
+    return DistillOutput(div_sum, ce_sum, int(valid_idx.numel()), entropy_sum)

@@ -1,0 +1,166 @@
+"""Loading teachers and the student with transformers; tokenizer and vocabulary checks."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from merge_distill.errors import UserError
+
+if TYPE_CHECKING:
+    from merge_distill.recipe import Recipe, TeacherSpec
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+          "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def warn_remote_code(label: str, model: str, trust: bool) -> None:
+    if trust:
+        warnings.warn(f"{label} ({model}) runs its own Python code from the model repository (trust_remote_code: true)")
+
+
+def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+
+
+def compare_vocabs(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase, show: int = 3) -> str:
+    """'' when both map the same tokens to the same ids, else a short description of the difference."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va == vb:
+        return ""
+    parts = [f"{len(va)} vs {len(vb)} tokens"]
+    only_a = sorted(set(va) - set(vb))[:show]
+    only_b = sorted(set(vb) - set(va))[:show]
+    moved = sorted(t for t in set(va) & set(vb) if va[t] != vb[t])[:show]
+    if only_a:
+        parts.append(f"only in the first: {only_a}")
+    if only_b:
+        parts.append(f"only in the second: {only_b}")
+    if moved:
+        parts.append("different ids for " + ", ".join(f"{t!r} ({va[t]} vs {vb[t]})" for t in moved))
+    return "; ".join(parts)
+
+
+def cut_vocab(logits: Tensor, vocab_size: int) -> Tensor:
+    """Logits [B, T, V_model] -> [B, T, vocab_size]: padded embedding rows never enter a softmax.
+
+    A view (no copy); rows beyond the tokenizer's size would otherwise take probability mass.
+    """
+    if logits.shape[-1] < vocab_size:
+        raise ValueError(f"model has {logits.shape[-1]} output rows but the tokenizer has {vocab_size} tokens")
+    return logits[..., :vocab_size]
+
+
+def load_model(model: str, revision: str | None, dtype: torch.dtype, trust_remote_code: bool, label: str) -> PreTrainedModel:
+    warn_remote_code(label, model, trust_remote_code)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            model, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{label}: cannot load model {model!r}: {first}") from None
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Teachers: eval mode, no gradients."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def teacher_dtype(spec: "TeacherSpec", precision: str) -> torch.dtype:
+    return DTYPES[spec.dtype or precision]
+
+
+def load_teacher(spec: "TeacherSpec", precision: str) -> PreTrainedModel:
+    return freeze(load_model(spec.model, spec.revision, teacher_dtype(spec, precision), spec.trust_remote_code,
+                             f"teachers[{spec.name}]"))
+
+
+def self_teacher(student: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """A frozen copy of the student's initial weights (no second load from disk or hub)."""
+    return freeze(copy.deepcopy(student).to(dtype))
+
+
+def _decoder_layers(model: PreTrainedModel) -> tuple[nn.Module, str]:
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    for name in ("layers", "h", "blocks"):
+        if isinstance(getattr(base, name, None), nn.ModuleList):
+            return base, name
+    raise UserError(f"student.from_teacher: cannot find the decoder layers of {type(model).__name__}; "
+                    "use student.from_config instead")
+
+
+def student_from_teacher(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
+    """A copy of the teacher keeping only `layers` (in that order); embeddings, norm and head kept."""
+    student = copy.deepcopy(teacher).float()
+    base, attr = _decoder_layers(student)
+    old = getattr(base, attr)
+    bad = [i for i in layers if not -len(old) <= i < len(old)]
+    if bad:
+        raise UserError(f"student.from_teacher.layers: {bad} out of range; the teacher has layers 0..{len(old) - 1}")
+    kept = nn.ModuleList(old[i] for i in layers)
+    for new_index, layer in enumerate(kept):
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = new_index  # the KV cache indexes layers by position
+    setattr(base, attr, kept)
+    student.config.num_hidden_layers = len(layers)
+    if getattr(student.config, "layer_types", None):
+        student.config.layer_types = [student.config.layer_types[i] for i in layers]
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return student.train()
+
+
+def student_from_config(base: str, overrides: dict, dtype: torch.dtype, seed: int) -> PreTrainedModel:
+    try:
+        config = AutoConfig.from_pretrained(base)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"student.from_config.base: cannot read a config from {base!r}: {exc}") from None
+    unknown = [k for k in overrides if not hasattr(config, k)]
+    if unknown:
+        raise UserError(f"student.from_config.overrides: {unknown} are not fields of {type(config).__name__}; "
+                        "check the spelling against the base model's config.json")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    try:
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (ValueError, AssertionError) as exc:
+        raise UserError(f"student.from_config.overrides: the resulting config is invalid: {exc}") from None
+
+
+def load_student(recipe: "Recipe", teachers: dict[str, PreTrainedModel]) -> PreTrainedModel:
+    """The student in float32 master weights (mixed precision is applied by accelerate)."""
+    spec = recipe.student
+    if spec.model is not None:
+        model = load_model(spec.model, spec.revision, torch.float32, spec.trust_remote_code, "student.model")
+    elif spec.from_teacher is not None:
+        model = student_from_teacher(teachers[spec.from_teacher.teacher], spec.from_teacher.layers)
+    else:
+        init = spec.from_config
+        base = next((t.model for t in recipe.teachers if t.name == init.base), init.base)
+        model = student_from_config(base, init.overrides, torch.float32, recipe.train.seed)
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def tokenizer_source(recipe: "Recipe") -> tuple[str, str | None, bool]:
+    """Where the run's tokenizer comes from: the student model, or the first loadable teacher."""
+    if recipe.student.model:
+        return recipe.student.model, recipe.student.revision, recipe.student.trust_remote_code
+    for t in recipe.teachers:
+        if t.model != "self":
+            return t.model, t.revision, t.trust_remote_code
+    base = recipe.student.from_config.base  # type: ignore[union-attr]
+    return base, None, False

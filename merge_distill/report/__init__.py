@@ -1,0 +1,1 @@
+"""The blending report: run statistics (stats.py) and their presentation."""

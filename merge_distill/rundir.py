@@ -1,0 +1,112 @@
+"""The run directory: creation rules, atomic JSON writes, the model card.
+
+Layout: recipe.yaml (resolved), run.json (facts), metrics.jsonl (one line per step),
+stats.json (routing statistics), student/ (save_pretrained + tokenizer), router.safetensors
+(a learned gate), eval.json, report.json, README.md (model card).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from merge_distill.errors import UserError
+
+if TYPE_CHECKING:
+    from merge_distill.recipe import Recipe
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write to a temporary file in the same folder, flush, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "run.json").is_file() or (path / "metrics.jsonl").is_file()
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Create the run directory; an existing run is replaced only with an explicit overwrite."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output.dir: {run_dir} is a file, not a folder; choose another output.dir")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not overwrite:
+            what = "a run" if is_run_dir(run_dir) else "files"
+            raise UserError(
+                f"output.dir: {run_dir} already holds {what}; pass --overwrite to replace it, "
+                f"or choose a new folder (e.g. output.dir={run_dir.name}-2 on the command line)"
+            )
+        if not is_run_dir(run_dir):
+            raise UserError(f"output.dir: {run_dir} holds files that are not a merge-distill run; "
+                            "refusing to delete them even with --overwrite; choose another folder")
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"output.dir: cannot write to {run_dir}: {exc.strerror}; choose a writable folder") from None
+
+
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+
+
+def model_card(recipe: "Recipe", facts: dict[str, Any], final: dict[str, Any]) -> str:
+    teachers = "\n".join(f"- `{t.name}`: {t.model}" for t in recipe.teachers)
+    data = "\n".join(f"- `{s.label}` ({s.type}, domain `{s.domain}`, weight {s.weight}): {s.path}" for s in recipe.data.train)
+    metrics = "\n".join(f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in final.items())
+    routing = recipe.routing.model_dump(exclude_defaults=False)
+    return f"""---
+library_name: transformers
+tags: [distillation, merge-distill]
+---
+# {recipe.name}: distilled student
+
+Trained with merge-distill from {len(recipe.teachers)} teacher(s), blended per token.
+
+## Teachers
+{teachers}
+
+## Routing and loss
+- routing: `{routing}`
+- loss: `{recipe.loss.model_dump()}`
+
+## Data (seq_len {recipe.data.seq_len}, packing {recipe.data.packing})
+{data}
+
+## Training
+- steps: {facts.get('steps_done')} of {facts.get('steps_planned')}, tokens seen: {facts.get('tokens_seen')}
+- recipe hash: `{facts.get('recipe_hash', '')[:12]}`, world size: {facts.get('world_size')}
+
+## Final metrics
+{metrics}
+
+Load it with `AutoModelForCausalLM.from_pretrained("<this folder>")`.
+"""

@@ -1,0 +1,43 @@
+"""TeacherEnsemble: frozen teacher forwards -> TeacherSignals."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from merge_distill.models import cut_vocab
+from merge_distill.signals import TeacherSignals, TokenBatch, per_token_stats
+
+
+class NonFiniteError(RuntimeError):
+    """NaN or inf in a tensor of the training step; the message names the step, tensor and source."""
+
+
+class TeacherEnsemble:
+    """K frozen teachers that share the student's tokenizer.
+
+    Every process calls every teacher's forward (required when teachers are ZeRO-3 partitioned:
+    each forward gathers the parameters it needs from all ranks).
+    """
+
+    def __init__(self, names: list[str], models: list[nn.Module], vocab_size: int, chunk_tokens: int = 1024):
+        self.names = names
+        self.models = models
+        self.vocab_size = vocab_size
+        self.chunk_tokens = chunk_tokens
+
+    @torch.inference_mode()
+    def signals(self, batch: TokenBatch, targets: Tensor) -> TeacherSignals:
+        """batch [B, T] -> per-teacher logits [B, T, V] plus gold NLL / entropy / top-1 [B, T, K]."""
+        logits, nll, ent, top1 = [], [], [], []
+        for name, model in zip(self.names, self.models):
+            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            teacher_logits = cut_vocab(out.logits, self.vocab_size)
+            n, e, t = per_token_stats(teacher_logits, targets, self.chunk_tokens)
+            if not (torch.isfinite(n).all() and torch.isfinite(e).all()):
+                raise NonFiniteError(f"teacher {name!r} produced NaN/inf log-probabilities")
+            logits.append(teacher_logits)
+            nll.append(n)
+            ent.append(e)
+            top1.append(t)
+        return TeacherSignals(self.names, logits, torch.stack(nll, -1), torch.stack(ent, -1), torch.stack(top1, -1))

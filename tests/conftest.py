@@ -1,0 +1,59 @@
+"""Shared fixtures: pico models and data built offline once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def pico(tmp_path_factory) -> dict[str, Path]:
+    from merge_distill.pico import build_pico
+
+    return build_pico(tmp_path_factory.mktemp("pico"))
+
+
+def pico_recipe_dict(pico: dict[str, Path], out_dir: Path, **sections) -> dict:
+    """A small valid two-teacher recipe on the pico assets; `sections` replace top-level keys."""
+    recipe = {
+        "name": "pico",
+        "teachers": [
+            {"name": "code", "model": str(pico["teacher_a"])},
+            {"name": "prose", "model": str(pico["teacher_b"])},
+        ],
+        "student": {"model": str(pico["student"])},
+        "data": {
+            "seq_len": 32,
+            "train": [
+                {"type": "jsonl", "path": str(pico["code"]), "domain": "code"},
+                {"type": "jsonl", "path": str(pico["prose"]), "domain": "prose"},
+            ],
+        },
+        "routing": {"kind": "uniform"},
+        "loss": {"kind": "forward_kl"},
+        "train": {"steps": 3, "micro_batch_size": 2, "lr": 1e-3, "seed": 0, "log_every": 1},
+        "output": {"dir": str(out_dir)},
+    }
+    recipe.update(sections)
+    return recipe
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def make_recipe(pico, tmp_path):
+    """make_recipe(**sections) -> path of a valid pico recipe with those sections replaced."""
+
+    def make(name: str = "recipe.yaml", **sections) -> Path:
+        return write_recipe(tmp_path / name, pico_recipe_dict(pico, tmp_path / "run", **sections))
+
+    return make
