@@ -119,7 +119,7 @@ def tokenize_source(source: "DataSource", key: str, tokenizer: PreTrainedTokeniz
     if not texts:
         raise UserError(f"{key}.path: {source.path} holds only empty text; give a file with text")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids = [row + eos for row in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    ids = [row + eos for row in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
     return ids, [list(r) for r in ids]
 
 

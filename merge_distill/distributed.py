@@ -235,7 +235,23 @@ def make_accelerator(dist: DistributedConfig, precision: Precision, grad_accum: 
     # model (teachers too) inside zero.Init. Loading stays plain; the *_init_context managers
     # below opt in explicitly.
     _unset_hf_deepspeed_config()
+    _fix_cpu_world(acc)
     return acc
+
+
+def _fix_cpu_world(acc: Accelerator) -> None:
+    """accelerate knows DeepSpeed only on accelerators: on CPU it records one process of rank 0
+    on every rank (so is_main_process is True everywhere). DeepSpeed itself runs over gloo
+    correctly; copy the true world from torch.distributed into accelerate's shared state."""
+    if acc.device.type != "cpu" or not torch.distributed.is_initialized():
+        return
+    from accelerate.state import AcceleratorState, PartialState
+
+    true_world = {"num_processes": torch.distributed.get_world_size(),
+                  "process_index": torch.distributed.get_rank(),
+                  "local_process_index": int(os.environ.get("LOCAL_RANK", 0))}
+    PartialState._shared_state.update(true_world)
+    AcceleratorState._shared_state.update(true_world)
 
 
 def _unset_hf_deepspeed_config() -> None:
@@ -326,7 +342,7 @@ def gather_student_state_dict(accelerator: Accelerator, model: Any) -> dict[str,
     16-bit module weights (the float32 masters live in the optimizer)."""
     if getattr(model, "zero_optimization_partition_weights", lambda: False)():
         state = model._zero3_consolidated_16bit_state_dict()  # gathers one layer at a time onto rank 0
-        return dict(state) if accelerator.is_main_process else None
+        return dict(state) if accelerator.is_main_process and state is not None else None
     if not accelerator.is_main_process:
         return None
     copies: dict[int, Tensor] = {}  # keep tied weights (embeddings / lm_head) tied in the copy

@@ -240,7 +240,7 @@ def distill_loss(
     flat_targets = targets.reshape(-1)
     plan = _Plan(
         teacher_logits=[logits.detach().reshape(-1, V) for logits in teacher_logits],
-        weights=weights.detach().reshape(-1, len(teacher_logits)),
+        weights=weights.detach().reshape(flat_targets.numel(), len(teacher_logits)),
         targets=flat_targets,
         valid_idx=(flat_targets != IGNORE_INDEX).nonzero().squeeze(-1),
         divergence=divergence,

@@ -1,17 +1,29 @@
-"""Text charts and number formatting for the terminal report.
+"""Terminal drawing primitives for the report: sparklines, number formats, tables.
 
-Everything here returns plain strings (no markup, no colour), so the output reads the same
-in a colour terminal, with --no-color and when piped into a log file.
+Charts and numbers are plain strings (no markup, no colour), and every highlight carries a
+text marker, so the output reads the same in a colour terminal, with --no-color and when
+piped into a log file.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypeVar
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+Key = TypeVar("Key")
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 GAP = " "  # a stretch with no logged value
 BAD = "×"  # a stretch containing NaN or inf (a diverged step)
+STRONGEST = "★"  # largest routing share in a domain
+BEST = "◆"  # lowest gold NLL / lowest perplexity in a domain
+HIGHLIGHT = "bold green"
 
 
 def _finite(x: float | None) -> bool:
@@ -142,3 +154,60 @@ def fmt_delta(x: float | None, digits: int = 4) -> str:
     if x is None:
         return "—"
     return ("+" if x > 0 else "") + fmt_num(x, digits)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def table(*headers: str, names: int = 1) -> Table:
+    """A compact table. When the console is narrow, rich shrinks only wrappable columns, so the
+    first `names` columns (names) wrap and the numbers never split; headers fold."""
+    out = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for i, header in enumerate(headers):
+        if i < names:
+            out.add_column(Text(header, overflow="fold"), overflow="fold", min_width=6)
+        else:
+            out.add_column(Text(header, overflow="fold"), justify="right", no_wrap=True)
+    return out
+
+
+def print_matrix(console: Console, corner: str, col_header: str, value_header: str, col_labels: list[str],
+                 rows: list[tuple[str, list[Text], list[Text]]], extra_headers: tuple[str, ...] = (),
+                 section_after: int | None = None) -> None:
+    """A row x column matrix of cells; `rows` holds (row label, extra cells, one cell per column).
+
+    Wide layout (one column per col_label) when it fits the console; otherwise a long layout
+    with one line per (row, column) pair, so that a narrow terminal or many teachers never cut
+    a number. Extra cells (e.g. a domain's token count) go on the first line of their row."""
+    wide = table(corner, *col_labels, *extra_headers)
+    for i, (label, extras, cells) in enumerate(rows):
+        wide.add_row(Text(label), *cells, *extras, end_section=(i == section_after))
+    natural = console.measure(wide, options=console.options.update_width(10_000)).maximum
+    if natural <= console.width:
+        console.print(wide)
+        return
+    long = table(corner, col_header, value_header, *extra_headers, names=2)
+    blank = [Text("")] * len(extra_headers)
+    for label, extras, cells in rows:
+        for j, (column, cell) in enumerate(zip(col_labels, cells)):
+            long.add_row(Text(label if j == 0 else ""), Text(column), cell, *(extras if j == 0 else blank),
+                         end_section=(j == len(cells) - 1))
+    console.print(long)
+
+
+def legend(console: Console, text: str) -> None:
+    """A key under a table, full console width (a table caption would wrap to the table's width)."""
+    console.print(Text(text, style="dim"))
+
+
+def marked(text: str, on: bool, marker: str) -> Text:
+    return Text(f"{marker} {text}", style=HIGHLIGHT) if on else Text(text)
+
+
+def best_keys(values: dict[Key, float | None], lowest: bool) -> set[Key]:
+    """Keys holding the best finite value (all of them on a tie); empty if nothing is finite."""
+    finite = {k: v for k, v in values.items() if v is not None and math.isfinite(v)}
+    if not finite:
+        return set()
+    best = (min if lowest else max)(finite.values())
+    return {k for k, v in finite.items() if v == best}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-from rich import box
 from rich.console import Console
 from rich.panel import Panel
 from rich.rule import Rule
@@ -19,68 +18,13 @@ from rich.table import Table
 from rich.text import Text
 
 from merge_distill.report.charts import (
-    first_last_min, fmt_bytes, fmt_count, fmt_delta, fmt_duration, fmt_num, fmt_pct, sparkline, tail_mean,
+    BEST, HIGHLIGHT, STRONGEST, best_keys, first_last_min, fmt_bytes, fmt_count, fmt_delta, fmt_duration,
+    fmt_num, fmt_pct, legend, marked, print_matrix, sparkline, table, tail_mean,
 )
 from merge_distill.report.schema import Report, TeacherStats
 
-STRONGEST = "★"  # largest routing share in a domain
-BEST = "◆"  # lowest gold NLL / lowest perplexity in a domain
-HIGHLIGHT = "bold green"
 NUM_COL = 9  # width of a number column in the curves grid
 TAIL = 10  # "final" figures average the last TAIL logged steps
-
-
-def _table(*headers: str, names: int = 1) -> Table:
-    """A compact table. When the console is narrow, rich shrinks only wrappable columns, so the
-    first `names` columns (names) wrap and the numbers never split; headers fold."""
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    for i, header in enumerate(headers):
-        if i < names:
-            table.add_column(Text(header, overflow="fold"), overflow="fold", min_width=6)
-        else:
-            table.add_column(Text(header, overflow="fold"), justify="right", no_wrap=True)
-    return table
-
-
-def _print_matrix(console: Console, corner: str, col_header: str, value_header: str, col_labels: list[str],
-                  rows: list[tuple[str, list[Text], list[Text]]], extra_headers: tuple[str, ...] = (),
-                  section_after: int | None = None) -> None:
-    """A row x column matrix of cells; `rows` holds (row label, extra cells, one cell per column).
-
-    Wide layout (one column per col_label) when it fits the console; otherwise a long layout
-    with one line per (row, column) pair, so that a narrow terminal or many teachers never cut
-    a number. Extra cells (e.g. a domain's token count) go on the first line of their row."""
-    wide = _table(corner, *col_labels, *extra_headers)
-    for i, (label, extras, cells) in enumerate(rows):
-        wide.add_row(Text(label), *cells, *extras, end_section=(i == section_after))
-    natural = console.measure(wide, options=console.options.update_width(10_000)).maximum
-    if natural <= console.width:
-        console.print(wide)
-        return
-    long = _table(corner, col_header, value_header, *extra_headers, names=2)
-    blank = [Text("")] * len(extra_headers)
-    for label, extras, cells in rows:
-        for j, (column, cell) in enumerate(zip(col_labels, cells)):
-            long.add_row(Text(label if j == 0 else ""), Text(column), cell, *(extras if j == 0 else blank),
-                         end_section=(j == len(cells) - 1))
-    console.print(long)
-
-
-def _legend(console: Console, text: str) -> None:
-    """A key under a table, full console width (a table caption would wrap to the table's width)."""
-    console.print(Text(text, style="dim"))
-
-
-def _marked(text: str, on: bool, marker: str) -> Text:
-    return Text(f"{marker} {text}", style=HIGHLIGHT) if on else Text(text)
-
-
-def _argbest(values: dict[str, float], lowest: bool) -> str | None:
-    """Key of the best finite value; None when there is nothing finite to compare."""
-    finite = {k: v for k, v in values.items() if v is not None and math.isfinite(v)}
-    if not finite:
-        return None
-    return (min if lowest else max)(finite, key=finite.__getitem__)
 
 
 def _section(console: Console, title: str) -> None:
@@ -152,29 +96,29 @@ def _routing(report: Report, console: Console) -> None:
         console.print(Text("stats.json is missing: no routing statistics (see the share curves below)"))
         return
     console.print(Text(f"{fmt_count(routing.tokens)} tokens routed; blend entropy {fmt_num(routing.blend_entropy)} nats"))
-    overall = _table("teacher", "share", "top-1", "")
-    top = _argbest({t: s.share for t, s in routing.overall.items()}, lowest=False)
+    overall = table("teacher", "share", "top-1", "")
+    top = best_keys({t: s.share for t, s in routing.overall.items()}, lowest=False)
     for teacher in routing.teachers:
         s = routing.overall.get(teacher)
         if s is None:
             overall.add_row(Text(teacher), "—", "—", "")
             continue
         bar = "█" * round(20 * min(max(s.share, 0.0), 1.0)) if math.isfinite(s.share) else ""
-        overall.add_row(Text(teacher), _marked(fmt_pct(s.share), teacher == top, STRONGEST),
+        overall.add_row(Text(teacher), marked(fmt_pct(s.share), teacher in top, STRONGEST),
                         Text(fmt_pct(s.top_share)), Text(bar, no_wrap=True, overflow="crop"))
     console.print(overall)
-    _legend(console, f"share: mean routing weight; top-1: tokens where it had the largest weight; {STRONGEST} largest share")
+    legend(console, f"share: mean routing weight; top-1: tokens where it had the largest weight; {STRONGEST} largest share")
     if not routing.per_domain:
         return
     console.print()
     rows = []
     for domain, d in routing.per_domain.items():
         shares = {t: d.teachers[t].share for t in routing.teachers if t in d.teachers}
-        best = _argbest(shares, lowest=False)
-        cells = [_marked(fmt_pct(shares.get(t)), t == best, STRONGEST) for t in routing.teachers]
+        best = best_keys(shares, lowest=False)
+        cells = [marked(fmt_pct(shares.get(t)), t in best, STRONGEST) for t in routing.teachers]
         rows.append((domain, [Text(fmt_count(d.tokens))], cells))
-    _print_matrix(console, "domain", "teacher", "share", routing.teachers, rows, extra_headers=("tokens",))
-    _legend(console, f"routing share of each teacher per domain; {STRONGEST} strongest teacher in the domain")
+    print_matrix(console, "domain", "teacher", "share", routing.teachers, rows, extra_headers=("tokens",))
+    legend(console, f"routing share of each teacher per domain; {STRONGEST} strongest teacher in the domain")
 
 
 def _quality(report: Report, console: Console) -> None:
@@ -185,15 +129,15 @@ def _quality(report: Report, console: Console) -> None:
     scopes = [("all", routing.overall)] + [(d, s.teachers) for d, s in routing.per_domain.items()]
     rows = []
     for scope, stats in scopes:
-        best = _argbest({t: s.mean_nll for t, s in stats.items()}, lowest=True)
+        best = best_keys({t: s.mean_nll for t, s in stats.items()}, lowest=True)
         cells = [
-            _marked(f"{fmt_num(stats[t].mean_nll)} / {fmt_num(stats[t].mean_entropy)}", t == best, BEST)
+            marked(f"{fmt_num(stats[t].mean_nll)} / {fmt_num(stats[t].mean_entropy)}", t in best, BEST)
             if t in stats else Text("—")
             for t in routing.teachers
         ]
         rows.append((scope, [], cells))
-    _print_matrix(console, "domain", "teacher", "NLL / entropy", routing.teachers, rows, section_after=0)
-    _legend(console, f"cells: mean gold NLL / mean entropy; {BEST} lowest NLL: the best teacher for the domain")
+    print_matrix(console, "domain", "teacher", "NLL / entropy", routing.teachers, rows, section_after=0)
+    legend(console, f"cells: mean gold NLL / mean entropy; {BEST} lowest NLL: the best teacher for the domain")
 
 
 def _agreement(report: Report, console: Console) -> None:
@@ -201,11 +145,11 @@ def _agreement(report: Report, console: Console) -> None:
     if routing is None or not routing.agreement:
         return
     _section(console, "Teacher agreement")
-    table = _table("pair", "top-1 agree", "JS (nats)")
+    pairs = table("pair", "top-1 agree", "JS (nats)")
     for pair in routing.agreement:
-        table.add_row(Text(f"{pair.a} ~ {pair.b}"), Text(fmt_pct(pair.top1_agreement)), Text(fmt_num(pair.js)))
-    console.print(table)
-    _legend(console, "top-1 agree: tokens where both predict the same argmax; JS: Jensen-Shannon divergence")
+        pairs.add_row(Text(f"{pair.a} ~ {pair.b}"), Text(fmt_pct(pair.top1_agreement)), Text(fmt_num(pair.js)))
+    console.print(pairs)
+    legend(console, "top-1 agree: tokens where both predict the same argmax; JS: Jensen-Shannon divergence")
 
 
 def _curves(report: Report, console: Console) -> None:
@@ -217,9 +161,11 @@ def _curves(report: Report, console: Console) -> None:
     series: list[tuple[str, Sequence[float | None], Callable[[float | None], str]]] = [
         ("loss", curves.loss, fmt_num), ("divergence", curves.divergence, fmt_num), ("ce", curves.ce, fmt_num),
         ("tokens/s", curves.tokens_per_s, fmt_count),
-    ] + [(f"share {t}", v, fmt_pct) for t, v in curves.share.items()]
+    ]
     series = [s for s in series if any(v is not None for v in s[1])]
-    label_width = min(max(len(label) for label, _, _ in series), 18)
+    shares = [(f"  {t}", v, fmt_pct) for t, v in curves.share.items() if any(x is not None for x in v)]
+    labels = [label for label, _, _ in series + shares] + ["share"]
+    label_width = min(max(len(label) for label in labels), max(12, console.width // 3))
     # label + spark + 3 number columns, separated by single spaces (collapsed grid padding).
     n = len(curves.step)
     spark_width = min(max(console.width - label_width - 3 * NUM_COL - 5, 8), n)
@@ -233,7 +179,9 @@ def _curves(report: Report, console: Console) -> None:
     for _ in range(3):
         grid.add_column(width=NUM_COL, justify="right", no_wrap=True, overflow="ellipsis")
     grid.add_row(Text(""), Text(""), Text("first", style="bold"), Text("last", style="bold"), Text("min", style="bold"))
-    for label, values, fmt in series:
+    for i, (label, values, fmt) in enumerate(series + shares):
+        if shares and i == len(series):
+            grid.add_row(Text("share"))  # heading of the per-teacher routing share rows
         first, last, low = first_last_min(values)
         grid.add_row(Text(label), Text(sparkline(values, spark_width), style="cyan"),
                      Text(fmt(first)), Text(fmt(last)), Text(fmt(low)))
@@ -253,19 +201,18 @@ def _evaluation(report: Report, console: Console) -> None:
     matrix = []
     for domain in evaluation.domains:
         values = {i: r.ppl.get(domain) for i, r in enumerate(rows)}
-        best = _argbest(values, lowest=True)
-        cells = [_marked(fmt_num(values[i]), i == best, BEST) for i in range(len(rows))]
+        best = best_keys(values, lowest=True)
+        cells = [marked(fmt_num(values[i]), i in best, BEST) for i in range(len(rows))]
         extras = []
         if gap:
-            best_teacher = _argbest({t.model: t.ppl.get(domain) for t in teachers}, lowest=True)
+            teacher_ppls = [t.ppl[domain] for t in teachers if domain in t.ppl and math.isfinite(t.ppl[domain])]
             student = students[0].ppl.get(domain)
-            teacher_ppl = next((t.ppl[domain] for t in teachers if t.model == best_teacher), None)
-            ok = student is not None and teacher_ppl is not None
-            extras.append(Text(fmt_delta(student - teacher_ppl if ok else None)))
+            ok = student is not None and bool(teacher_ppls)
+            extras.append(Text(fmt_delta(student - min(teacher_ppls) if ok else None)))
         matrix.append((domain, extras, cells))
-    _print_matrix(console, "domain", "model", "perplexity", headers, matrix,
+    print_matrix(console, "domain", "model", "perplexity", headers, matrix,
                   extra_headers=("Δ best teacher",) if gap else ())
-    _legend(console, f"{BEST} lowest perplexity in the domain"
+    legend(console, f"{BEST} lowest perplexity in the domain"
             + ("; Δ best teacher: student minus the best teacher's perplexity" if gap else ""))
 
 
@@ -310,7 +257,7 @@ def render_comparison(a: Report, b: Report, console: Console) -> None:
                                style="bold red"))
 
     _section(console, "Summary")
-    table = _table("metric", "A", "B", "Δ B−A", "better")
+    facts = table("metric", "A", "B", "Δ B−A", "better")
 
     def tokens_per_s(r: Report) -> float | None:
         if r.run is not None and r.run.wall_time_s > 0:
@@ -325,16 +272,16 @@ def render_comparison(a: Report, b: Report, console: Console) -> None:
         ("steps done", fact(a, "steps_done"), fact(b, "steps_done"), fmt_count, None),
         ("tokens seen", fact(a, "tokens_seen"), fact(b, "tokens_seen"), fmt_count, None),
         (f"final loss ↓ (last {TAIL})", tail_mean(a.curves.loss, TAIL), tail_mean(b.curves.loss, TAIL), fmt_num, "lower"),
-        (f"final divergence ↓", tail_mean(a.curves.divergence, TAIL), tail_mean(b.curves.divergence, TAIL), fmt_num, "lower"),
-        (f"final ce ↓", tail_mean(a.curves.ce, TAIL), tail_mean(b.curves.ce, TAIL), fmt_num, "lower"),
+        ("final divergence ↓", tail_mean(a.curves.divergence, TAIL), tail_mean(b.curves.divergence, TAIL), fmt_num, "lower"),
+        ("final ce ↓", tail_mean(a.curves.ce, TAIL), tail_mean(b.curves.ce, TAIL), fmt_num, "lower"),
         ("tokens/s ↑", tokens_per_s(a), tokens_per_s(b), fmt_count, "higher"),
         ("wall time", fact(a, "wall_time_s"), fact(b, "wall_time_s"), fmt_duration, None),
         ("peak memory ↓", fact(a, "peak_memory_bytes"), fact(b, "peak_memory_bytes"), fmt_bytes, "lower"),
     ]
     for label, va, vb, fmt, better in summary:
         delta_fmt = (lambda d, f=fmt: "—" if d is None else ("+" if d > 0 else "-" if d < 0 else "") + f(abs(d)))
-        table.add_row(Text(label), *_compare_cells(va, vb, fmt, better, delta_fmt))
-    console.print(table)
+        facts.add_row(Text(label), *_compare_cells(va, vb, fmt, better, delta_fmt))
+    console.print(facts)
 
     if a.routing is None or b.routing is None:
         missing = " and ".join(t for t, r in (("A", a), ("B", b)) if r.routing is None)
@@ -342,13 +289,13 @@ def render_comparison(a: Report, b: Report, console: Console) -> None:
     else:
         _section(console, "Routing share per teacher")
         teachers = list(dict.fromkeys(a.routing.teachers + b.routing.teachers))
-        shares = _table("teacher", "A", "B", "Δ B−A")
+        shares = table("teacher", "A", "B", "Δ B−A")
         for t in teachers:
             sa, sb = a.routing.overall.get(t), b.routing.overall.get(t)
             shares.add_row(Text(t), *_compare_cells(_share(sa), _share(sb), fmt_pct, None, _pp)[:3])
         console.print(shares)
         _section(console, "Routing share per domain")
-        per_domain = _table("domain · teacher", "A", "B", "Δ B−A")
+        per_domain = table("domain · teacher", "A", "B", "Δ B−A")
         domains = list(dict.fromkeys(list(a.routing.per_domain) + list(b.routing.per_domain)))
         for i, d in enumerate(domains):
             da, db = a.routing.per_domain.get(d), b.routing.per_domain.get(d)
@@ -372,7 +319,7 @@ def _compare_eval(a: Report, b: Report, console: Console) -> None:
     if student_a is None or student_b is None:
         return
     _section(console, "Student perplexity per domain (lower is better)")
-    table = _table("domain", "A", "B", "Δ B−A", "better")
+    ppl = table("domain", "A", "B", "Δ B−A", "better")
     for d in dict.fromkeys(a.eval.domains + b.eval.domains):
-        table.add_row(Text(d), *_compare_cells(student_a.ppl.get(d), student_b.ppl.get(d), fmt_num, "lower"))
-    console.print(table)
+        ppl.add_row(Text(d), *_compare_cells(student_a.ppl.get(d), student_b.ppl.get(d), fmt_num, "lower"))
+    console.print(ppl)

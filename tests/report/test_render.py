@@ -106,8 +106,10 @@ def test_crashed_run_banner() -> None:
     assert "figures cover the 6 logged steps only" in text
     assert "stats.json is missing" in text and "not finished" in text
     assert "last line 7 is incomplete" in text
+    curves = text.split("Curves over steps")[1]
+    assert re.search(r"^share\s*$", curves, flags=re.M)
     for teacher in ("coder", "writer", "solver"):
-        assert f"share {teacher}" in text
+        assert re.search(rf"^  {teacher}\s+[▁▂▃▄▅▆▇█]{{6}}\s+33\.3%", curves, flags=re.M), teacher
 
 
 @pytest.mark.parametrize("run_dir", [COMPLETE, COMPLETE_B, CRASHED])
@@ -131,6 +133,7 @@ def test_many_teachers_switch_to_long_layout_without_cutting_numbers() -> None:
     data["curves"]["share"] = {n: [s] * 40 for n, s in zip(names, shares)}
     text = text_of(Report.model_validate(data), width=60)
     assert all(len(line) <= 60 for line in text.splitlines())
+    assert "teacher-number-5 " in text.split("Curves over steps")[1]  # curve labels are not cut
     block = text.split("strongest teacher in the domain")[0].rsplit("largest share", 1)[1]
     for name, share in zip(names, shares):
         assert re.search(rf"{name}\s+(★ )?{100 * share:.1f}%", block), name
@@ -209,7 +212,9 @@ def test_number_formats() -> None:
 # --------------------------------------------------------------------------- command
 
 
-def test_report_command_text_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+def test_report_command_text_and_json(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):  # would make rich treat the capture as a tty
+        monkeypatch.delenv(var, raising=False)
     report_command([COMPLETE], no_color=True, width=100)
     assert capsys.readouterr().out == GOLDEN.read_text(encoding="utf-8")
     report_command([COMPLETE], as_json=True)

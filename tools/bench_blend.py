@@ -1,0 +1,147 @@
+"""Peak extra memory and time of the chunked blended-teacher loss vs a naive dense one.
+
+For each K, each implementation runs forward + backward in a fresh subprocess. "Extra memory"
+is what the loss needs beyond its inputs: on CPU, peak RSS (getrusage ru_maxrss) minus the RSS
+measured right after the student and K teacher logits were created; on CUDA,
+torch.cuda.max_memory_allocated() minus memory_allocated() at that point. Both include the
+student logits' gradient [B, T, V], which any implementation must produce.
+
+    python tools/bench_blend.py            # B=4, T=1024, V=49152, K in {1, 2, 4}
+    python tools/bench_blend.py --small    # a quick run (T=256, V=8192)
+    python tools/bench_blend.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from merge_distill.losses import distill_loss  # noqa: E402
+from merge_distill.losses.forward_kl import ForwardKLConfig, forward_kl  # noqa: E402
+
+MIB = 2**20
+
+
+def naive_loss(student: torch.Tensor, teachers: list[torch.Tensor], weights: torch.Tensor,
+               targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """What a straightforward implementation does: all K teacher distributions in float32 at
+    once [K, B, T, V], mixture in probability space, forward KL, masked sum."""
+    probs = torch.stack([torch.softmax(t.float() / temperature, dim=-1) for t in teachers])
+    target = (weights.permute(2, 0, 1).unsqueeze(-1) * probs).sum(0)  # [B, T, V]
+    student_logprobs = torch.log_softmax(student.float() / temperature, dim=-1)
+    kl = (torch.xlogy(target, target) - target * student_logprobs).sum(-1)  # [B, T]
+    return (kl * (targets != -100)).sum() * temperature**2
+
+
+def make_inputs(args: argparse.Namespace, k: int) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    gen = torch.Generator(device=args.device).manual_seed(0)
+    shape = (args.batch, args.seq, args.vocab)
+    dtype = getattr(torch, args.teacher_dtype)
+    # randn writes straight into the final tensors: no transient copies before the baseline.
+    student = torch.randn(shape, generator=gen, device=args.device).requires_grad_()
+    teachers = [torch.randn(shape, generator=gen, device=args.device, dtype=dtype).mul_(2.0) for _ in range(k)]
+    weights = torch.softmax(torch.randn(args.batch, args.seq, k, generator=gen, device=args.device), dim=-1)
+    targets = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen, device=args.device)
+    targets[:, -1] = -100  # the last position of each row has no next token
+    weights[targets == -100] = 0.0
+    return student, teachers, weights, targets
+
+
+def worker(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    student, teachers, weights, targets = make_inputs(args, args.k)
+    gc.collect()
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        baseline = psutil.Process().memory_info().rss
+    start = time.perf_counter()
+    if args.impl == "ours":
+        out = distill_loss(student, teachers, weights, targets, forward_kl, ForwardKLConfig(temperature=args.temperature),
+                           blend="mixture", chunk_tokens=args.chunk_tokens, compute_ce=False)
+        loss = out.divergence_sum
+    else:
+        loss = naive_loss(student, teachers, weights, targets, args.temperature)
+    loss.backward()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    if cuda:
+        extra = torch.cuda.max_memory_allocated() - baseline
+    else:
+        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline  # ru_maxrss is KiB
+    assert student.grad is not None and torch.isfinite(student.grad).all()
+    print(json.dumps({"extra_mib": extra / MIB, "seconds": seconds, "loss": loss.item()}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="quick run: T=256, V=8192")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--ks", default="1,2,4", help="comma-separated teacher counts")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=None, help="default 1024 (256 with --small)")
+    parser.add_argument("--vocab", type=int, default=None, help="default 49152 (8192 with --small)")
+    parser.add_argument("--chunk-tokens", type=int, default=1024)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--teacher-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per run")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--impl", choices=["ours", "naive"], help=argparse.SUPPRESS)
+    parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.seq = args.seq or (256 if args.small else 1024)
+    args.vocab = args.vocab or (8192 if args.small else 49152)
+    if args.worker:
+        worker(args)
+        return
+
+    forwarded = [f"--{name}={value}" for name, value in [
+        ("device", args.device), ("batch", args.batch), ("seq", args.seq), ("vocab", args.vocab),
+        ("chunk-tokens", args.chunk_tokens), ("temperature", args.temperature),
+        ("teacher-dtype", args.teacher_dtype), ("threads", args.threads)]]
+    results: dict[tuple[int, str], dict[str, float]] = {}
+    for k in [int(x) for x in args.ks.split(",")]:
+        for impl in ["ours", "naive"]:
+            cmd = [sys.executable, __file__, "--worker", f"--impl={impl}", f"--k={k}", *forwarded]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr}")
+            results[(k, impl)] = json.loads(done.stdout.strip().splitlines()[-1])
+
+    logits_mib = args.batch * args.seq * args.vocab * 4 / MIB
+    print(f"B={args.batch} T={args.seq} V={args.vocab} device={args.device} teachers={args.teacher_dtype} "
+          f"chunk_tokens={args.chunk_tokens}; one [B, T, V] float32 tensor = {logits_mib:.0f} MiB")
+    print("| K | ours extra MiB | naive extra MiB | ours / naive | ours s | naive s | rel. loss diff |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for k in sorted({k for k, _ in results}):
+        ours, naive = results[(k, "ours")], results[(k, "naive")]
+        rel = abs(ours["loss"] - naive["loss"]) / abs(naive["loss"])
+        print(f"| {k} | {ours['extra_mib']:.0f} | {naive['extra_mib']:.0f} | {ours['extra_mib'] / naive['extra_mib']:.2f} "
+              f"| {ours['seconds']:.2f} | {naive['seconds']:.2f} | {rel:.1e} |")
+    ks = sorted({k for k, _ in results})
+    k_min, k_max = ks[0], ks[-1]
+    growth = results[(k_max, "ours")]["extra_mib"] / results[(k_min, "ours")]["extra_mib"]
+    ratio = results[(k_max, "ours")]["extra_mib"] / results[(k_max, "naive")]["extra_mib"]
+    worst = max(abs(results[(k, "ours")]["loss"] - results[(k, "naive")]["loss"]) / abs(results[(k, "naive")]["loss"]) for k in ks)
+    print(f"ours K={k_max} / ours K={k_min}: {growth:.2f} (target <= 1.3) {'ok' if growth <= 1.3 else 'MISSED'}")
+    print(f"ours K={k_max} / naive K={k_max}: {ratio:.2f} (target <= 0.5) {'ok' if ratio <= 0.5 else 'MISSED'}")
+    print(f"max relative loss difference: {worst:.1e} (target <= 1e-5) {'ok' if worst <= 1e-5 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
