@@ -403,8 +403,8 @@ def launcher_prefix(nproc: int, nnodes: int = 1, hostfile: Path | None = None,
     cmd = py + ["accelerate.commands.launch", "--num_processes", str(nproc * nnodes),
                 "--num_machines", str(nnodes), "--machine_rank", rank,
                 "--main_process_ip", addr, "--main_process_port", port]
-    if nproc * nnodes > 1 and torch.cuda.is_available():
-        cmd += ["--multi_gpu"]
+    if nproc * nnodes > 1:
+        cmd += ["--multi_gpu"]  # accelerate's name for "several processes"; also right on CPU
     return cmd
 
 

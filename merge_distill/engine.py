@@ -85,7 +85,7 @@ def forward_micro(parts: RunParts, batch: TokenBatch, n_global: float) -> tuple[
         aux = router.aux_loss(inputs)
         result = distill_loss(student_logits, signals.logits, weights.detach(), targets,
                               parts.divergence, recipe.loss, recipe.routing.blend,
-                              recipe.train.chunk_tokens, compute_ce=w_ce > 0)
+                              recipe.train.chunk_tokens, compute_ce=True)
         parts.stats.update(weights.detach(), signals.gold_nll, signals.entropy, mask, batch.domains,
                            result.target_entropy_sum)
         parts.stats.update_agreement(signals.logits, mask)

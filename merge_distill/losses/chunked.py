@@ -53,9 +53,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def target_entropy(target_logprobs: Tensor) -> Tensor:
-    """-sum_v P log P per row, [N, V] -> [N], with 0 * log 0 = 0."""
-    safe = torch.where(torch.isfinite(target_logprobs), target_logprobs, torch.zeros_like(target_logprobs))
-    return -(torch.exp(target_logprobs) * safe).sum(dim=-1)
+    """-sum_v P log P per row, [N, V] -> [N], with 0 * log 0 = 0 (no gradient)."""
+    with torch.no_grad():
+        terms = torch.where(torch.isneginf(target_logprobs), 0.0, target_logprobs)
+        return -terms.mul_(torch.exp(target_logprobs)).sum(dim=-1)
 
 
 def _check_inputs(
@@ -140,16 +141,25 @@ class _ChunkedDistill(torch.autograd.Function):
         ce_sum = torch.zeros_like(div_sum)
         entropy_sum = torch.zeros_like(div_sum)
         for idx in plan.chunks():
-            student_rows = flat_student.index_select(0, idx)  # [c, V]
+            # A fresh copy of this chunk's logits [c, V]; it is the leaf of the local graph.
+            rows = flat_student.index_select(0, idx)
+            if plan.compute_ce:
+                # CE = logsumexp(logits) - logit[gold], at temperature 1; its gradient is
+                # recomputed in backward, so nothing is kept here.
+                logits = rows.to(dtype)
+                gold = logits.gather(-1, plan.targets.index_select(0, idx).unsqueeze(-1)).squeeze(-1)
+                ce_sum += (torch.logsumexp(logits, dim=-1) - gold).sum()
+                del logits, gold
             if has_teachers:
                 target, has_weight = _blend_chunk(plan, idx, dtype)
                 entropy_sum += torch.where(has_weight, target_entropy(target), 0.0).sum()
                 with torch.enable_grad():
-                    rows = student_rows.detach().requires_grad_(plan.needs_grad)
-                    scaled = rows.to(dtype)
+                    rows.requires_grad_(plan.needs_grad)
+                    logits = rows.to(dtype)
                     if temperature != 1.0:
-                        scaled = scaled / temperature
-                    per_token = plan.divergence(torch.log_softmax(scaled, dim=-1), target, plan.config)
+                        logits = logits / temperature
+                    per_token = plan.divergence(torch.log_softmax(logits, dim=-1), target, plan.config)
+                    del logits
                     if per_token.shape != idx.shape:
                         raise ValueError(
                             f"divergence returned shape {tuple(per_token.shape)}, expected [N] = {tuple(idx.shape)}"
@@ -157,16 +167,13 @@ class _ChunkedDistill(torch.autograd.Function):
                     # Rows with no teacher weight have no target distribution: no loss there.
                     chunk_loss = torch.where(has_weight, per_token, 0.0).sum() * temperature**2
                     if plan.needs_grad:
+                        # Backpropagate through this chunk's graph now and free it.
                         (grad_rows,) = torch.autograd.grad(chunk_loss, rows)
                         grad_buffer.index_copy_(0, idx, grad_rows)  # type: ignore[union-attr]
+                        del grad_rows
                 div_sum += chunk_loss.detach()
-                del target, has_weight, rows, scaled, per_token, chunk_loss
-            if plan.compute_ce:
-                logits32 = student_rows.to(dtype)
-                gold = logits32.gather(-1, plan.targets.index_select(0, idx).unsqueeze(-1)).squeeze(-1)
-                ce_sum += (torch.logsumexp(logits32, dim=-1) - gold).sum()
-                del logits32
-            del student_rows
+                del target, has_weight, per_token, chunk_loss
+            del rows
         plan.target_entropy_sum = float(entropy_sum)
         ctx.plan = plan
         ctx.grad_buffer = grad_buffer

@@ -26,17 +26,15 @@ class ForwardKLConfig(LossConfigBase):
 def kl_target_student(student_logprobs: Tensor, target_logprobs: Tensor) -> Tensor:
     """sum_v P_t (log P_t - log P_s) per row: [N, V] x [N, V] -> [N].
 
-    Tokens where the target log-prob is -inf (probability exactly 0) contribute exactly 0.
-    The -inf is replaced by 0 *before* the subtraction so that neither the forward value
-    (0 * -inf) nor the backward pass (which multiplies by the unselected branch) sees a NaN.
+    Tokens where the target log-prob is -inf (probability exactly 0) contribute exactly 0: the
+    -inf is replaced by 0 *before* the subtraction, so the term is 0 * finite and neither the
+    forward value (0 * -inf) nor the backward pass sees a NaN. The student side is clamped to the
+    most negative finite number for the same reason (a -inf student log-prob needs -inf logits;
+    where the target has mass there the true value is +inf and we return a huge finite one).
     """
-    support = torch.isfinite(target_logprobs)
-    safe_target = torch.where(support, target_logprobs, torch.zeros_like(target_logprobs))
-    target_probs = torch.exp(target_logprobs)  # exactly 0 where the log-prob is -inf
-    terms = target_probs * (safe_target - student_logprobs)
-    # If the student log-prob is -inf where the target has no mass, 0 * inf would be NaN.
-    terms = torch.where(support, terms, torch.zeros_like(terms))
-    return terms.sum(dim=-1)
+    safe_target = torch.where(torch.isneginf(target_logprobs), 0.0, target_logprobs)
+    safe_student = student_logprobs.clamp(min=torch.finfo(student_logprobs.dtype).min)
+    return (torch.exp(target_logprobs) * (safe_target - safe_student)).sum(dim=-1)
 
 
 @DIVERGENCES.register("forward_kl", ForwardKLConfig, "KL(target || student), mode-covering")

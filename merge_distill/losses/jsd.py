@@ -21,8 +21,8 @@ the log-ratios directly, each as one logaddexp whose arguments are already ratio
     v = log(M / P_T) = logaddexp(log(beta), log(1 - beta) + log P_S - log P_T)
 
 so that JSD_beta = -sum_v [P_S * u / beta + P_T * v / (1 - beta)]. The terms linear in beta
-cancel analytically, the rounding error stays O(eps) at any beta, and each element
--(P_S u / beta + P_T v / (1 - beta)) is >= 0 (it is a sum of two Bregman terms of x - 1 - log x).
+cancel analytically (sum_v P_S u = -KL(S || M) = O(beta^2)), and the rounding error stays
+O(eps) at any beta instead of O(eps / beta).
 For 0 < beta < 1 the mixture M >= (1 - beta) P_S > 0, so no floor is needed: a target
 probability of exactly 0 is harmless.
 """
@@ -60,28 +60,23 @@ def generalized_jsd(student_logprobs: Tensor, target_logprobs: Tensor, beta: flo
     if beta >= 1.0:
         return kl_student_target(student_logprobs, target_logprobs)
     log_beta, log_one_minus_beta = math.log(beta), math.log1p(-beta)
-
-    # Replace -inf log-probs by 0 before they enter a ratio that is then multiplied by the
-    # matching (exactly zero) probability: the product is 0 and its gradient is finite.
-    target_support = torch.isfinite(target_logprobs)
-    student_support = torch.isfinite(student_logprobs)
-    safe_target = torch.where(target_support, target_logprobs, torch.zeros_like(target_logprobs))
-    safe_student = torch.where(student_support, student_logprobs, torch.zeros_like(student_logprobs))
-
-    # u = log(M / P_S): a -inf target log-prob gives u = log(1 - beta), which is right.
-    # (0-dim constants broadcast, so no extra [N, V] tensor is made for them.)
+    # A -inf log-prob only ever enters a ratio that is then multiplied by its own (exactly 0)
+    # probability. Making it finite first (target: 0; student: the most negative float) keeps
+    # that product 0 * finite = 0 and its gradient finite.
+    safe_target = torch.where(torch.isneginf(target_logprobs), 0.0, target_logprobs)
+    safe_student = student_logprobs.clamp(min=torch.finfo(student_logprobs.dtype).min)
+    # u = log(M / P_S); a -inf target log-prob gives u = log(1 - beta), which is right.
+    # (The constants are 0-dim tensors: they broadcast without an [N, V] copy.)
     log_m_over_s = torch.logaddexp(
-        scalar_like(log_one_minus_beta, safe_student), log_beta + target_logprobs - safe_student
+        scalar_like(log_one_minus_beta, safe_student), (target_logprobs - safe_student).add_(log_beta)
     )
     # v = log(M / P_T), only used where P_T > 0.
     log_m_over_t = torch.logaddexp(
-        scalar_like(log_beta, safe_target), log_one_minus_beta + student_logprobs - safe_target
+        scalar_like(log_beta, safe_target), (student_logprobs - safe_target).add_(log_one_minus_beta)
     )
-    student_side = torch.exp(student_logprobs) * log_m_over_s / beta
-    target_side = torch.exp(target_logprobs) * log_m_over_t / (1.0 - beta)
-    student_side = torch.where(student_support, student_side, torch.zeros_like(student_side))
-    target_side = torch.where(target_support, target_side, torch.zeros_like(target_side))
-    return -(student_side + target_side).sum(dim=-1)
+    student_side = (torch.exp(student_logprobs) * log_m_over_s).sum(dim=-1) / beta
+    target_side = (torch.exp(target_logprobs) * log_m_over_t).sum(dim=-1) / (1.0 - beta)
+    return -(student_side + target_side)
 
 
 @DIVERGENCES.register("jsd", JSDConfig, "generalized JSD(beta): forward KL at 0, reverse KL at 1")

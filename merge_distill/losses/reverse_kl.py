@@ -32,13 +32,14 @@ class ReverseKLConfig(LossConfigBase):
 
 
 def kl_student_target(student_logprobs: Tensor, target_logprobs: Tensor) -> Tensor:
-    """sum_v P_s (log P_s - max(log P_t, LOGPROB_FLOOR)) per row: [N, V] x [N, V] -> [N]."""
-    support = torch.isfinite(student_logprobs)
-    safe_student = torch.where(support, student_logprobs, torch.zeros_like(student_logprobs))
-    student_probs = torch.exp(student_logprobs)  # exactly 0 where the student log-prob is -inf
+    """sum_v P_s (log P_s - max(log P_t, LOGPROB_FLOOR)) per row: [N, V] x [N, V] -> [N].
+
+    The student side is clamped to the most negative finite number so that a -inf student
+    log-prob (from -inf logits) gives 0 * finite = 0, not 0 * inf = NaN.
+    """
+    safe_student = student_logprobs.clamp(min=torch.finfo(student_logprobs.dtype).min)
     floored_target = target_logprobs.clamp(min=LOGPROB_FLOOR)
-    terms = student_probs * (safe_student - floored_target)
-    return torch.where(support, terms, torch.zeros_like(terms)).sum(dim=-1)
+    return (torch.exp(student_logprobs) * (safe_student - floored_target)).sum(dim=-1)
 
 
 @DIVERGENCES.register("reverse_kl", ReverseKLConfig, "KL(student || target), mode-seeking")

@@ -130,7 +130,8 @@ def main() -> None:
                 loss = loss_sum(student, *micro_batch(step, m, rank)) * world * ACCUM / n_global
                 acc.backward(loss)
                 if acc.sync_gradients:
-                    report["grad_norms"].append(float(acc.clip_grad_norm_(student.parameters(), MAX_NORM)))
+                    norm = acc.clip_grad_norm_(student.parameters(), MAX_NORM)  # None: DeepSpeed stage 0 fp32
+                    report["grad_norms"].append(None if norm is None else float(norm))
                 opt.step()
                 sched.step()
                 opt.zero_grad()
