@@ -384,7 +384,8 @@ def launcher_prefix(nproc: int, nnodes: int = 1, hostfile: Path | None = None,
     port = str(master_port or env.get("MASTER_PORT", 29500))
     py = [sys.executable, "-m"]
     if launcher == "deepspeed":
-        cmd = py + ["deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", port]
+        # --no_local_rank: the program reads LOCAL_RANK from the env; no `--local_rank=N` argument.
+        cmd = py + ["deepspeed.launcher.runner", "--no_local_rank", "--num_gpus", str(nproc), "--master_port", port]
         if nnodes > 1 or hostfile is not None:
             if hostfile is None:
                 raise ValueError("the deepspeed launcher needs a hostfile for more than one node")
