@@ -59,6 +59,37 @@ def validate(
     )
 
 
+@app.command("eval")
+def evaluate(
+    target: Path = typer.Argument(..., help="A run directory, or a model directory (then give --recipe)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Recipe whose data.eval and teachers to use."),
+    teachers: bool = typer.Option(True, "--teachers/--no-teachers", help="Also evaluate the recipe's teachers."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON instead of a table."),
+) -> None:
+    """Per-domain held-out perplexity of a student (and the recipe's teachers)."""
+    import json
+
+    from merge_distill.evaluate import evaluate_recipe
+    from merge_distill.recipe import load_recipe
+    from merge_distill.report.render import render_eval_table
+    from merge_distill.rundir import is_run_dir, write_json_atomic
+
+    in_run = is_run_dir(target) and (target / "recipe.yaml").is_file()
+    if recipe is None and not in_run:
+        raise UserError(f"{target}: not a run directory (no recipe.yaml); give --recipe r.yaml to say what data to use")
+    loaded = load_recipe(recipe or target / "recipe.yaml")
+    model_dir = target / "student" if in_run else target
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir}: no saved model here (config.json missing); did the run finish?")
+    result = evaluate_recipe(loaded, model_dir, teachers=teachers)
+    if in_run:
+        write_json_atomic(target / "eval.json", result)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        render_eval_table(result, Console(highlight=False))
+
+
 @app.command("ls")
 def list_plugins() -> None:
     """List the registered routers and losses."""

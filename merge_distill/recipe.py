@@ -95,6 +95,7 @@ class DataSection(Section):
     packing: bool = Field(True, description="Concatenate examples and cut into rows of seq_len (no padding).")
     train: list[DataSource] = Field(min_length=1, description="Training sources, mixed by weight.")
     eval: list[DataSource] = Field(default_factory=list, description="Held-out sources for evaluation.")
+    eval_tokens: int = Field(32768, ge=1, description="At most this many held-out target tokens per domain are evaluated.")
 
 
 class TrainSection(Section):
@@ -130,6 +131,11 @@ class OutputSection(Section):
     keep_last: int = Field(2, ge=1, description="Checkpoints to keep.")
 
 
+class ReportSection(Section):
+    eval_at_end: bool = Field(True, description="After training, evaluate student and teachers on data.eval (if any).")
+    eval_teachers: bool = Field(True, description="Include every teacher in the end-of-run evaluation.")
+
+
 class Recipe(Section):
     name: str | None = Field(None, description="Recipe name; default: the file name.")
     teachers: list[TeacherSpec] = Field(min_length=1, description="Teacher models.")
@@ -146,6 +152,7 @@ class Recipe(Section):
     train: TrainSection = Field(description="Optimisation settings.")
     output: OutputSection = Field(description="Where the run is written.")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Multi-process settings.")
+    report: ReportSection = Field(default_factory=ReportSection, description="What the end-of-run report includes.")
 
     # -- derived ---------------------------------------------------------------------------
     @property

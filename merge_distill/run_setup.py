@@ -113,6 +113,12 @@ class RunParts:
             tokens_seen=tokens_seen, skipped_steps=skipped, peak_memory_bytes=peak_memory_bytes(self.accelerator.device),
         )
         write_json_atomic(self.run_dir / "stats.json", self.stats.summary())
+        if status == "complete" and self.recipe.data.eval and self.recipe.report.eval_at_end:
+            from merge_distill.evaluate import evaluate_recipe
+
+            self.console.print("evaluating student and teachers on held-out data ...")
+            result = evaluate_recipe(self.recipe, self.run_dir / "student", teachers=self.recipe.report.eval_teachers)
+            write_json_atomic(self.run_dir / "eval.json", result)
         write_json_atomic(self.run_dir / "run.json", {k: v for k, v in self.facts.items() if k != "last_metrics"})
         if status == "complete":
             write_text_atomic(self.run_dir / "student" / "README.md",

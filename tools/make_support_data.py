@@ -28,7 +28,7 @@ COUNTRIES = {"Germany": 5, "France": 6, "Canada": 7, "Japan": 9, "Australia": 10
              "the United Kingdom": 4, "Spain": 6, "the United States": 3, "Norway": 6}
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
           "September", "October", "November", "December")
-GREETINGS = ("Hi", "Hello", "Hey", "Good morning", "Good evening", "Hi there", "")
+GREETINGS = ("Hi!", "Hello.", "Hey.", "Good morning!", "Good evening.", "Hi there!", "")
 THANKS = ("Thanks!", "Thank you.", "Thanks in advance.", "Any help is appreciated.", "")
 OPENERS = ("Thanks for reaching out.", "Happy to help.", "Sorry for the trouble.",
            "Thanks for your message.", "I can help with that.")
@@ -52,113 +52,140 @@ def _wrap(rng: random.Random, body: str) -> str:
     """Add an optional greeting and sign-off so the same request reads in several ways."""
     greeting = rng.choice(GREETINGS)
     thanks = rng.choice(THANKS)
-    return " ".join(part for part in (f"{greeting}," if greeting else "", body, thanks) if part)
+    return " ".join(part for part in (greeting, body, thanks) if part)
 
 
 def order_status(rng: random.Random) -> Chat:
-    order, date, model = _order(rng), _date(rng), rng.choice(MODELS)
-    ask = rng.choice((f"Where is my order {order}? I bought a {model} on {date}.",
-                      f"My {model} (order {order}, placed {date}) still hasn't arrived.",
-                      f"Can you tell me the status of order {order}?"))
-    days = rng.randint(2, 6)
-    answer = (f"Order {order} has shipped and is with the carrier. You can follow it from "
-              f"Account > Orders > {order} > Track. It should arrive within {days} business days; "
-              f"if it has not arrived by then, reply here and we will open a carrier trace.")
-    return ask, answer
+    order, date, model, days = _order(rng), _date(rng), rng.choice(MODELS), rng.randint(2, 6)
+    track = (f"Order {order} has shipped and is with the carrier. You can follow it under "
+             f"Account > Orders > {order} > Track; it should arrive within {days} business days.")
+    return rng.choice((
+        (f"Where is my order {order}? I bought a {model} on {date}.", track),
+        (f"Can you tell me the status of order {order}?", track),
+        (f"My {model} (order {order}, placed {date}) still hasn't arrived.",
+         f"{track} If it has not arrived by then, reply here and we will open a carrier trace."),
+        (f"Can I change the delivery address of order {order}?",
+         f"Order {order} can be changed until it ships: go to Account > Orders > {order} > Edit "
+         f"address. Once it has shipped, the carrier's tracking page lets you redirect it."),
+    ))
 
 
 def refund(rng: random.Random) -> Chat:
     order, amount, model = _order(rng), _amount(rng), rng.choice(MODELS)
     reason = rng.choice(("it flickers", "the colour is wrong", "I changed my mind",
                          "it arrived scratched", "the dimmer does not work"))
-    ask = rng.choice((f"I want a refund for my {model}, {reason}. Order {order}.",
-                      f"How do I return order {order}? {reason.capitalize()}.",
-                      f"Can I get my {amount} EUR back for order {order}? {reason.capitalize()}."))
-    answer = (f"You can return order {order} within 30 days of delivery. Go to Account > Orders > "
-              f"{order} > Return item, print the prepaid label and drop the parcel at any post "
-              f"office. Once it reaches our warehouse, the refund goes back to your original "
-              f"payment method within 5 to 7 business days.")
-    return ask, answer
+    steps = (f"You can return order {order} within 30 days of delivery: go to Account > Orders > "
+             f"{order} > Return item, print the prepaid label and drop the parcel at any post "
+             f"office.")
+    money = "The refund goes back to your original payment method within 5 to 7 business days."
+    return rng.choice((
+        (f"I want a refund for my {model}, {reason}. Order {order}.", f"{steps} {money}"),
+        (f"How do I return order {order}? {reason[0].upper()}{reason[1:]}.", steps),
+        (f"I sent back order {order} last week. When do I get my {amount} EUR back?",
+         f"Once the parcel for order {order} reaches our warehouse, we refund {amount} EUR. "
+         f"{money}"),
+    ))
 
 
 def shipping(rng: random.Random) -> Chat:
     country, days = rng.choice(sorted(COUNTRIES.items()))
     model = rng.choice(MODELS)
-    ask = rng.choice((f"Do you ship the {model} to {country}?",
-                      f"How long does delivery to {country} take?",
-                      f"What are the shipping costs to {country}?"))
-    answer = (f"Yes, we ship to {country}. Standard delivery takes about {days} business days and "
-              f"is free on orders over 50 EUR; below that it costs 4.90 EUR. Express delivery "
-              f"is available at checkout and usually halves the delivery time.")
-    return ask, answer
+    return rng.choice((
+        (f"Do you ship the {model} to {country}?",
+         f"Yes, we ship the {model} to {country}. Standard delivery takes about {days} business "
+         f"days."),
+        (f"How long does delivery to {country} take?",
+         f"Standard delivery to {country} takes about {days} business days; express delivery, "
+         f"chosen at checkout, usually halves that."),
+        (f"What are the shipping costs to {country}?",
+         f"Shipping to {country} is free on orders over 50 EUR; below that it costs 4.90 EUR. "
+         f"Express delivery costs 9.90 EUR."),
+    ))
 
 
 def password(rng: random.Random) -> Chat:
-    ask = rng.choice(("I forgot my password and can't log in to the Lumo app.",
-                      "The password reset email never arrives.",
-                      "How do I change my account password?",
-                      "My account is locked after too many login attempts."))
     minutes = rng.choice((15, 30, 60))
-    answer = ("Open the Lumo app, tap Sign in > Forgot password and enter your account email. "
-              "The reset link is valid for one hour; check your spam folder if it does not show "
-              f"up. After five failed attempts the account locks for {minutes} minutes, then you "
-              "can try again.")
-    return ask, answer
+    reset = ("In the Lumo app, tap Sign in > Forgot password and enter your account email. "
+             "The reset link is valid for one hour.")
+    return rng.choice((
+        ("I forgot my password and can't log in to the Lumo app.", reset),
+        ("The password reset email never arrives.",
+         "Reset emails come from no-reply@lumo-home.example and can take a few minutes. Please "
+         "check your spam folder and that you typed the email of your account, then request a "
+         "new link; each link is valid for one hour."),
+        ("How do I change my account password?",
+         "While signed in, open Settings > Account > Password, enter your current password and "
+         "then the new one twice. Other devices are signed out when the password changes."),
+        ("My account is locked after too many login attempts.",
+         f"After five failed attempts the account locks for {minutes} minutes. Wait until then "
+         f"and sign in again, or reset the password now: {reset}"),
+    ))
 
 
 def billing(rng: random.Random) -> Chat:
     amount, date, order = _amount(rng), _date(rng), _order(rng)
-    ask = rng.choice((f"I was charged {amount} EUR twice on {date} for order {order}.",
-                      f"Can I get an invoice for order {order}?",
-                      f"Why is there a charge of {amount} EUR from {SHOP} on my card?"))
-    answer = (f"I checked order {order}: the second {amount} EUR line is a card authorisation "
-              f"hold, not a charge, and your bank releases it within 3 business days. A PDF "
-              f"invoice is under Account > Orders > {order} > Invoice.")
-    return ask, answer
+    invoice = f"A PDF invoice for order {order} is under Account > Orders > {order} > Invoice."
+    return rng.choice((
+        (f"I was charged {amount} EUR twice on {date} for order {order}.",
+         f"The second {amount} EUR line for order {order} is a card authorisation hold, not a "
+         f"charge; your bank releases it within 3 business days."),
+        (f"Can I get an invoice for order {order}?", invoice),
+        (f"I need a company invoice with our VAT number for order {order}.",
+         f"{invoice} Add your VAT number under Account > Billing details first, then download "
+         f"the invoice again and it will include it."),
+        ("Which payment methods do you accept?",
+         "We accept Visa, Mastercard, American Express, PayPal and bank transfer. Bank "
+         "transfers ship once the payment arrives, usually after 1 to 2 business days."),
+    ))
 
 
 def subscription(rng: random.Random) -> Chat:
     plan, price = rng.choice((("Lumo Plus", "2.99"), ("Lumo Family", "4.99")))
-    ask = rng.choice((f"How do I cancel my {plan} subscription?",
-                      f"Will I be charged again if I cancel {plan} today?",
-                      f"What does {plan} cost per month?"))
-    answer = (f"{plan} costs {price} EUR per month. You can cancel any time in the app under "
-              f"Settings > Subscription > Cancel; you keep the features until the end of the "
-              f"current billing month and are not charged again.")
-    return ask, answer
+    return rng.choice((
+        (f"How do I cancel my {plan} subscription?",
+         f"Open the app and go to Settings > Subscription > Cancel. You keep {plan} until the "
+         f"end of the current billing month."),
+        (f"Will I be charged again if I cancel {plan} today?",
+         f"No. After you cancel, {plan} stays active until the end of the current billing "
+         f"month and you are not charged again."),
+        (f"What does {plan} cost per month?", f"{plan} costs {price} EUR per month and can be "
+         f"cancelled at any time."),
+    ))
 
 
 def setup(rng: random.Random) -> Chat:
     model = rng.choice(MODELS)
     problem = rng.choice(("won't connect to my Wi-Fi", "is not found by the app",
                           "keeps dropping off the network", "does not show up after a router change"))
-    ask = f"My {model} {problem}."
-    answer = (f"Please hold the power button of the {model} for 10 seconds until the light "
-              f"blinks blue, which puts it in pairing mode. Then open the app, tap Add device "
-              f"and pick your 2.4 GHz Wi-Fi network ({PRODUCT} lamps do not support 5 GHz). "
-              f"Keep the phone within a few metres of the lamp while it pairs.")
-    return ask, answer
+    return (f"My {model} {problem}.",
+            f"Hold the power button of the {model} for 10 seconds until the light blinks blue "
+            f"to put it in pairing mode. Then tap Add device in the app and pick your 2.4 GHz "
+            f"Wi-Fi network ({PRODUCT} lamps do not support 5 GHz).")
 
 
 def warranty(rng: random.Random) -> Chat:
-    model, date = rng.choice(MODELS), _date(rng)
-    year = rng.randint(2021, 2024)
-    ask = rng.choice((f"My {model} bought on {date}, {year} stopped working. Is it under warranty?",
-                      f"The light of my {model} died. I bought it in {year}."))
+    model, date, year = rng.choice(MODELS), _date(rng), rng.randint(2021, 2024)
     answer = (f"Every {model} has a two-year warranty from the delivery date. If yours was "
               f"delivered less than two years ago, send us the order number and a short video "
-              f"of the fault and we will ship a replacement before you return the old lamp.")
-    return ask, answer
+              f"of the fault and we will ship a replacement.")
+    return rng.choice((
+        (f"My {model} bought on {date}, {year} stopped working. Is it under warranty?", answer),
+        (f"The light of my {model} died. I bought it in {year}.", answer),
+    ))
 
 
 def account(rng: random.Random) -> Chat:
-    ask = rng.choice(("How do I change the email address on my account?",
-                      "Please delete my account and all my data.",
-                      "Can two people share one Lumo account?"))
-    answer = ("Email changes and account deletion are under Settings > Account in the app. "
-              "Deletion removes your data within 30 days and cannot be undone. For a household, "
-              "invite others with Settings > Home > Invite instead of sharing a login.")
-    return ask, answer
+    return rng.choice((
+        ("How do I change the email address on my account?",
+         "Open Settings > Account > Email in the app, enter the new address and confirm it "
+         "with the link we send there."),
+        ("Please delete my account and all my data.",
+         "You can delete the account under Settings > Account > Delete account. Your data is "
+         "removed within 30 days and this cannot be undone."),
+        ("Can two people share one Lumo account?",
+         "Rather than sharing a login, invite others with Settings > Home > Invite: each person "
+         "keeps their own account and controls the same lamps."),
+    ))
 
 
 TOPICS: tuple[Callable[[random.Random], Chat], ...] = (

@@ -21,7 +21,7 @@ from merge_distill.report.charts import (
     BEST, HIGHLIGHT, STRONGEST, best_keys, first_last_min, fmt_bytes, fmt_count, fmt_delta, fmt_duration,
     fmt_num, fmt_pct, legend, marked, print_matrix, sparkline, table, tail_mean,
 )
-from merge_distill.report.schema import Report, TeacherStats
+from merge_distill.report.schema import Evaluation, Report, TeacherStats
 
 NUM_COL = 9  # width of a number column in the curves grid
 TAIL = 10  # "final" figures average the last TAIL logged steps
@@ -189,9 +189,14 @@ def _curves(report: Report, console: Console) -> None:
 
 
 def _evaluation(report: Report, console: Console) -> None:
-    evaluation = report.eval
-    if evaluation is None or not evaluation.rows:
-        return
+    if report.eval is not None and report.eval.rows:
+        render_eval_table(report.eval, console)
+
+
+def render_eval_table(evaluation: Evaluation | dict, console: Console) -> None:
+    """The evaluation section alone (`merge-distill eval`): eval.json content or its model."""
+    if isinstance(evaluation, dict):
+        evaluation = Evaluation.model_validate(evaluation)
     _section(console, "Evaluation (perplexity, lower is better)")
     students = [r for r in evaluation.rows if r.kind == "student"]
     teachers = [r for r in evaluation.rows if r.kind == "teacher"]
