@@ -10,13 +10,10 @@ Two regimes, chosen once by `make_accelerator` from the recipe's `distributed:` 
   DeepSpeed engine built with `deepspeed.initialize` (no optimizer): under ZeRO-3 every process
   keeps 1/N of each teacher's weights and all-gathers one layer at a time during the forward.
 
-Why the teachers bypass accelerate: an engine prepared by `accelerator.prepare` joins the
-accelerator's model list, so `save_state` would checkpoint every teacher; the first prepared
-engine becomes the `backward` target, so order would matter; and the plugin switch
-(`select_deepspeed_plugin`) is global state. A raw engine per teacher has none of this.
-
-Every process must call every teacher's and the student's forward the same number of times:
-under ZeRO-3 a forward is a collective (parameter all-gather).
+Teachers bypass accelerate because an engine prepared by `accelerator.prepare` would join
+`save_state` and could become the `backward` target (docs/DISTRIBUTED.md has the design and
+the loop contract). Every process must call every teacher's and the student's forward the same
+number of times: under ZeRO-3 a forward is a collective (parameter all-gather).
 """
 
 from __future__ import annotations
@@ -223,6 +220,8 @@ def make_accelerator(dist: DistributedConfig, precision: Precision, grad_accum: 
         # `accelerate launch --use_deepspeed` exports this; it would make Accelerator() build a
         # default DeepSpeed plugin behind our back.
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
+        if not torch.distributed.is_initialized():
+            _reset_accelerate_state()  # a second run in the same process may change precision
         return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_MIXED[precision],
                            gradient_accumulation_steps=grad_accum)
     _single_process_env()
@@ -252,6 +251,13 @@ def _fix_cpu_world(acc: Accelerator) -> None:
                   "local_process_index": int(os.environ.get("LOCAL_RANK", 0))}
     PartialState._shared_state.update(true_world)
     AcceleratorState._shared_state.update(true_world)
+
+
+def _reset_accelerate_state() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def _unset_hf_deepspeed_config() -> None:
@@ -353,6 +359,18 @@ def gather_student_state_dict(accelerator: Accelerator, model: Any) -> dict[str,
             copies[key] = t.detach().to("cpu", copy=True)
         out[name] = copies[key]
     return out
+
+
+def held_parameter_bytes(model: Any) -> tuple[int, int]:
+    """(bytes of parameters this process keeps, bytes of the whole model). Under ZeRO-3 a process
+    keeps its partition of every tensor plus the small tensors left whole (persistent)."""
+    params = list(getattr(model, "module", model).parameters())
+    if params and hasattr(params[0], "ds_tensor"):
+        held = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in params)
+        held += sum(p.ds_numel * p.element_size() for p in params if p.ds_persist)
+        return held, sum(p.ds_numel * p.element_size() for p in params)
+    total = sum(p.numel() * p.element_size() for p in params)
+    return total, total
 
 
 def all_reduce_sum(accelerator: Accelerator, t: Tensor) -> Tensor:

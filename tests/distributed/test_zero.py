@@ -101,6 +101,38 @@ def test_world_info_from_launcher_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert d.deepspeed_wanted(d.DistributedConfig(use_deepspeed="always")) is True
 
 
+def test_plain_single_process_contract() -> None:
+    """No DeepSpeed, one process: stock Accelerator, frozen teacher, one LR step per window,
+    a gathered state dict that is a copy with tied weights still tied."""
+    dist = d.DistributedConfig()
+    d.make_accelerator(dist, "bf16", 1, 1.0, 1)
+    acc = d.make_accelerator(dist, "fp32", 2, 1.0, 1)  # a second run in one process may change precision
+    assert acc.distributed_type.value == "NO" and acc.mixed_precision == "no" and acc.gradient_accumulation_steps == 2
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    teacher = d.prepare_teacher(acc, dist, LlamaForCausalLM(cfg).train())
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    student = LlamaForCausalLM(cfg)
+    opt = torch.optim.SGD(student.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
+    student, opt, sched = d.prepare_student(acc, dist, student, opt, sched)
+    ids = torch.randint(0, 64, (2, 8))
+    for _ in range(4):  # two windows of two micro-batches
+        with acc.accumulate(student):
+            acc.backward(student(input_ids=ids, labels=ids).loss)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+    assert sched.get_last_lr() == [0.25]
+    state = d.gather_student_state_dict(acc, student)
+    live = d.unwrap(acc, student).state_dict()
+    assert set(state) == set(live) and all(torch.equal(state[k], live[k]) for k in live)
+    assert state["lm_head.weight"] is state["model.embed_tokens.weight"]
+    assert state["lm_head.weight"].data_ptr() != live["lm_head.weight"].data_ptr()
+    assert d.all_reduce_sum(acc, torch.tensor([2.0])).item() == 2.0
+    assert d.held_parameter_bytes(teacher)[0] == sum(p.numel() * 4 for p in teacher.parameters())
+
+
 # ---------------------------------------------------------------- real launches
 
 
@@ -127,7 +159,10 @@ def launch(models: Path, out: Path, nproc: int, stage: int, mode: str, launcher:
         cmd = prefix + ["--module", "tests.distributed._zero_worker"] if launcher == "deepspeed" else prefix
         cmd = cmd + (args[1:] if launcher == "deepspeed" else args)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false",
+           # the venv's ninja first, whatever the caller's PATH: two ninja versions alternating
+           # on one ~/.cache/torch_extensions rebuild DeepSpeed's JIT op every time (~2 min)
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
