@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -56,13 +58,29 @@ def cut_vocab(logits: Tensor, vocab_size: int) -> Tensor:
     return logits[..., :vocab_size]
 
 
+def damaged_weights(folder: Path) -> str | None:
+    """'FILE is corrupt or truncated (why)' for the first unreadable safetensors file in `folder`."""
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                for name in fh.keys():
+                    fh.get_slice(name)
+        except Exception as exc:  # noqa: BLE001  safetensors raises its own error type
+            return f"{path} is corrupt or truncated ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
+    return None
+
+
 def load_model(model: str, revision: str | None, dtype: torch.dtype, trust_remote_code: bool, label: str) -> PreTrainedModel:
+    """from_pretrained, with load failures turned into one line that names the file."""
     warn_remote_code(label, model, trust_remote_code)
     try:
         return AutoModelForCausalLM.from_pretrained(
             model, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
+        damaged = damaged_weights(Path(model)) if Path(model).is_dir() else None
+        if damaged:
+            raise UserError(f"{label}: {damaged}; copy or download the model again") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{label}: cannot load model {model!r}: {first}") from None
 
@@ -138,13 +156,21 @@ def student_from_config(base: str, overrides: dict, dtype: torch.dtype, seed: in
         raise UserError(f"student.from_config.overrides: the resulting config is invalid: {exc}") from None
 
 
-def load_student(recipe: "Recipe", teachers: dict[str, PreTrainedModel]) -> PreTrainedModel:
-    """The student in float32 master weights (mixed precision is applied by accelerate)."""
+def load_student(recipe: "Recipe") -> PreTrainedModel:
+    """The student in float32 master weights (mixed precision is applied by accelerate).
+
+    `from_teacher` loads that teacher once more, whole and unpartitioned, to copy its layers
+    (teachers themselves may be partitioned as they load under ZeRO-3).
+    """
     spec = recipe.student
     if spec.model is not None:
         model = load_model(spec.model, spec.revision, torch.float32, spec.trust_remote_code, "student.model")
     elif spec.from_teacher is not None:
-        model = student_from_teacher(teachers[spec.from_teacher.teacher], spec.from_teacher.layers)
+        source = next(t for t in recipe.teachers if t.name == spec.from_teacher.teacher)
+        teacher = load_model(source.model, source.revision, torch.float32, source.trust_remote_code,
+                             f"student.from_teacher ({source.name})")
+        model = student_from_teacher(teacher, spec.from_teacher.layers)
+        del teacher
     else:
         init = spec.from_config
         base = next((t.model for t in recipe.teachers if t.name == init.base), init.base)

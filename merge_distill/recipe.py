@@ -243,5 +243,7 @@ def resolve_paths(recipe: Recipe, base: Path) -> None:
         if source.type != "hub":
             source.path = str((base / Path(source.path).expanduser()).resolve())
     recipe.output.dir = str((base / Path(recipe.output.dir).expanduser()).resolve())
-    if recipe.distributed.deepspeed_config is not None:
-        recipe.distributed.deepspeed_config = (base / recipe.distributed.deepspeed_config).resolve()
+    for key in ("deepspeed_config", "teacher_deepspeed_config"):
+        value = getattr(recipe.distributed, key)
+        if value is not None:
+            setattr(recipe.distributed, key, (base / value).resolve())

@@ -122,3 +122,20 @@ def test_eval_perplexity_is_token_weighted_and_feeds_the_report(pico, make_recip
     main()
     printed = json.loads(capsys.readouterr().out)
     assert math.isclose(printed["rows"][1]["ppl"]["code"], code_teacher["ppl"]["code"], rel_tol=1e-9)
+
+
+def test_student_from_teacher_layers_copies_chosen_layers(make_recipe, pico):
+    recipe = load_recipe(make_recipe(student={"from_teacher": {"teacher": "code", "layers": [1]}}))
+    parts = setup_run(recipe)
+    student = dist_mod.unwrap(parts.accelerator, parts.student)
+    teacher = AutoModelForCausalLM.from_pretrained(pico["teacher_a"])
+    assert student.config.num_hidden_layers == 1
+    s_state, t_state = student.state_dict(), teacher.state_dict()
+    for key, value in s_state.items():
+        source = key.replace("layers.0.", "layers.1.")
+        assert torch.equal(value, t_state[source]), key
+    result = train_step(parts, 0)
+    assert result.loss > 0 and not result.skipped
+    # the teachers were not modified by building the student from one of them
+    assert torch.equal(parts.ensemble.models[0].model.layers[1].mlp.up_proj.weight,
+                       t_state["model.layers.1.mlp.up_proj.weight"])
