@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from merge_distill.errors import USER_ERROR_EXIT_CODE, UserError
 
@@ -28,17 +29,39 @@ def run(
     recipe: Path = typer.Argument(..., help="The recipe YAML."),
     overrides: Optional[list[str]] = OVERRIDES,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in output.dir."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in output.dir from its newest complete checkpoint."),
     no_color: bool = typer.Option(False, "--no-color", help="Plain text output."),
 ) -> None:
     """Train the student described by RECIPE and print its blending report."""
+    import shlex
+
+    from merge_distill.checkpoint import RunInterrupted
     from merge_distill.engine import run as run_engine
     from merge_distill.recipe import load_recipe
     from merge_distill.report.command import report_command
+    from merge_distill.teachers import NonFiniteError
 
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other: --resume continues the run in output.dir, "
+                        "--overwrite deletes it; pass one of them")
     loaded = load_recipe(recipe, overrides or [])
     console = Console(no_color=no_color, highlight=False)
-    run_dir = run_engine(loaded, overwrite=overwrite, console=console)
-    if int(os.environ.get("RANK", "0")) == 0:
+    again = shlex.join(["merge-distill", "run", str(recipe), *(overrides or []), "--resume"])
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    try:
+        run_dir = run_engine(loaded, overwrite=overwrite, console=console, resume=resume)
+    except RunInterrupted as exc:
+        if is_main:
+            err_console.print(escape(f"{exc}; checkpoint saved: {exc.folder}\ncontinue with: {again}"), soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except NonFiniteError as exc:
+        if is_main:
+            err_console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            if "on_nonfinite: stop" in str(exc):
+                err_console.print(escape(f"the newest checkpoint holds the state before that step; to skip such "
+                                         f"steps, continue with: {again} train.on_nonfinite=skip"), soft_wrap=True)
+        raise typer.Exit(1) from None
+    if is_main:
         report_command([run_dir], no_color=no_color)
         console.print(f"student saved to {run_dir / 'student'}")
 
@@ -90,6 +113,41 @@ def evaluate(
         render_eval_table(result, Console(highlight=False))
 
 
+@app.command()
+def launch(
+    recipe: Path = typer.Argument(..., help="The recipe YAML."),
+    overrides: Optional[list[str]] = OVERRIDES,
+    nproc: int = typer.Option(..., "--nproc", min=1, help="Processes (GPUs) per node."),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="Number of nodes."),
+    hostfile: Optional[Path] = typer.Option(None, "--hostfile", help="DeepSpeed hostfile (deepspeed launcher, several nodes)."),
+    launcher: str = typer.Option("accelerate", "--launcher", help="accelerate, deepspeed or torchrun."),
+    node_rank: Optional[int] = typer.Option(None, "--node-rank", help="This node's rank (default NODE_RANK / SLURM_NODEID)."),
+    master_addr: Optional[str] = typer.Option(None, "--master-addr", help="First node's address (default MASTER_ADDR)."),
+    master_port: Optional[int] = typer.Option(None, "--master-port", help="Rendezvous port (default 29500)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in output.dir."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the command without running it."),
+) -> None:
+    """Build the launcher command for N processes (x M nodes), print it, and run it."""
+    import shlex
+    import subprocess
+
+    from merge_distill.distributed import build_launch_command
+    from merge_distill.recipe import load_recipe
+
+    if launcher not in ("accelerate", "deepspeed", "torchrun"):
+        raise UserError(f"--launcher: {launcher!r} is not one of accelerate, deepspeed, torchrun")
+    load_recipe(recipe, overrides or [])  # fail here, once, rather than in every process
+    extra = [*(overrides or []), *(["--overwrite"] if overwrite else [])]
+    try:
+        argv = build_launch_command(recipe, nproc, nnodes, hostfile, launcher, extra,  # type: ignore[arg-type]
+                                    node_rank=node_rank, master_addr=master_addr, master_port=master_port)
+    except ValueError as exc:
+        raise UserError(f"launch: {exc}") from None
+    Console(highlight=False, soft_wrap=True).print(shlex.join(argv))
+    if not dry_run:
+        raise typer.Exit(subprocess.call(argv))
+
+
 @app.command("ls")
 def list_plugins() -> None:
     """List the registered routers and losses."""
@@ -128,10 +186,12 @@ def quiet_libraries() -> None:
 def main() -> None:
     quiet_libraries()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns (not raises) a command's typer.Exit code here
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except UserError as exc:
-        for problem in exc.problems:
-            err_console.print(f"[red]error:[/] {problem}", soft_wrap=True)
+        for problem in exc.problems:  # escaped: `teachers[code]` is a key, not a rich style tag
+            err_console.print(f"[red]error:[/] {escape(problem)}", soft_wrap=True)
         sys.exit(USER_ERROR_EXIT_CODE)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -147,7 +207,7 @@ def main() -> None:
         from merge_distill.teachers import NonFiniteError
 
         if isinstance(exc, NonFiniteError):
-            err_console.print(f"[red]error:[/] {exc}", soft_wrap=True)
+            err_console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
             sys.exit(1)
         raise
 
