@@ -6,8 +6,14 @@ measured right after the student and K teacher logits were created; on CUDA,
 torch.cuda.max_memory_allocated() minus memory_allocated() at that point. Both include the
 student logits' gradient [B, T, V], which any implementation must produce.
 
+The CPU workers run with MALLOC_MMAP_THRESHOLD_=65536: every allocation above 64 KiB then gets
+its own mapping and is returned to the OS when freed. Without it glibc raises its mmap threshold
+to 32 MiB after the first free and serves chunk-sized tensors from its heap, where freed memory
+is kept, so RSS would measure allocator fragmentation rather than live tensors.
+
     python tools/bench_blend.py            # B=4, T=1024, V=49152, K in {1, 2, 4}
-    python tools/bench_blend.py --small    # a quick run (T=256, V=8192)
+    python tools/bench_blend.py --small    # a quick run: T=256, V=8192, chunk_tokens=256
+                                           # (4 chunks, as at full size)
     python tools/bench_blend.py --device cuda
 """
 
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -102,13 +109,13 @@ def worker(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", action="store_true", help="quick run: T=256, V=8192")
+    parser.add_argument("--small", action="store_true", help="quick run: T=256, V=8192, chunk_tokens=256")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--ks", default="1,2,4", help="comma-separated teacher counts")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=None, help="default 1024 (256 with --small)")
     parser.add_argument("--vocab", type=int, default=None, help="default 49152 (8192 with --small)")
-    parser.add_argument("--chunk-tokens", type=int, default=1024)
+    parser.add_argument("--chunk-tokens", type=int, default=None, help="default 1024 (256 with --small)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--teacher-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per run")
@@ -118,6 +125,7 @@ def main() -> None:
     args = parser.parse_args()
     args.seq = args.seq or (256 if args.small else 1024)
     args.vocab = args.vocab or (8192 if args.small else 49152)
+    args.chunk_tokens = args.chunk_tokens or (256 if args.small else 1024)
     if args.worker:
         worker(args)
         return
@@ -130,7 +138,8 @@ def main() -> None:
     for k in [int(x) for x in args.ks.split(",")]:
         for impl in ["ours", "naive"]:
             cmd = [sys.executable, __file__, "--worker", f"--impl={impl}", f"--k={k}", *forwarded]
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr}")
             results[(k, impl)] = json.loads(done.stdout.strip().splitlines()[-1])

@@ -19,12 +19,9 @@ same thing with one teacher in memory at a time, which is what the chunked drive
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor
 
-BlendMode = Literal["mixture", "geometric"]
 BLEND_MODES: tuple[str, ...] = ("mixture", "geometric")
 
 

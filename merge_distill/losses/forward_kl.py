@@ -28,13 +28,15 @@ def kl_target_student(student_logprobs: Tensor, target_logprobs: Tensor) -> Tens
 
     Tokens where the target log-prob is -inf (probability exactly 0) contribute exactly 0: the
     -inf is replaced by 0 *before* the subtraction, so the term is 0 * finite and neither the
-    forward value (0 * -inf) nor the backward pass sees a NaN. The student side is clamped to the
-    most negative finite number for the same reason (a -inf student log-prob needs -inf logits;
-    where the target has mass there the true value is +inf and we return a huge finite one).
+    forward value (0 * -inf) nor the backward pass sees a NaN. Student log-probs are finite
+    (log_softmax of finite logits), as everywhere in this package.
     """
-    safe_target = torch.where(torch.isneginf(target_logprobs), 0.0, target_logprobs)
-    safe_student = student_logprobs.clamp(min=torch.finfo(student_logprobs.dtype).min)
-    return (torch.exp(target_logprobs) * (safe_target - safe_student)).sum(dim=-1)
+    target_probs = torch.exp(target_logprobs)
+    # Built in place on one fresh [N, V] tensor: this runs on chunks of vocabulary-sized rows,
+    # and every extra temporary is another chunk x V floats.
+    terms = torch.where(torch.isneginf(target_logprobs), 0.0, target_logprobs)
+    terms.sub_(student_logprobs)
+    return terms.mul_(target_probs).sum(dim=-1)
 
 
 @DIVERGENCES.register("forward_kl", ForwardKLConfig, "KL(target || student), mode-covering")

@@ -60,21 +60,21 @@ def generalized_jsd(student_logprobs: Tensor, target_logprobs: Tensor, beta: flo
     if beta >= 1.0:
         return kl_student_target(student_logprobs, target_logprobs)
     log_beta, log_one_minus_beta = math.log(beta), math.log1p(-beta)
-    # A -inf log-prob only ever enters a ratio that is then multiplied by its own (exactly 0)
-    # probability. Making it finite first (target: 0; student: the most negative float) keeps
-    # that product 0 * finite = 0 and its gradient finite.
-    safe_target = torch.where(torch.isneginf(target_logprobs), 0.0, target_logprobs)
-    safe_student = student_logprobs.clamp(min=torch.finfo(student_logprobs.dtype).min)
-    # u = log(M / P_S); a -inf target log-prob gives u = log(1 - beta), which is right.
-    # (The constants are 0-dim tensors: they broadcast without an [N, V] copy.)
-    log_m_over_s = torch.logaddexp(
-        scalar_like(log_one_minus_beta, safe_student), (target_logprobs - safe_student).add_(log_beta)
-    )
-    # v = log(M / P_T), only used where P_T > 0.
-    log_m_over_t = torch.logaddexp(
-        scalar_like(log_beta, safe_target), (student_logprobs - safe_target).add_(log_one_minus_beta)
-    )
+    # Student log-probs are finite (log_softmax of finite logits). A -inf target log-prob only
+    # enters a ratio that is then multiplied by its own (exactly 0) probability; making it 0
+    # first keeps that product 0 * finite = 0 and its gradient finite. The constants are 0-dim
+    # tensors (they broadcast without an [N, V] copy), and each side is finished before the
+    # other starts so that fewer chunk x V temporaries are alive at once.
+
+    # Student side: u = log(M / P_S); a -inf target log-prob gives u = log(1 - beta), which is right.
+    ratio = target_logprobs - student_logprobs
+    log_m_over_s = torch.logaddexp(scalar_like(log_one_minus_beta, ratio), ratio.add_(log_beta))
     student_side = (torch.exp(student_logprobs) * log_m_over_s).sum(dim=-1) / beta
+    del ratio, log_m_over_s
+
+    # Target side: v = log(M / P_T), only used where P_T > 0.
+    ratio = student_logprobs - torch.where(torch.isneginf(target_logprobs), 0.0, target_logprobs)
+    log_m_over_t = torch.logaddexp(scalar_like(log_beta, ratio), ratio.add_(log_one_minus_beta))
     target_side = (torch.exp(target_logprobs) * log_m_over_t).sum(dim=-1) / (1.0 - beta)
     return -(student_side + target_side)
 

@@ -40,10 +40,8 @@ def skew_forward_kl(student_logprobs: Tensor, target_logprobs: Tensor, alpha: fl
     # v = log(M / P_T) = logaddexp(log alpha, log(1 - alpha) + log P_S - log P_T), computed as
     # one logaddexp of a ratio (no difference of two large logs); SKL = -sum_v P_T * v.
     # Where P_T = 0 the -inf is replaced by 0 first so that 0 * v stays 0 with a finite gradient.
-    safe_target = torch.where(torch.isneginf(target_logprobs), 0.0, target_logprobs)
-    log_m_over_t = torch.logaddexp(
-        scalar_like(math.log(alpha), safe_target), (student_logprobs - safe_target).add_(math.log1p(-alpha))
-    )
+    ratio = student_logprobs - torch.where(torch.isneginf(target_logprobs), 0.0, target_logprobs)
+    log_m_over_t = torch.logaddexp(scalar_like(math.log(alpha), ratio), ratio.add_(math.log1p(-alpha)))
     return -(torch.exp(target_logprobs) * log_m_over_t).sum(dim=-1)
 
 

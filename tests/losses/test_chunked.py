@@ -198,3 +198,21 @@ def test_shape_errors_name_the_problem() -> None:
         distill_loss(divergence=fn, config=config, **dict(batch, weights=batch["weights"][..., :2]))
     with pytest.raises(ValueError, match="token ids in"):
         distill_loss(divergence=fn, config=config, **dict(batch, targets=torch.full((B, T), V)))
+
+
+def test_vocab_sliced_logits_are_read_in_place() -> None:
+    """The engine passes logits[..., :V] views of padded-vocabulary outputs (non-contiguous)."""
+    batch = make_batch(seed=4)
+    padded_student = torch.cat([batch["student_logits"].detach(), torch.full((B, T, 3), 50.0, dtype=torch.float64)], -1)
+    padded_student.requires_grad_()
+    sliced = dict(batch, student_logits=padded_student[..., :V],
+                  teacher_logits=[torch.cat([t, torch.zeros(B, T, 3, dtype=t.dtype)], -1)[..., :V] for t in batch["teacher_logits"]])
+    assert not sliced["student_logits"].is_contiguous()
+    config = config_for("skew_kl", {"alpha": 0.2}, temperature=1.3)
+    fn = DIVERGENCES.get("skew_kl").impl
+    ours = distill_loss(divergence=fn, config=config, chunk_tokens=3, **sliced)
+    (0.7 * ours.divergence_sum + 0.3 * ours.ce_sum).backward()
+    ref, ref_grad = loss_and_grad(distill_loss_dense, batch, "skew_kl", config)
+    torch.testing.assert_close(ours.divergence_sum, ref.divergence_sum)
+    torch.testing.assert_close(padded_student.grad[..., :V], ref_grad)
+    assert (padded_student.grad[..., V:] == 0).all()
