@@ -66,3 +66,38 @@ def test_tokenizer_keeps_the_chat_template(converted) -> None:
                                          add_generation_prompt=True)
     assert "<|im_start|>user\nHi<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
     assert len(tokenizer) == 49152
+
+
+def test_support_chatbot_recipe_runs_two_steps(converted, tmp_path) -> None:
+    """recipes/support_chatbot.yaml end to end on the real model: Llama loading, the 49k
+    vocabulary, chat template with loss on answers only, a student from the first 8 layers."""
+    import json
+
+    import make_support_data
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from merge_distill.data import build_rows
+    from merge_distill.engine import run
+    from merge_distill.recipe import load_recipe
+
+    _, _, model_dir = converted
+    make_support_data.write_dataset(tmp_path / "support", n=40, seed=0)
+    recipe_path = Path(__file__).resolve().parents[2] / "recipes" / "support_chatbot.yaml"
+    recipe = load_recipe(recipe_path, [
+        f"teachers.0.model={model_dir}", f"data.train.0.path={tmp_path / 'support' / 'train.jsonl'}",
+        f"data.eval.0.path={tmp_path / 'support' / 'eval.jsonl'}", "data.eval_tokens=64",
+        "train.epochs=null", "train.steps=2", "train.micro_batch_size=2", f"output.dir={tmp_path / 'run'}",
+    ])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = build_rows(recipe.data.train[0], "data.train[0]", tokenizer, recipe.data.seq_len, packing=False)
+    answers = tokenizer.decode(rows.labels[0][rows.labels[0] != -100])
+    assert "<|im_start|>user" not in answers and answers.rstrip().endswith("<|im_end|>")
+    run_dir = run(recipe)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(m["loss"] > 0 and m["ce"] < 20 for m in metrics)
+    student = AutoModelForCausalLM.from_pretrained(run_dir / "student")
+    assert student.config.num_hidden_layers == 8 and student.config.vocab_size == 49152
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    teacher_ppl = next(r for r in evaluation["rows"] if r["model"] == "instruct")["ppl"]["support"]
+    student_ppl = next(r for r in evaluation["rows"] if r["model"] == "student")["ppl"]["support"]
+    assert teacher_ppl < student_ppl  # 2 steps do not make 8 layers as good as 30
