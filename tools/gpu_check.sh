@@ -45,5 +45,13 @@ run() {
 run --mode never
 run --mode always --student-stage 3
 run --mode always --student-stage 2
+log "---- python3 tools/gpu_engine_check.py (the real engine: merge-distill run, bf16, ZeRO-3 teachers)"
+t0=$SECONDS
+set -o pipefail
+timeout 240 python3 tools/gpu_engine_check.py 2>&1 | grep -v "FutureWarning\|return func(\|^Loading weights\|Writing model" | tee -a "$LOG"
+rc=$?
+set +o pipefail
+log "---- exit $rc after $((SECONDS - t0)) s"
+[ "$rc" -eq 0 ] || failed=$((failed + 1))
 log "gpu_check: $failed failed run(s)"
 exit "$failed"
