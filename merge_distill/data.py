@@ -7,8 +7,10 @@ targets (others -100). Each row keeps its source's domain tag through to the bat
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import datasets
@@ -24,7 +26,8 @@ if TYPE_CHECKING:
     from merge_distill.recipe import DataSource
 
 datasets.disable_progress_bars()
-datasets.logging.set_verbosity_error()
+# datasets logs a parse error before raising it; the raised error is reported in the user's words.
+datasets.logging.set_verbosity(datasets.logging.CRITICAL)
 
 _BUILDERS = {"text": "text", "jsonl": "json", "parquet": "parquet"}
 
@@ -43,8 +46,25 @@ class SourceRows:
         return self.input_ids.shape[0]
 
 
+def first_bad_json_line(files: list[str]) -> str | None:
+    """'FILE line N: what is wrong' for the first line of a jsonl file that is not a JSON object."""
+    for name in files:
+        with open(name, encoding="utf-8", errors="replace") as fh:
+            for number, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    return f"{name} line {number} is not valid JSON: {exc.msg.removesuffix(' at')} at column {exc.colno}"
+                if not isinstance(value, dict):
+                    return f"{name} line {number} is a JSON {type(value).__name__}, not an object"
+    return None
+
+
 def read_source(source: "DataSource", key: str) -> datasets.Dataset:
     """The raw examples of a source; `key` (e.g. `data.train[0]`) names it in errors."""
+    files = source_files(source.path) if source.type != "hub" else []
     try:
         if source.type == "hub":
             ds = datasets.load_dataset(source.path, name=source.subset, split=source.split, revision=source.revision)
@@ -52,6 +72,13 @@ def read_source(source: "DataSource", key: str) -> datasets.Dataset:
             kwargs: dict[str, Any] = {"sample_by": "document"} if source.type == "text" else {}
             ds = datasets.load_dataset(_BUILDERS[source.type], data_files=source_files(source.path), split="train", **kwargs)
     except Exception as exc:  # datasets wraps parse errors in several exception types
+        if files and all(not Path(f).read_bytes().strip() for f in files):
+            raise UserError(f"{key}.path: {source.path} is empty; give a file with examples "
+                            f"({'one JSON object per line' if source.type == 'jsonl' else 'text'})") from None
+        bad_line = first_bad_json_line(files) if source.type == "jsonl" else None
+        if bad_line:
+            raise UserError(f"{key}.path: {bad_line}; each line of a jsonl file must be one JSON object "
+                            'such as {"text": "..."}') from None
         cause = exc.__cause__ or exc
         detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise UserError(f"{key}.path: cannot read {source.path} as {source.type}: {detail}; "
@@ -102,6 +129,17 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_genera
     return list(out)
 
 
+def check_messages(conversations: list[list[Any]], source: "DataSource", key: str) -> None:
+    """Every chat message must be {"role": str, "content": str}; name the first that is not."""
+    for i, messages in enumerate(conversations):
+        for j, message in enumerate(messages):
+            missing = [k for k in ("role", "content") if not isinstance(message, dict) or not isinstance(message.get(k), str)]
+            if missing:
+                raise UserError(f"{key}.field: example {i + 1} of {source.path}, message {j + 1} has no text "
+                                f"{' or '.join(repr(m) for m in missing)}; chat messages look like "
+                                '{"role": "user", "content": "..."}')
+
+
 def tokenize_source(source: "DataSource", key: str, tokenizer: PreTrainedTokenizerBase) -> tuple[list[list[int]], list[list[int]]]:
     """(ids, labels) per example."""
     ds = read_source(source, key)
@@ -111,10 +149,13 @@ def tokenize_source(source: "DataSource", key: str, tokenizer: PreTrainedTokeniz
             raise UserError(f"{key}: chat data needs a tokenizer with a chat template; this tokenizer has none")
         if not all(isinstance(v, list) for v in values):
             raise UserError(f"{key}.field: {source.field!r} must hold a list of messages in every example for chat data")
+        check_messages(values, source, key)
         pairs = [chat_tokens(v, tokenizer) for v in values]
         return [p[0] for p in pairs], [p[1] for p in pairs]
-    if not all(isinstance(v, str) for v in values):
-        raise UserError(f"{key}.field: {source.field!r} must hold text in every example (or set format: chat for messages)")
+    bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+    if bad is not None:
+        raise UserError(f"{key}.field: example {bad + 1} of {source.path} holds {type(values[bad]).__name__} in "
+                        f"{source.field!r}, not text; every example needs text there (or set format: chat for messages)")
     texts = [v for v in values if v.strip()]
     if not texts:
         raise UserError(f"{key}.path: {source.path} holds only empty text; give a file with text")
@@ -141,7 +182,11 @@ def build_rows(source: "DataSource", key: str, tokenizer: PreTrainedTokenizerBas
         label_rows[r, : len(row_labels)] = torch.tensor(row_labels, dtype=torch.long)
         attention[r, : len(row_ids)] = 1
     if int((label_rows[:, 1:] != IGNORE_INDEX).sum()) == 0:
-        raise UserError(f"{key}: no token of {source.path} is a training target (chat data with no assistant turn?)")
+        if any(t != IGNORE_INDEX for row in labels for t in row):
+            raise UserError(f"{key}: {source.path} gives no training target at seq_len {seq_len}; "
+                            "give longer examples or a larger data.seq_len")
+        raise UserError(f"{key}: no example of {source.path} has an assistant turn, and chat data trains only on "
+                        "assistant replies; add assistant messages or set format: text")
     return SourceRows(source.label, source.domain, input_ids, label_rows, attention)
 
 

@@ -179,6 +179,11 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: recipe file not found; check the path")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.constructor.ConstructorError as exc:  # e.g. !!python/object: refused, never executed
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: the YAML tag{where} is not allowed ({exc.problem}); a recipe holds plain "
+                        "values only and can never run code: remove the tag") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -186,6 +191,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: not valid YAML{where}: {problem}; fix the syntax there") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a UTF-8 text file; a recipe is a YAML text file") from None
+    if raw is None:
+        raise UserError(f"{path}: the file is empty; a recipe is a YAML mapping of sections "
+                        "(teachers, student, data, train, output)")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping of sections (teachers, student, data, ...), got {type(raw).__name__}")
     return raw

@@ -81,6 +81,12 @@ def _model_paths(recipe: "Recipe") -> list[str]:
             problems.append(f"{key}: {model} does not exist; give a model directory (with config.json) or a hub id")
         elif not (path / "config.json").is_file():
             problems.append(f"{key}: {model} has no config.json; point it at a saved Hugging Face model directory")
+        else:
+            try:
+                json.loads((path / "config.json").read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                problems.append(f"{key}: {path / 'config.json'} is not valid JSON ({str(exc).splitlines()[0]}); "
+                                "the model folder is damaged: copy or download it again")
     return problems
 
 
@@ -125,16 +131,25 @@ def _context_lengths(recipe: "Recipe") -> list[str]:
     return problems
 
 
+# Any one of these makes a folder hold a tokenizer transformers can load.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
 def tokenizer_problems(recipe: "Recipe") -> list[str]:
     """All local models must share one tokenizer; say which tokens differ."""
     from merge_distill.models import compare_vocabs, load_tokenizer
 
     loaded = []
     for label, path in model_dirs(recipe):
+        if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+            return [f"{label}: {path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the model's "
+                    "tokenizer next to it (tokenizer.save_pretrained(folder))"]
         try:
             loaded.append((label, load_tokenizer(path)))
         except Exception as exc:  # a broken tokenizer is the user's file: report it, don't crash
-            return [f"{label}: cannot load a tokenizer from {path}: {exc}; save the tokenizer next to the model"]
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            return [f"{label}: cannot load the tokenizer in {path}: {first}; the tokenizer files are damaged: "
+                    "save the model's tokenizer there again"]
     if not loaded:
         return []
     ref_label, ref = loaded[0]

@@ -40,6 +40,9 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
             index = _list_index(node, part, where, key)
             node = node[index]
         elif isinstance(node, dict):
+            if node.get(part) is not None and not isinstance(node[part], (dict, list)):
+                raise ValueError(f"override {key}: {where} is a plain value ({node[part]!r}), not a section; "
+                                 f"set it with {where}=VALUE")
             if not isinstance(node.get(part), (dict, list)):
                 node[part] = {}
             node = node[part]

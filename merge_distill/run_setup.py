@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from merge_distill import distributed as dist_mod
+from merge_distill.checkpoint import check_resumable
 from merge_distill.data import MixedStream, build_rows, steps_for_epochs
 from merge_distill.losses import DIVERGENCES
 from merge_distill.models import DTYPES, load_student, load_teacher, load_tokenizer, self_teacher, teacher_dtype, tokenizer_source
@@ -126,7 +127,8 @@ class RunParts:
         write_report(self.run_dir)
 
 
-def setup_run(recipe: Recipe, overwrite: bool = False, console: Console | None = None) -> RunParts:
+def setup_run(recipe: Recipe, overwrite: bool = False, console: Console | None = None,
+              resume: bool = False) -> RunParts:
     r, dist = recipe.train, recipe.distributed
     accelerator = dist_mod.make_accelerator(dist, r.precision, r.grad_accum, r.max_grad_norm or 0.0, r.micro_batch_size)
     world = dist_mod.world_info()
@@ -134,16 +136,28 @@ def setup_run(recipe: Recipe, overwrite: bool = False, console: Console | None =
     console = console or Console()
     run_dir = Path(recipe.output.dir)
     if is_main:
-        prepare_run_dir(run_dir, overwrite)
+        prepare_run_dir(run_dir, overwrite, resume)
+    if resume:  # refuse before anything is loaded or written (a changed recipe, no checkpoint)
+        check_resumable(run_dir, recipe, world["world_size"])
     accelerator.wait_for_everyone()
     torch.manual_seed(r.seed)
 
     source, revision, trust = tokenizer_source(recipe)
     tokenizer = load_tokenizer(source, revision, trust)
     vocab_size = len(tokenizer)
-    loaded = {t.name: load_teacher(t, r.precision) for t in recipe.teachers if t.model != SELF_TEACHER}
-    student = load_student(recipe, loaded)
-    models = [loaded.get(t.name) or self_teacher(student, teacher_dtype(t, r.precision)) for t in recipe.teachers]
+    if recipe.student.model is not None:
+        with dist_mod.student_init_context(accelerator, dist):  # partitioned as it loads under ZeRO-3
+            student = load_student(recipe)
+    else:
+        student = load_student(recipe)
+    models = []
+    for t in recipe.teachers:
+        dtype = teacher_dtype(t, r.precision)
+        if t.model == SELF_TEACHER:
+            models.append(self_teacher(student, dtype))
+            continue
+        with dist_mod.teacher_init_context(accelerator, dist, dtype):  # no process holds a whole teacher
+            models.append(load_teacher(t, r.precision))
 
     keys = [f"data.train[{i}]" for i in range(len(recipe.data.train))]
     sources = [build_rows(s, k, tokenizer, recipe.data.seq_len, recipe.data.packing) for s, k in zip(recipe.data.train, keys)]
@@ -171,6 +185,8 @@ def setup_run(recipe: Recipe, overwrite: bool = False, console: Console | None =
     if is_main:
         write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
         write_json_atomic(run_dir / "run.json", facts)
+        if not resume:  # exists from the start, even if every step is skipped
+            write_text_atomic(run_dir / "metrics.jsonl", "")
     return RunParts(
         recipe=recipe, accelerator=accelerator, world=world, console=console, run_dir=run_dir,
         tokenizer=tokenizer, vocab_size=vocab_size, student=student, teacher_names=recipe.teacher_names,

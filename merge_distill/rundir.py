@@ -7,6 +7,7 @@ stats.json (routing statistics), student/ (save_pretrained + tokenizer), router.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -19,40 +20,66 @@ from merge_distill.errors import UserError
 if TYPE_CHECKING:
     from merge_distill.recipe import Recipe
 
+_UMASK = os.umask(0o022)  # read the process umask (the only way is to set it) and put it back
+os.umask(_UMASK)
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary file in the same folder, flush, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+def storage_error(exc: OSError, path: Path, what: str) -> UserError:
+    """A failed write in the user's words: which file, why, what to do."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"{path}: the disk is full (or over quota) while writing {what}; free some "
+                         "space (or choose an output.dir on a larger disk) and run again, with --resume to continue "
+                         "from the last complete checkpoint")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return UserError(f"{path}: not allowed to write {what} ({exc.strerror}); choose a writable output.dir")
+    return UserError(f"{path}: cannot write {what}: {exc.strerror or exc}; check the disk and output.dir")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, flush, fsync, then rename over `path`:
+    a reader sees the old content or the new, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise storage_error(exc, path, path.name) from None
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False))
 
 
 def is_run_dir(path: Path) -> bool:
     return (path / "run.json").is_file() or (path / "metrics.jsonl").is_file()
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Create the run directory; an existing run is replaced only with an explicit overwrite."""
+def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False) -> None:
+    """Create the run directory; an existing run is replaced only with an explicit overwrite,
+    continued only with an explicit resume."""
+    if overwrite and resume:
+        raise UserError("--resume and --overwrite contradict each other: --resume continues the run in "
+                        "output.dir, --overwrite deletes it; pass one of them")
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"output.dir: {run_dir} is a file, not a folder; choose another output.dir")
+    if resume:
+        if not is_run_dir(run_dir):
+            raise UserError(f"--resume: {run_dir} holds no run to resume; run without --resume to start one")
+        return
     if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not overwrite and (run_dir / "checkpoints").is_dir():
+            raise UserError(
+                f"output.dir: {run_dir} already holds a run with checkpoints; pass --resume to continue it, "
+                f"or --overwrite to delete it and start again"
+            )
         if not overwrite:
             what = "a run" if is_run_dir(run_dir) else "files"
             raise UserError(
@@ -69,13 +96,20 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
+        blocker = next((p for p in run_dir.parents if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise UserError(f"output.dir: cannot create {run_dir}: {blocker} is a file, not a folder; "
+                            "choose another output.dir") from None
         raise UserError(f"output.dir: cannot write to {run_dir}: {exc.strerror}; choose a writable folder") from None
 
 
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row) + "\n")
-        fh.flush()
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+    except OSError as exc:
+        raise storage_error(exc, path, "a metrics row") from None
 
 
 def model_card(recipe: "Recipe", facts: dict[str, Any], final: dict[str, Any]) -> str:
