@@ -23,7 +23,8 @@ NEEDS_REAL_MODEL = {"support_chatbot"}  # a pretrained 135M model: covered by a 
 def pico_overrides(path: Path, pico: dict[str, Path], out: Path) -> list[str]:
     raw = read_yaml(path)
     teachers = [str(pico["teacher_a"]), str(pico["teacher_b"])]
-    out_list = [f"output.dir={out}", "train.steps=2", "train.micro_batch_size=2", "data.seq_len=32"]
+    out_list = [f"output.dir={out}", "train.steps=2", "train.micro_batch_size=2", "data.seq_len=32",
+                "data.eval_tokens=256"]
     loaded = [i for i, t in enumerate(raw["teachers"]) if t["model"] != "self"]
     for n, i in enumerate(loaded):
         out_list.append(f"teachers.{i}.model={teachers[n % 2]}")
