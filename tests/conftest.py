@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,14 @@ def make_recipe(pico, tmp_path):
         return write_recipe(tmp_path / name, pico_recipe_dict(pico, tmp_path / "run", **sections))
 
     return make
+
+
+def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """Run `merge-distill ARGS` in this process; (exit code, everything printed)."""
+    from merge_distill.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["merge-distill", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out + captured.err

@@ -8,23 +8,13 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 from accelerate import Accelerator
 
-from conftest import pico_recipe_dict, write_recipe
+from conftest import pico_recipe_dict, run_cli, write_recipe
 from merge_distill import rundir
-from merge_distill.cli import main
-
-
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["merge-distill", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out + captured.err
 
 
 def assert_nothing_looks_complete(run_dir: Path) -> None:

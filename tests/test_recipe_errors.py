@@ -9,18 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import pico_recipe_dict, write_recipe
-from merge_distill.cli import main
+from conftest import pico_recipe_dict, run_cli, write_recipe
 from merge_distill.errors import UserError
 from merge_distill.recipe import load_recipe
-
-
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["merge-distill", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out + captured.err
 
 
 def mutate(recipe: dict, key: str, value) -> dict:

@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from conftest import pico_recipe_dict, write_recipe
+from conftest import pico_recipe_dict, run_cli, write_recipe
 from merge_distill.checkpoint import LATEST, list_checkpoints, step_name, verify
 from merge_distill.cli import main
 from merge_distill.engine import run
@@ -205,14 +205,6 @@ def test_half_written_checkpoint_and_stale_pointer_are_ignored(pico, reference, 
     assert not (root / ".tmp-step-000009").exists() and not (root / "step-000009").exists()
     assert (root / LATEST).read_text().strip() == "step-000008"
     assert all(torch.equal(final[k], v) for k, v in weights(run_dir).items())
-
-
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["merge-distill", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out + captured.err
 
 
 def test_corrupt_checkpoint_without_fallback_exits_2(pico, reference, tmp_path, monkeypatch, capsys):
