@@ -67,6 +67,30 @@ def run(
 
 
 @app.command()
+def cache(
+    recipe: Path = typer.Argument(..., help="The recipe YAML (it needs a cache: section)."),
+    overrides: Optional[list[str]] = OVERRIDES,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache written for other settings."),
+    no_color: bool = typer.Option(False, "--no-color", help="Plain text output."),
+) -> None:
+    """Run RECIPE's teachers once over its training data and store their top-k log-probs in
+    cache.dir (resumes after an interruption); then train with cache.use=true."""
+    from merge_distill.cache import write_cache
+    from merge_distill.recipe import load_recipe, read_yaml
+
+    overrides = overrides or []
+    if not read_yaml(recipe).get("cache") and not any(o.startswith("cache.") for o in overrides):
+        raise UserError(f"{recipe}: the recipe has no cache section; add one, e.g. cache: {{dir: cache/teachers, k: 64}}")
+    # Loaded as a writer: cache.use would require the cache that is about to be written.
+    loaded = load_recipe(recipe, [*overrides, "cache.use=false"])
+    console = Console(no_color=no_color, highlight=False)
+    result = write_cache(loaded, console=console, overwrite=overwrite)
+    manifest = result.root / "manifest.json"
+    console.print(f"cache complete: {result.root} ({result.shards_written} shards written, {result.shards_kept} kept "
+                  f"from before, {result.seconds:.1f} s); train from it with cache.use=true (manifest: {manifest})")
+
+
+@app.command()
 def validate(
     recipe: Path = typer.Argument(..., help="The recipe YAML."),
     overrides: Optional[list[str]] = OVERRIDES,

@@ -215,15 +215,17 @@ class MixedStream:
                 self.index[where] = torch.cat(perms)[: len(where)]
 
     def rows(self, start: int, count: int) -> TokenBatch:
-        picks = [(int(self.choice[r]), int(self.index[r])) for r in range(start, start + count)]
-        src = [self.sources[s] for s, _ in picks]
-        return TokenBatch(
-            input_ids=torch.stack([s.input_ids[i] for s, (_, i) in zip(src, picks)]),
-            attention_mask=torch.stack([s.attention_mask[i] for s, (_, i) in zip(src, picks)]),
-            labels=torch.stack([s.labels[i] for s, (_, i) in zip(src, picks)]),
-            domains=[s.domain for s in src],
-            sources=[s.label for s in src],
-        )
+        """Global rows start .. start + count - 1 as one batch (one gather per source, not per row)."""
+        choice, index = self.choice[start:start + count], self.index[start:start + count]
+        seq_len = self.sources[0].input_ids.shape[1]
+        fields = {f: torch.empty(len(choice), seq_len, dtype=torch.long) for f in ("input_ids", "attention_mask", "labels")}
+        for s in choice.unique().tolist():
+            where = (choice == s).nonzero().squeeze(-1)
+            for name, out in fields.items():
+                out[where] = getattr(self.sources[s], name)[index[where]]
+        chosen = [self.sources[s] for s in choice.tolist()]
+        return TokenBatch(**fields, domains=[s.domain for s in chosen], sources=[s.label for s in chosen],
+                          row_index=index.tolist())
 
 
 def steps_for_epochs(epochs: float, total_rows: int, global_batch_rows: int) -> int:

@@ -21,7 +21,9 @@ from torch import Tensor
 from merge_distill import checkpoint as ckpt
 from merge_distill import distributed as dist_mod
 from merge_distill.losses import DIVERGENCES
+from merge_distill.cache import SparseTeacherSignals, sparse_agreement
 from merge_distill.losses.chunked import distill_loss
+from merge_distill.losses.sparse import sparse_distill_loss
 from merge_distill.recipe import Recipe
 from merge_distill.report.stats import BlendStats
 from merge_distill.routing import build_router
@@ -29,6 +31,11 @@ from merge_distill.routing.base import RouterInputs
 from merge_distill.run_setup import RunParts, setup_run
 from merge_distill.signals import IGNORE_INDEX, TokenBatch
 from merge_distill.teachers import NonFiniteError
+
+
+# Teacher agreement (report only: pairwise JS over full distributions) is estimated on this many
+# evenly spaced valid tokens per micro-batch; over a run that is thousands of tokens.
+AGREEMENT_TOKENS = 64
 
 
 @dataclass
@@ -88,12 +95,18 @@ def forward_micro(parts: RunParts, batch: TokenBatch, n_global: float, stats: Bl
         inputs = RouterInputs(signals.gold_nll.clone(), signals.entropy.clone(), mask, batch.domains, hidden)
         weights = router(inputs)
         aux = router.aux_loss(inputs)
-        result = distill_loss(student_logits, signals.logits, weights.detach(), targets,
-                              parts.divergence, recipe.loss, recipe.routing.blend,
-                              recipe.train.chunk_tokens, compute_ce=True)
+        if isinstance(signals, SparseTeacherSignals):  # from the offline cache: top-k + tail targets
+            result = sparse_distill_loss(student_logits, signals.topk_ids, signals.topk_logprobs, signals.tail_logprobs,
+                                         weights.detach(), targets, parts.divergence, recipe.loss,
+                                         recipe.routing.blend, recipe.train.chunk_tokens, compute_ce=True)
+            stats.add_agreement(*sparse_agreement(signals, mask, parts.vocab_size, max_tokens=AGREEMENT_TOKENS))
+        else:
+            result = distill_loss(student_logits, signals.logits, weights.detach(), targets,
+                                  parts.divergence, recipe.loss, recipe.routing.blend,
+                                  recipe.train.chunk_tokens, compute_ce=True, teachers_normalized=signals.normalized)
+            stats.update_agreement(signals.logits, mask, max_tokens=AGREEMENT_TOKENS)
         stats.update(weights.detach(), signals.gold_nll, signals.entropy, mask, batch.domains,
                            result.target_entropy_sum)
-        stats.update_agreement(signals.logits, mask)
         info["share_sum"] = weights.detach().double().sum(dim=(0, 1)).cpu()
         div_sum, ce_sum = result.divergence_sum, result.ce_sum
         info["aux"] = aux
@@ -101,7 +114,9 @@ def forward_micro(parts: RunParts, batch: TokenBatch, n_global: float, stats: Bl
         ce_sum = torch.nn.functional.cross_entropy(
             student_logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         div_sum = torch.zeros((), device=ce_sum.device)
-    loss_sum = (1.0 - w_ce) * div_sum + w_ce * ce_sum
+    # At weight 0 the cross-entropy is only reported: detached, its backward (a softmax per
+    # chunk) is skipped instead of computed and multiplied by 0.
+    loss_sum = (1.0 - w_ce) * div_sum + w_ce * (ce_sum if w_ce > 0 else ce_sum.detach())
     # Each process holds its share of the global sum; DDP/DeepSpeed average gradients over
     # processes and accelerate divides by the accumulation steps: undo both so the result is
     # sum over all tokens / n_global.

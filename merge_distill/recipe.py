@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from merge_distill.cache import CacheSection
 from merge_distill.distributed import DistributedConfig
 from merge_distill.errors import UserError
 from merge_distill.losses import DIVERGENCES
@@ -153,6 +154,9 @@ class Recipe(Section):
     output: OutputSection = Field(description="Where the run is written.")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Multi-process settings.")
     report: ReportSection = Field(default_factory=ReportSection, description="What the end-of-run report includes.")
+    cache: CacheSection | None = Field(
+        None, description="Offline teacher cache: `merge-distill cache` writes it; `use: true` trains from it "
+        "without loading the teachers (docs/CACHE.md).")
 
     # -- derived ---------------------------------------------------------------------------
     @property
@@ -251,6 +255,8 @@ def resolve_paths(recipe: Recipe, base: Path) -> None:
         if source.type != "hub":
             source.path = str((base / Path(source.path).expanduser()).resolve())
     recipe.output.dir = str((base / Path(recipe.output.dir).expanduser()).resolve())
+    if recipe.cache is not None:
+        recipe.cache.dir = str((base / Path(recipe.cache.dir).expanduser()).resolve())
     for key in ("deepspeed_config", "teacher_deepspeed_config"):
         value = getattr(recipe.distributed, key)
         if value is not None:

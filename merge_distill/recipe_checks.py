@@ -32,6 +32,9 @@ def cross_checks(recipe: "Recipe", check_files: bool = True) -> list[str]:
         if not problems:
             problems += _context_lengths(recipe)
             problems += tokenizer_problems(recipe)
+    from merge_distill.cache import recipe_problems  # cache.use: router needs, manifest (cheap fields)
+
+    problems += recipe_problems(recipe, check_files and not problems)
     return problems
 
 

@@ -27,6 +27,7 @@ from merge_distill.report.stats import BlendStats
 from merge_distill.routing import build_router
 from merge_distill.routing.base import Router
 from merge_distill.rundir import append_jsonl, model_card, prepare_run_dir, write_json_atomic, write_text_atomic
+from merge_distill.cache import CachedTeacherEnsemble, open_cache
 from merge_distill.teachers import TeacherEnsemble
 
 
@@ -65,7 +66,7 @@ class RunParts:
     vocab_size: int
     student: Any
     teacher_names: list[str]
-    ensemble: TeacherEnsemble
+    ensemble: TeacherEnsemble | CachedTeacherEnsemble
     router: Router
     router_optimizer: torch.optim.Optimizer | None
     divergence: Any
@@ -151,7 +152,8 @@ def setup_run(recipe: Recipe, overwrite: bool = False, console: Console | None =
     else:
         student = load_student(recipe)
     models = []
-    for t in recipe.teachers:
+    from_cache = recipe.cache is not None and recipe.cache.use  # teachers answered by the cache: none loaded
+    for t in [] if from_cache else recipe.teachers:
         dtype = teacher_dtype(t, r.precision)
         if t.model == SELF_TEACHER:
             models.append(self_teacher(student, dtype))
@@ -161,6 +163,7 @@ def setup_run(recipe: Recipe, overwrite: bool = False, console: Console | None =
 
     keys = [f"data.train[{i}]" for i in range(len(recipe.data.train))]
     sources = [build_rows(s, k, tokenizer, recipe.data.seq_len, recipe.data.packing) for s, k in zip(recipe.data.train, keys)]
+    cached = open_cache(recipe, tokenizer, sources) if from_cache else None  # UserError if its manifest differs
     global_rows = r.micro_batch_size * r.grad_accum * world["world_size"]
     total_rows_available = sum(len(s) for s in sources)
     total_steps = r.steps or steps_for_epochs(r.epochs, total_rows_available, global_rows)
@@ -190,7 +193,7 @@ def setup_run(recipe: Recipe, overwrite: bool = False, console: Console | None =
     return RunParts(
         recipe=recipe, accelerator=accelerator, world=world, console=console, run_dir=run_dir,
         tokenizer=tokenizer, vocab_size=vocab_size, student=student, teacher_names=recipe.teacher_names,
-        ensemble=TeacherEnsemble(recipe.teacher_names, teachers, vocab_size, r.chunk_tokens),
+        ensemble=cached or TeacherEnsemble(recipe.teacher_names, teachers, vocab_size, r.chunk_tokens),
         router=router, router_optimizer=router_optimizer, divergence=DIVERGENCES.get(recipe.loss.kind).impl,
         optimizer=optimizer, scheduler=scheduler, stream=stream, stats=BlendStats(recipe.teacher_names),
         total_steps=total_steps, start_step=0,

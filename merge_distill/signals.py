@@ -28,7 +28,9 @@ class TokenBatch:
     """One micro-batch.
 
     input_ids [B, T] long; attention_mask [B, T] long; labels [B, T] long (-100 = no loss);
-    domains: the data domain tag of each row (len B); sources: the source name of each row.
+    domains: the data domain tag of each row (len B); sources: the source name of each row;
+    row_index: each row's index within its source (len B; what the teacher cache is keyed by),
+    None for batches not drawn from sources.
     """
 
     input_ids: Tensor
@@ -36,6 +38,7 @@ class TokenBatch:
     labels: Tensor
     domains: list[str]
     sources: list[str]
+    row_index: list[int] | None = None
 
     @property
     def targets(self) -> Tensor:
@@ -48,6 +51,7 @@ class TokenBatch:
             self.labels.to(device),
             self.domains,
             self.sources,
+            self.row_index,
         )
 
 
@@ -56,7 +60,8 @@ class TeacherSignals:
     """What the teachers said about one micro-batch.
 
     logits: K tensors [B, T, V] (one per teacher, not stacked, so no K-sized copy is made),
-        already cut to the tokenizer's vocabulary, in the teacher's compute dtype.
+        already cut to the tokenizer's vocabulary, in the teacher's compute dtype; when
+        `normalized`, they hold log-probs at temperature 1 (log_softmax applied in place).
     gold_nll [B, T, K] float32: -log p_k(target) at temperature 1 (0 where target is -100).
     entropy [B, T, K] float32: entropy of p_k at temperature 1 (0 where target is -100).
     top1 [B, T, K] long: each teacher's argmax token.
@@ -67,32 +72,60 @@ class TeacherSignals:
     gold_nll: Tensor
     entropy: Tensor
     top1: Tensor
+    normalized: bool = False
 
 
 @torch.no_grad()
-def per_token_stats(logits: Tensor, targets: Tensor, chunk_tokens: int = 2048) -> tuple[Tensor, Tensor, Tensor]:
+def per_token_stats(logits: Tensor, targets: Tensor, chunk_tokens: int = 2048,
+                    in_place: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Gold NLL, entropy and argmax of one model's next-token distribution, in chunks.
 
     logits [B, T, V] (any float dtype), targets [B, T] -> (gold_nll, entropy, top1), each [B, T];
     gold_nll and entropy are float32 and 0 where targets == -100. Log-softmax is computed in
     float32 on chunks of flattened tokens so peak extra memory is chunk_tokens x V.
+
+    This runs for every teacher at every step, so it makes two passes that transcend (the
+    log-softmax and one exp) and no temporaries beyond those two: the entropy is one fused dot
+    product -sum_v p log p.
+
+    in_place: where `normalizes_in_place(logits)`, the logits are turned into log-probs in place
+    (x - logsumexp(x), the very operation the loss driver would repeat), so the loss can skip it.
     """
     B, T, V = logits.shape
-    flat_logits = logits.reshape(B * T, V)
+    in_place = in_place and normalizes_in_place(logits)
+    flat_logits = logits.view(B * T, V) if in_place else logits.reshape(B * T, V)
     flat_targets = targets.reshape(B * T)
     nll = torch.zeros(B * T, dtype=torch.float32, device=logits.device)
     ent = torch.zeros_like(nll)
     top1 = torch.zeros(B * T, dtype=torch.long, device=logits.device)
     for start in range(0, B * T, chunk_tokens):
         sl = slice(start, start + chunk_tokens)
-        logp = torch.log_softmax(flat_logits[sl].float(), dim=-1)
+        if in_place:
+            logp = flat_logits[sl]
+            logp.sub_(torch.logsumexp(logp, dim=-1, keepdim=True))
+        else:
+            logp = torch.log_softmax(flat_logits[sl].float(), dim=-1)
         tgt = flat_targets[sl]
         valid = tgt != IGNORE_INDEX
         gold = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        nll[sl] = torch.where(valid, -gold, torch.zeros_like(gold))
-        # xlogy-style: p * logp with p == 0 contributes 0, never 0 * -inf = NaN.
-        p = logp.exp()
-        h = -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
-        ent[sl] = torch.where(valid, h, torch.zeros_like(h))
+        nll[sl] = torch.where(valid, -gold, 0.0)
         top1[sl] = logp.argmax(-1)
+        h = -torch.linalg.vecdot(logp.exp(), logp)
+        bad = torch.isnan(h)
+        if bad.any():  # p log p with p == 0 is 0, not 0 * -inf = NaN (a -inf logit); NaN logits stay NaN
+            rows = logp[bad]
+            h[bad] = -(rows.exp() * rows.masked_fill(torch.isneginf(rows), 0.0)).sum(-1)
+        ent[sl] = torch.where(valid, h, 0.0)
     return nll.view(B, T), ent.view(B, T), top1.view(B, T)
+
+
+def normalizes_in_place(logits: Tensor) -> bool:
+    """Whether per_token_stats(in_place=True) can turn these logits [B, T, V] into log-probs in
+    place: float32/float64, and [B * T, V] is a view of them (a vocabulary cut's slice is)."""
+    if logits.dtype not in (torch.float32, torch.float64):
+        return False
+    try:
+        logits.view(-1, logits.shape[-1])
+    except RuntimeError:
+        return False
+    return True

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from merge_distill.models import cut_vocab
-from merge_distill.signals import TeacherSignals, TokenBatch, per_token_stats
+from merge_distill.signals import TeacherSignals, TokenBatch, normalizes_in_place, per_token_stats
 
 
 class NonFiniteError(RuntimeError):
@@ -34,10 +34,13 @@ class TeacherEnsemble:
         target position, after all teachers ran (under ZeRO-3 each forward is a collective that
         every process must join, so no process may leave the loop early)."""
         logits, nll, ent, top1, bad = [], [], [], [], []
+        normalized = True
         for name, model in zip(self.names, self.models):
             out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
             teacher_logits = cut_vocab(out.logits, self.vocab_size)
-            n, e, t = per_token_stats(teacher_logits, targets, self.chunk_tokens)
+            # float32 logits become log-probs in place: the loss then skips that log-softmax.
+            normalized = normalized and normalizes_in_place(teacher_logits)
+            n, e, t = per_token_stats(teacher_logits, targets, self.chunk_tokens, in_place=True)
             if not (torch.isfinite(n).all() and torch.isfinite(e).all()):
                 bad.append(name)
             logits.append(teacher_logits)
@@ -46,4 +49,5 @@ class TeacherEnsemble:
             top1.append(t)
         if bad:
             raise NonFiniteError(f"teacher {', '.join(repr(n) for n in bad)} produced NaN/inf log-probabilities")
-        return TeacherSignals(self.names, logits, torch.stack(nll, -1), torch.stack(ent, -1), torch.stack(top1, -1))
+        return TeacherSignals(self.names, logits, torch.stack(nll, -1), torch.stack(ent, -1), torch.stack(top1, -1),
+                              normalized=normalized)

@@ -29,6 +29,7 @@ from torch.autograd.function import once_differentiable
 
 from merge_distill.losses.base import LossConfigBase
 from merge_distill.losses.blend import OnlineBlend, blend_logprobs, check_blend_mode
+from merge_distill.losses.forward_kl import forward_kl
 from merge_distill.losses.registry import DivergenceFn
 from merge_distill.signals import IGNORE_INDEX
 
@@ -107,26 +108,56 @@ class _Plan:
     chunk_tokens: int
     compute_ce: bool
     needs_grad: bool
+    teachers_normalized: bool = False  # teacher_logits hold log-probs at temperature 1
     target_entropy_sum: float = 0.0  # filled in by the forward pass
 
     def chunks(self) -> list[Tensor]:
         return list(torch.split(self.valid_idx, self.chunk_tokens))
 
+    def row_groups(self, in_place: bool) -> list[slice] | list[Tensor]:
+        """Rows per forward chunk. With `in_place` (most rows have a target, and the gradient
+        buffer has the compute dtype), contiguous slices of all rows: each chunk is computed
+        inside its own rows of the gradient buffer (no gather, no scatter back, no zeroing);
+        rows without a target ride along with zero weight and are zeroed. Else chunks of the
+        valid rows' indices."""
+        if not in_place:
+            return self.chunks()
+        n = self.targets.numel()
+        return [slice(start, min(n, start + self.chunk_tokens)) for start in range(0, n, self.chunk_tokens)]
 
-def _blend_chunk(plan: _Plan, idx: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Target log-probs [c, V] at temperature T for the rows idx [c], and has_weight [c] bool."""
-    weights = plan.weights.index_select(0, idx)
+
+def _blend_chunk(plan: _Plan, rows: slice | Tensor, dtype: torch.dtype, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Target log-probs [c, V] at temperature T for the rows (a slice, or indices [c]), and
+    has_weight [c] bool; rows without a target (valid False) get no weight."""
+    weights = plan.weights[rows] * valid.unsqueeze(-1)
     online = OnlineBlend(plan.blend, weights)
     for k, logits in enumerate(plan.teacher_logits):
-        # Advanced indexing makes a fresh copy, so the in-place ops below touch no caller tensor.
-        # (It is also far faster on CPU than index_select for rows this long.)
-        x = logits[idx].to(dtype)
+        # A fresh copy, so the in-place ops below touch no caller tensor: advanced indexing
+        # copies (and is far faster on CPU than index_select for rows this long); a slice is a
+        # view and is copied explicitly.
+        x = logits[rows].to(dtype, copy=True) if isinstance(rows, slice) else logits[rows].to(dtype)
         if plan.config.temperature != 1.0:
             x.div_(plan.config.temperature)
-        x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))  # log_softmax in place
+        if plan.config.temperature != 1.0 or not plan.teachers_normalized:
+            x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))  # log_softmax in place
         online.add(k, x)
         del x
     return online.result(), weights.sum(dim=-1) > 0
+
+
+def _forward_kl_chunk(logprobs: Tensor, target: Tensor, has_weight: Tensor, temperature: float,
+                      needs_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Forward KL of a chunk in closed form: per token sum_v P (log P - log S) [c], the target's
+    entropy -sum_v P log P [c], and d(T^2 * sum of the weighted rows)/d(log S) = -T^2 P on rows
+    with weight [c, V] (None without `needs_grad`). Three passes over [c, V] where autograd
+    through `forward_kl` takes about eleven. `target` is consumed: its -inf (P = 0) become the
+    lowest finite float first, so each product is 0 * finite = 0, as in `kl_target_student`."""
+    probs = torch.exp(target)
+    target.clamp_(min=torch.finfo(target.dtype).min)
+    entropy = -torch.linalg.vecdot(probs, target)
+    per_token = torch.linalg.vecdot(probs, target.sub_(logprobs))
+    grad = probs.mul_(has_weight.to(probs.dtype).mul_(-(temperature**2)).unsqueeze(-1)) if needs_grad else None
+    return per_token, entropy, grad
 
 
 class _ChunkedDistill(torch.autograd.Function):
@@ -139,49 +170,68 @@ class _ChunkedDistill(torch.autograd.Function):
         temperature = plan.config.temperature
         has_teachers = bool(plan.teacher_logits)
         # The gradient of divergence_sum w.r.t. the logits, filled chunk by chunk.
-        grad_buffer = torch.zeros_like(flat_student) if plan.needs_grad and has_teachers else None
+        grad_buffer = torch.empty_like(flat_student) if plan.needs_grad and has_teachers else None
+        in_place = grad_buffer is not None and grad_buffer.dtype == dtype and 2 * plan.valid_idx.numel() >= len(plan.targets)
+        if grad_buffer is not None and not in_place:  # rows with a target are all written below
+            no_target = torch.ones(flat_student.shape[0], dtype=torch.bool, device=flat_student.device)
+            no_target[plan.valid_idx] = False
+            grad_buffer[no_target] = 0.0
         div_sum = torch.zeros((), dtype=dtype, device=student_logits.device)
         ce_sum = torch.zeros_like(div_sum)
         entropy_sum = torch.zeros_like(div_sum)
-        for idx in plan.chunks():
-            # A fresh float copy of this chunk's logits [c, V], turned into log-probs in place.
-            logprobs = flat_student[idx].to(dtype)
-            gold = plan.targets.index_select(0, idx).unsqueeze(-1)  # [c, 1]
+        for rows in plan.row_groups(in_place):
+            # This chunk's logits [c, V] as float, turned into log-probs in place: in its own
+            # rows of the gradient buffer (which end up holding the gradient), or a fresh copy.
+            logprobs = grad_buffer[rows].copy_(flat_student[rows]) if in_place else flat_student[rows].to(dtype)  # type: ignore[index]
+            targets = plan.targets[rows]
+            valid = targets != IGNORE_INDEX
+            gold = targets.clamp(min=0).unsqueeze(-1)  # [c, 1]
             if plan.compute_ce and temperature != 1.0:
                 # CE = logsumexp(logits) - logit[gold] at temperature 1. Its gradient is
                 # recomputed in backward, so nothing is kept.
-                ce_sum += (torch.logsumexp(logprobs, dim=-1) - logprobs.gather(-1, gold).squeeze(-1)).sum()
+                ce = torch.logsumexp(logprobs, dim=-1) - logprobs.gather(-1, gold).squeeze(-1)
+                ce_sum += torch.where(valid, ce, 0.0).sum()
             if temperature != 1.0:
                 logprobs.div_(temperature)
             logprobs.sub_(torch.logsumexp(logprobs, dim=-1, keepdim=True))
             if plan.compute_ce and temperature == 1.0:
-                ce_sum -= logprobs.gather(-1, gold).sum()
-            if has_teachers:
-                target, has_weight = _blend_chunk(plan, idx, dtype)
+                ce_sum -= torch.where(valid, logprobs.gather(-1, gold).squeeze(-1), 0.0).sum()
+            if has_teachers and plan.divergence is forward_kl:
+                # The default divergence in closed form, without autograd: same value and gradient.
+                target, has_weight = _blend_chunk(plan, rows, dtype, valid)
+                per_token, entropy, grad = _forward_kl_chunk(logprobs, target, has_weight, temperature, plan.needs_grad)
+                entropy_sum += torch.where(has_weight, entropy, 0.0).sum()
+                div_sum += torch.where(has_weight, per_token, 0.0).sum() * temperature**2
+                del target, has_weight, per_token, entropy
+            elif has_teachers:
+                target, has_weight = _blend_chunk(plan, rows, dtype, valid)
                 entropy_sum += torch.where(has_weight, target_entropy(target), 0.0).sum()
                 # Differentiate the divergence w.r.t. the student log-probs with a local graph
                 # that lives for this chunk only.
                 with torch.enable_grad():
                     logprobs.requires_grad_(plan.needs_grad)
                     per_token = plan.divergence(logprobs, target, plan.config)
-                    if per_token.shape != idx.shape:
+                    if per_token.shape != logprobs.shape[:1]:
                         raise ValueError(
-                            f"divergence returned shape {tuple(per_token.shape)}, expected [N] = {tuple(idx.shape)}"
+                            f"divergence returned shape {tuple(per_token.shape)}, expected [N] = {tuple(logprobs.shape[:1])}"
                         )
                     # Rows with no teacher weight have no target distribution: no loss there.
                     chunk_loss = torch.where(has_weight, per_token, 0.0).sum() * temperature**2
                     grad = torch.autograd.grad(chunk_loss, logprobs)[0] if plan.needs_grad else None
                 div_sum += chunk_loss.detach()
                 del target, has_weight, per_token, chunk_loss
-                if grad is not None:
-                    # Chain through log_softmax(logits / T) by hand, in place (the graph is gone):
-                    # d/d logits = (g - softmax * sum_v g) / T, with softmax = exp(log-probs).
-                    probs = logprobs.detach().exp_()
-                    grad.sub_(probs.mul_(grad.sum(dim=-1, keepdim=True)))
-                    if temperature != 1.0:
-                        grad.div_(temperature)
-                    grad_buffer.index_copy_(0, idx, grad.to(grad_buffer.dtype))  # type: ignore[union-attr]
-                    del grad, probs
+            if has_teachers and grad is not None:
+                # Chain through log_softmax(logits / T) by hand, in place (the graph is gone):
+                # d/d logits = (g - softmax * sum_v g) / T, with softmax = exp(log-probs),
+                # written over the log-probs.
+                grad = logprobs.detach().exp_().mul_(-grad.sum(dim=-1, keepdim=True)).add_(grad)
+                if temperature != 1.0:
+                    grad.div_(temperature)
+                if in_place:
+                    grad[~valid] = 0.0  # rows without a target (they had no weight)
+                else:
+                    grad_buffer.index_copy_(0, rows, grad.to(grad_buffer.dtype))  # type: ignore[union-attr]
+                del grad
             del logprobs
         plan.target_entropy_sum = float(entropy_sum)
         ctx.plan = plan
@@ -240,6 +290,7 @@ def distill_loss(
     blend: str = "mixture",
     chunk_tokens: int = 1024,
     compute_ce: bool = True,
+    teachers_normalized: bool = False,
 ) -> DistillOutput:
     """Chunked blended-teacher distillation loss; memory nearly flat in K.
 
@@ -250,6 +301,8 @@ def distill_loss(
     targets [B, T] long, -100 = no target. Logits and teachers are divided by
     config.temperature before the softmax, and the divergence is multiplied by T^2; the
     cross-entropy uses temperature 1. Computation is float32 (float64 for float64 logits).
+    teachers_normalized: teacher_logits already hold log-probs at temperature 1 (as
+    TeacherEnsemble leaves float32 teachers): at T = 1 their log-softmax is skipped.
     """
     _check_inputs(student_logits, teacher_logits, weights, targets, config, blend, chunk_tokens)
     V = student_logits.shape[-1]
@@ -265,6 +318,7 @@ def distill_loss(
         chunk_tokens=chunk_tokens,
         compute_ce=compute_ce,
         needs_grad=torch.is_grad_enabled() and student_logits.requires_grad,
+        teachers_normalized=teachers_normalized,
     )
     div_sum, ce_sum = _ChunkedDistill.apply(student_logits, plan)
     return DistillOutput(div_sum, ce_sum, int(plan.valid_idx.numel()), plan.target_entropy_sum)
@@ -280,8 +334,10 @@ def distill_loss_dense(
     blend: str = "mixture",
     chunk_tokens: int = 1024,
     compute_ce: bool = True,
+    teachers_normalized: bool = False,
 ) -> DistillOutput:
-    """Plain reference for `distill_loss` (same signature; chunk_tokens is ignored).
+    """Plain reference for `distill_loss` (same signature; chunk_tokens and teachers_normalized
+    are ignored: log_softmax of log-probs is the identity).
 
     Materialises every teacher's log-probs [K, N, V] at once, blends them with `blend_logprobs`
     and differentiates with ordinary autograd. Memory grows with K: use it for tests only.

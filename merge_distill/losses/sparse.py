@@ -17,8 +17,8 @@ Teacher j on a bucket:
 Blend: per token over U and per token inside rest, exactly as the dense blend (mixture:
 logsumexp_j(log w_j + log p_j); geometric: normalised sum_j w_j log p_j), then the rest bucket
 collects its V - |U| tokens (+ log(V - |U|)) and the result is normalised over the buckets.
-Student: exact on the buckets: its log-probs (at T) on U, and logsumexp of its log-probs over
-the V - |U| other tokens for rest. The student is never asked to match the *shape* of a tail,
+Student: exact on the buckets: its log-probs (at T) on U, and for rest the log of its summed
+probability over the V - |U| other tokens. The student is never asked to match the *shape* of a tail,
 only its total mass.
 
 Properties: with k = V every bucket is one token and there is no rest, so loss and gradient
@@ -26,23 +26,24 @@ equal the dense driver's (tested). With one teacher the teacher side is exact (n
 used: U = S_1). With several teachers the estimate enters only where a token is in one
 teacher's top-k and not in another's.
 
-Fixed width: U is held as K*k slots sorted by id, a repeated id being a "duplicate" slot. Slots
-that are structurally empty (duplicates, and rest when |U| = V) get the finite log-prob
-EMPTY_LOGPROB in both student and target: p = q = 0 and a log-ratio of 0, so every registered
-divergence and the target entropy get exactly 0 from them (a -inf there would give 0 * inf).
+Fixed width: each token has M = K*k bucket slots: its |U| distinct ids (one sort of the K*k
+stored ids), then empty slots. Structurally empty buckets (those slots, and rest when |U| = V)
+get the finite log-prob EMPTY_LOGPROB in both student and target: p = q = 0 and a log-ratio of
+0, so every registered divergence and the target entropy get exactly 0 from them (a -inf there
+would give 0 * inf). The teachers' values land in a [K, c, M+1] table with one scatter.
 
-Gradient: the divergence is differentiated w.r.t. the student's bucket log-probs b [c, K*k+1]
-with a local graph; the chain to the student's log-probs [c, V] is applied by hand:
-d b_u / d log s_v = [v = u] for u in U, d rest / d log s_v = s_v / s_rest for v outside U;
-then through log_softmax(logits / T) as in the dense driver. The cross-entropy part and the
-backward pass are the dense driver's (`_ChunkedDistill.backward`).
+Cost per chunk of c tokens: the student's softmax over V (needed by any loss) plus O(c * K * k)
+for the buckets; no teacher-side work is O(V). Gradient: the divergence is differentiated
+w.r.t. the student's bucket log-probs [c, M+1] with a local graph; the chain to the logits is
+applied by hand, in place on the student's probabilities (`logits_grad`). The cross-entropy
+part and the backward pass are the dense driver's (`_ChunkedDistill.backward`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -56,100 +57,136 @@ from merge_distill.signals import IGNORE_INDEX
 EMPTY_LOGPROB = -1.0e4  # exp() is exactly 0 in float32 and float64; finite, so no 0 * inf
 
 
-def union_slots(topk_ids: list[Tensor], vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """K tensors [c, k] of token ids -> (union [c, K*k] sorted ids, duplicate [c, K*k] bool,
-    log_rest_count [c] = log(V - |U|), -inf where the union covers the whole vocabulary)."""
-    union = torch.sort(torch.cat(topk_ids, dim=-1), dim=-1).values
-    duplicate = torch.zeros_like(union, dtype=torch.bool)
-    duplicate[:, 1:] = union[:, 1:] == union[:, :-1]
-    rest_count = vocab_size - (~duplicate).sum(dim=-1)
-    return union, duplicate, torch.log(rest_count.to(torch.float64))
+@dataclass
+class Buckets:
+    """The bucket layout of c tokens (M = K * k slots per token).
 
-
-def teacher_on_slots(ids: Tensor, logprobs: Tensor, tail: Tensor, union: Tensor, vocab_size: int) -> Tensor:
-    """One teacher's per-token log-probs on the union slots and inside rest.
-
-    ids [c, k] long, logprobs [c, k] (any float), tail [c] log tail mass, union [c, M] sorted
-    -> [c, M + 1] in tail's dtype: column m < M is log p(union[:, m]), column M the per-token value
-    in rest. The stored top-k and tail are renormalised together first (values stored in 16 bits
-    sum to 1 only up to their rounding).
+    ids [c, M]: token id of each bucket, distinct ids first (ascending), then empty slots that
+    repeat the row's first id (so a scatter through them writes where a real bucket does);
+    empty [c, M] bool; rest_empty [c] bool (|U| = V); log_rest_count [c] = log(V - |U|);
+    and, for building the teachers' table, each sorted input slot's bucket and teacher.
     """
-    k = ids.shape[-1]
-    dtype = tail.dtype
-    values = logprobs.to(dtype)
-    norm = torch.logsumexp(torch.cat([values, tail.unsqueeze(-1)], dim=-1), dim=-1, keepdim=True)
-    values = values - norm
-    tail = tail.unsqueeze(-1) - norm
+
+    ids: Tensor
+    empty: Tensor
+    rest_empty: Tensor
+    log_rest_count: Tensor
+    order: Tensor  # [c, M] argsort of the concatenated top-k ids
+    bucket_of_slot: Tensor  # [c, M] bucket index of each sorted slot
+    teacher_of_slot: Tensor  # [c, M] which teacher listed each sorted slot
+
+
+def bucket_layout(topk_ids: list[Tensor], vocab_size: int) -> Buckets:
+    """K tensors [c, k] of token ids -> the buckets: one sort of the K*k ids per token."""
+    k = topk_ids[0].shape[-1]
+    sorted_ids, order = torch.sort(torch.cat(topk_ids, dim=-1), dim=-1)
+    c, M = sorted_ids.shape
+    is_new = torch.ones_like(sorted_ids, dtype=torch.bool)
+    is_new[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    bucket_of_slot = is_new.cumsum(dim=-1) - 1
+    n_buckets = bucket_of_slot[:, -1:] + 1
+    empty = torch.arange(M, device=sorted_ids.device) >= n_buckets
+    ids = sorted_ids[:, :1].expand(c, M).clone().scatter_(-1, bucket_of_slot, sorted_ids)
+    rest_count = (vocab_size - n_buckets.squeeze(-1)).to(torch.float64)
+    return Buckets(ids, empty, rest_count == 0, torch.log(rest_count), order, bucket_of_slot, order // k)
+
+
+def teacher_table(buckets: Buckets, topk_logprobs: list[Tensor], tails: list[Tensor], vocab_size: int) -> Tensor:
+    """Per-token log-probs of every teacher on the buckets: [K, c, M + 1] in tails' dtype.
+
+    Column m < M: log p_j(ids[:, m]) (stored value, or the teacher's even tail share where it did
+    not list the token); column M: the per-token value inside rest. The stored top-k and tail
+    are renormalised together first (16-bit values sum to 1 only up to their rounding).
+    """
+    K, k = len(topk_logprobs), topk_logprobs[0].shape[-1]
+    c, M = buckets.ids.shape
+    dtype = tails[0].dtype
+    values = torch.stack([v.to(dtype) for v in topk_logprobs])  # [K, c, k]
+    tail = torch.stack(tails).unsqueeze(-1)  # [K, c, 1]
+    norm = torch.logsumexp(torch.cat([values, tail], dim=-1), dim=-1, keepdim=True)
+    values, tail = values - norm, tail - norm
     # Per unlisted token: tail / (V - k); with k = V there are none (and no tail mass).
-    if vocab_size > k:
-        per_token = tail - math.log(vocab_size - k)
-    else:
-        per_token = torch.full_like(tail, -math.inf)
-    order = torch.argsort(ids, dim=-1)
-    sorted_ids = ids.gather(-1, order)
-    sorted_values = values.gather(-1, order)
-    pos = torch.searchsorted(sorted_ids, union).clamp_(max=k - 1)
-    listed = sorted_ids.gather(-1, pos) == union
-    on_slots = torch.where(listed, sorted_values.gather(-1, pos), per_token)
-    return torch.cat([on_slots, per_token], dim=-1)
+    per_token = tail - math.log(vocab_size - k) if vocab_size > k else torch.full_like(tail, -math.inf)
+    table = per_token.expand(K, c, M + 1).contiguous()
+    # Each (teacher, token, bucket) is listed at most once: one scatter places every stored value.
+    slot_values = values.permute(1, 0, 2).reshape(c, K * k).gather(-1, buckets.order)
+    rows = torch.arange(c, device=table.device).unsqueeze(-1)
+    flat = (buckets.teacher_of_slot * c + rows) * (M + 1) + buckets.bucket_of_slot
+    table.view(-1).scatter_(0, flat.reshape(-1), slot_values.reshape(-1))
+    return table
 
 
 def sparse_target(
     topk_ids: list[Tensor], topk_logprobs: list[Tensor], tails: list[Tensor], weights: Tensor,
     blend: str, vocab_size: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Buckets]:
     """The blended target on the buckets of c tokens.
 
     topk_ids / topk_logprobs: K tensors [c, k]; tails: K tensors [c] (the compute dtype);
-    weights [c, K] -> (target [c, M + 1] log-probs with empty slots at EMPTY_LOGPROB,
-    union [c, M], duplicate [c, M], rest_empty [c] bool), M = K * k.
+    weights [c, K] -> (target [c, M + 1] log-probs with empty buckets at EMPTY_LOGPROB, buckets).
     Rows whose weights are all 0 come out all -inf apart from the empty slots (no loss there).
     """
-    union, duplicate, log_rest_count = union_slots(topk_ids, vocab_size)
+    buckets = bucket_layout(topk_ids, vocab_size)
+    table = teacher_table(buckets, topk_logprobs, tails, vocab_size)
     online = OnlineBlend(blend, weights)
-    for j, (ids, values, tail) in enumerate(zip(topk_ids, topk_logprobs, tails)):
-        online.add(j, teacher_on_slots(ids, values, tail, union, vocab_size))
+    for j in range(len(topk_ids)):
+        online.add(j, table[j])
     target = online.result()
-    M = union.shape[-1]
-    target[:, M] += log_rest_count.to(target.dtype)  # the rest bucket holds V - |U| tokens
-    target[:, :M].masked_fill_(duplicate, -math.inf)
+    M = buckets.ids.shape[-1]
+    target[:, M] += buckets.log_rest_count.to(target.dtype)  # the rest bucket holds V - |U| tokens
+    target[:, :M].masked_fill_(buckets.empty, -math.inf)
     # Normalise over the buckets (geometric: the blend normalised per token, not per bucket;
     # mixture: a no-op up to rounding). A row with no weight keeps its -inf (norm set to 0).
     norm = torch.logsumexp(target, dim=-1, keepdim=True)
     target.sub_(torch.where(torch.isfinite(norm), norm, 0.0))
-    rest_empty = torch.isneginf(log_rest_count)
-    target[:, :M].masked_fill_(duplicate, EMPTY_LOGPROB)
-    target[:, M].masked_fill_(rest_empty, EMPTY_LOGPROB)
-    return target, union, duplicate, rest_empty
+    target[:, :M].masked_fill_(buckets.empty, EMPTY_LOGPROB)
+    target[:, M].masked_fill_(buckets.rest_empty, EMPTY_LOGPROB)
+    return target, buckets
 
 
-def student_buckets(logprobs: Tensor, union: Tensor, duplicate: Tensor, rest_empty: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Student log-probs [c, V] -> (buckets [c, M + 1], outside [c, V], rest [c]).
+def student_on_buckets(scaled_logits: Tensor, lse: Tensor, buckets: Buckets,
+                       rows_again: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """The student's side, from its logits / T [c, V] (consumed: turned into probabilities) and
+    their logsumexp [c, 1].
 
-    outside holds the log-probs of the tokens outside U and -inf on U (kept for the gradient);
-    rest = logsumexp(outside) is finite-safe: 0 where the rest bucket is empty.
+    -> (bucket log-probs [c, M + 1] with empty buckets at EMPTY_LOGPROB, probs [c, V], log s_rest [c]).
+    rest = log of the summed probability outside U: the sum runs over those tokens only, so it
+    never cancels (unlike 1 - sum over U). Where every such probability underflows to 0 (a logit
+    gap above ~100 in float32), rest is a logsumexp over log-probs recomputed from
+    rows_again(row mask) -> those rows' logits / T.
     """
-    in_union = torch.zeros_like(logprobs, dtype=torch.bool).scatter_(-1, union, True)
-    outside = logprobs.masked_fill(in_union, -math.inf)
-    rest = torch.logsumexp(outside, dim=-1)
-    rest = torch.where(rest_empty, 0.0, rest)
-    on_slots = logprobs.gather(-1, union).masked_fill_(duplicate, EMPTY_LOGPROB)
-    buckets = torch.cat([on_slots, rest.masked_fill(rest_empty, EMPTY_LOGPROB).unsqueeze(-1)], dim=-1)
-    return buckets, outside, rest
+    on_ids = scaled_logits.gather(-1, buckets.ids) - lse
+    probs = scaled_logits.sub_(lse).exp_()
+    on_buckets = probs.gather(-1, buckets.ids)
+    rest_mass = probs.scatter_(-1, buckets.ids, 0.0).sum(dim=-1)
+    probs.scatter_(-1, buckets.ids, on_buckets)  # put them back (empty slots rewrite a real bucket)
+    rest = torch.log(rest_mass)
+    underflow = torch.isneginf(rest) & ~buckets.rest_empty
+    if bool(underflow.any()):
+        logprobs = (rows_again(underflow) - lse[underflow]).scatter_(-1, buckets.ids[underflow], -math.inf)
+        rest[underflow] = torch.logsumexp(logprobs, dim=-1)
+    rest = torch.where(buckets.rest_empty, EMPTY_LOGPROB, rest)
+    student = torch.cat([on_ids.masked_fill_(buckets.empty, EMPTY_LOGPROB), rest.unsqueeze(-1)], dim=-1)
+    return student, probs, rest
 
 
-def buckets_to_logprob_grad(
-    grad_buckets: Tensor, outside: Tensor, rest: Tensor, union: Tensor, duplicate: Tensor, rest_empty: Tensor
-) -> Tensor:
-    """d loss / d student log-probs [c, V] from d loss / d buckets [c, M + 1] (see the module
-    docstring). Empty slots are constants: their gradient is dropped. `outside` is consumed."""
-    M = union.shape[-1]
-    grad = torch.zeros_like(outside)
-    grad.scatter_add_(-1, union, grad_buckets[:, :M].masked_fill(duplicate, 0.0))
-    grad_rest = grad_buckets[:, M].masked_fill(rest_empty, 0.0).unsqueeze(-1)
-    # s_v / s_rest = exp(log s_v - rest) outside U; exp(-inf) = 0 on U and in empty rows.
-    grad.add_(outside.sub_(rest.unsqueeze(-1)).exp_().mul_(grad_rest))
-    return grad
+def logits_grad(grad_buckets: Tensor, probs: Tensor, rest: Tensor, buckets: Buckets) -> Tensor:
+    """d loss / d (logits / T) [c, V] from d loss / d student buckets [c, M + 1], in place on probs.
+
+    With g_u the buckets' gradients (empty ones are constants: dropped), g_r the rest's and
+    G = sum_u g_u + g_r: v outside U gets p_v (g_r / s_rest - G) (rest = log sum of those p_v,
+    then log_softmax), u in U gets g_u - p_u G.
+    """
+    M = buckets.ids.shape[-1]
+    grad_slots = grad_buckets[:, :M].masked_fill(buckets.empty, 0.0)
+    grad_rest = grad_buckets[:, M].masked_fill(buckets.rest_empty, 0.0)
+    total = grad_slots.sum(dim=-1) + grad_rest
+    on_buckets = probs.gather(-1, buckets.ids)
+    # exp(-rest) = 1 / s_rest; 0 where the rest is empty (its gradient is 0 anyway).
+    per_rest = torch.where(buckets.rest_empty, 0.0, grad_rest * torch.exp(-rest))
+    grad = probs.mul_((per_rest - total).unsqueeze(-1))
+    grad.scatter_(-1, buckets.ids, on_buckets * -total.unsqueeze(-1))
+    return grad.scatter_add_(-1, buckets.ids, grad_slots)
 
 
 @dataclass
@@ -174,6 +211,17 @@ class _SparsePlan:
     def chunks(self) -> list[Tensor]:
         return list(torch.split(self.valid_idx, self.chunk_tokens))
 
+    def row_groups(self, in_place: bool) -> list[slice] | list[Tensor]:
+        """Rows per forward chunk. With `in_place` (most rows have a target, and the gradient
+        buffer has the compute dtype), contiguous slices of all rows: each chunk is worked on
+        inside its own rows of the gradient buffer (no gather, no scatter back, no zeroing);
+        rows without a target ride along with zero weight and are zeroed. Else chunks of the
+        valid rows' indices, as in the dense driver."""
+        if not in_place:
+            return self.chunks()
+        n = self.targets.numel()
+        return [slice(start, min(n, start + self.chunk_tokens)) for start in range(0, n, self.chunk_tokens)]
+
 
 class _SparseDistill(_ChunkedDistill):
     """Forward as in the dense driver with the target and the divergence on buckets; the
@@ -187,45 +235,56 @@ class _SparseDistill(_ChunkedDistill):
         dtype = compute_dtype(student_logits.dtype)
         temperature = plan.config.temperature
         has_teachers = bool(plan.topk_ids)
-        grad_buffer = torch.zeros_like(flat_student) if plan.needs_grad and has_teachers else None
+        grad_buffer = torch.empty_like(flat_student) if plan.needs_grad and has_teachers else None
+        in_place = grad_buffer is not None and grad_buffer.dtype == dtype and 2 * plan.valid_idx.numel() >= len(plan.targets)
+        if grad_buffer is not None and not in_place:  # rows with a target are all written below
+            no_target = torch.ones(flat_student.shape[0], dtype=torch.bool, device=flat_student.device)
+            no_target[plan.valid_idx] = False
+            grad_buffer[no_target] = 0.0
         div_sum = torch.zeros((), dtype=dtype, device=student_logits.device)
         ce_sum = torch.zeros_like(div_sum)
         entropy_sum = torch.zeros_like(div_sum)
-        for idx in plan.chunks():
-            logprobs = flat_student[idx].to(dtype)
-            gold = plan.targets.index_select(0, idx).unsqueeze(-1)
+        for rows in plan.row_groups(in_place):
+            if in_place:  # the chunk's own rows of the gradient buffer: logits / T, then probs, then grad
+                scaled = grad_buffer[rows].copy_(flat_student[rows])  # type: ignore[index]
+            else:  # a fresh copy [c, V]
+                scaled = flat_student[rows].to(dtype)
+            targets = plan.targets[rows]
+            valid = targets != IGNORE_INDEX
+            gold = targets.clamp(min=0).unsqueeze(-1)
             if plan.compute_ce and temperature != 1.0:
-                ce_sum += (torch.logsumexp(logprobs, dim=-1) - logprobs.gather(-1, gold).squeeze(-1)).sum()
+                ce = torch.logsumexp(scaled, dim=-1) - scaled.gather(-1, gold).squeeze(-1)
+                ce_sum += torch.where(valid, ce, 0.0).sum()
             if temperature != 1.0:
-                logprobs.div_(temperature)
-            logprobs.sub_(torch.logsumexp(logprobs, dim=-1, keepdim=True))
+                scaled.div_(temperature)
+            lse = torch.logsumexp(scaled, dim=-1, keepdim=True)
             if plan.compute_ce and temperature == 1.0:
-                ce_sum -= logprobs.gather(-1, gold).sum()
-            if has_teachers:
-                weights = plan.weights.index_select(0, idx).to(dtype)
-                target, union, duplicate, rest_empty = sparse_target(
-                    [ids[idx] for ids in plan.topk_ids], [values[idx] for values in plan.topk_logprobs],
-                    [tail[idx].to(dtype) for tail in plan.tails], weights, plan.blend, V)
-                has_weight = weights.sum(dim=-1) > 0
-                entropy_sum += torch.where(has_weight, target_entropy(target), 0.0).sum()
-                buckets, outside, rest = student_buckets(logprobs, union, duplicate, rest_empty)
-                with torch.enable_grad():
-                    buckets.requires_grad_(plan.needs_grad)
-                    per_token = plan.divergence(buckets, target, plan.config)
-                    chunk_loss = torch.where(has_weight, per_token, 0.0).sum() * temperature**2
-                    grad_buckets = torch.autograd.grad(chunk_loss, buckets)[0] if plan.needs_grad else None
-                div_sum += chunk_loss.detach()
-                if grad_buckets is not None:
-                    grad = buckets_to_logprob_grad(grad_buckets, outside, rest, union, duplicate, rest_empty)
-                    # Through log_softmax(logits / T), in place: (g - softmax * sum_v g) / T.
-                    probs = logprobs.exp_()
-                    grad.sub_(probs.mul_(grad.sum(dim=-1, keepdim=True)))
-                    if temperature != 1.0:
-                        grad.div_(temperature)
-                    grad_buffer.index_copy_(0, idx, grad.to(grad_buffer.dtype))  # type: ignore[union-attr]
-                    del grad, probs
-                del target, buckets, outside
-            del logprobs
+                ce_sum -= torch.where(valid, (scaled.gather(-1, gold) - lse).squeeze(-1), 0.0).sum()
+            if not has_teachers:
+                continue
+            weights = plan.weights[rows].to(dtype) * valid.unsqueeze(-1)  # no target, no weight
+            target, buckets = sparse_target(
+                [ids[rows] for ids in plan.topk_ids], [values[rows] for values in plan.topk_logprobs],
+                [tail[rows].to(dtype) for tail in plan.tails], weights, plan.blend, V)
+            has_weight = weights.sum(dim=-1) > 0
+            entropy_sum += torch.where(has_weight, target_entropy(target), 0.0).sum()
+            student, probs, rest = student_on_buckets(
+                scaled, lse, buckets, lambda bad: flat_student[rows][bad].to(dtype) / temperature)
+            with torch.enable_grad():
+                student.requires_grad_(plan.needs_grad)
+                per_token = plan.divergence(student, target, plan.config)
+                chunk_loss = torch.where(has_weight, per_token, 0.0).sum() * temperature**2
+                grad_buckets = torch.autograd.grad(chunk_loss, student)[0] if plan.needs_grad else None
+            div_sum += chunk_loss.detach()
+            if grad_buckets is not None:
+                grad = logits_grad(grad_buckets, probs, rest, buckets)
+                if temperature != 1.0:
+                    grad.div_(temperature)  # d(logits / T) / d logits
+                if in_place:
+                    grad[~valid] = 0.0  # rows without a target (their buckets had no weight)
+                else:
+                    grad_buffer.index_copy_(0, rows, grad.to(grad_buffer.dtype))  # type: ignore[union-attr]
+            del target, student, probs, scaled
         plan.target_entropy_sum = float(entropy_sum)
         ctx.plan = plan
         ctx.grad_buffer = grad_buffer

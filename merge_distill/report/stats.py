@@ -160,9 +160,14 @@ class BlendStats:
             for i, (a, b) in enumerate(self.pairs):
                 top1_sum[i] += (argmax[a] == argmax[b]).sum()
                 js_sum[i] += pairwise_js(logps[a], logps[b]).double().sum()
-        self._agree_top1 += top1_sum.cpu()
-        self._agree_js += js_sum.cpu()
-        self._agree_tokens += int(positions.numel())
+        self.add_agreement(top1_sum, js_sum, int(positions.numel()))
+
+    def add_agreement(self, top1_counts: Tensor, js_sums: Tensor, tokens: int) -> None:
+        """Add agreement sums computed elsewhere (e.g. from the teacher cache's top-k):
+        top1_counts, js_sums [P] in `self.pairs` order, over `tokens` positions."""
+        self._agree_top1 += top1_counts.detach().to("cpu", torch.float64)
+        self._agree_js += js_sums.detach().to("cpu", torch.float64)
+        self._agree_tokens += int(tokens)
 
     def summary(self) -> dict[str, Any]:
         """The JSON-serialisable summary the blending report is built from (shape in the docstring)."""

@@ -1,0 +1,225 @@
+"""The cache's recipe section, fingerprints and manifest, and the checks a run makes before use.
+
+The manifest records what the cache was computed from; a run refuses a cache that differs in
+any of: teacher names, model paths/ids, revisions and fingerprints, tokenizer, the tokenized
+rows of each source (hence data, seq_len, packing, chat templating), k, the loss temperature
+and the storage dtype, naming the recipe key that differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from merge_distill.data import SourceRows
+    from merge_distill.recipe import Recipe
+
+CACHE_FORMAT = 1
+VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# What the cache gives a router (`hidden` comes from the student, which still runs). A router
+# class may declare `needs_signals = {...}`; default: gold_nll and entropy. "logits" (full
+# distributions) is never available from the cache.
+CACHE_PROVIDES = frozenset({"gold_nll", "entropy", "top1", "hidden"})
+REWRITE = "rewrite it with `merge-distill cache RECIPE --overwrite` (or point cache.dir elsewhere)"
+
+
+class CacheSection(BaseModel):
+    """The recipe's `cache:` section."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dir: str = Field(description="Cache folder (relative to the recipe); `merge-distill cache` writes it.")
+    use: bool = Field(False, description="Train from the cache: no teacher is loaded or run. Write the cache first.")
+    k: int = Field(64, ge=1, description="Top-k log-probs stored per token and teacher (at most the vocabulary size).")
+    dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="Storage dtype of the top-k log-probs (ids are int32; tail, NLL and entropy float32).")
+    rows_per_shard: int = Field(256, ge=1, description="Source rows per Arrow shard (the unit of resume).")
+
+
+def bytes_per_token(k: int, dtype: str) -> int:
+    """Stored bytes per token per teacher: k values + k int32 ids + tail, NLL, entropy (float32)."""
+    return k * (VALUE_DTYPES[dtype].itemsize + 4) + 3 * 4
+
+
+# ---- fingerprints and the manifest ---------------------------------------------------------
+
+
+def _sha(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode() if isinstance(part, str) else part)
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+def model_fingerprint(model: str) -> str:
+    """Cheap but meaningful: config.json, and for every weight file its name, size, safetensors
+    header (names, dtypes, shapes, offsets) and 64 KiB read at its start, middle and end (any
+    retraining changes those bytes). A hub id (no local folder) is fingerprinted by name only:
+    pin its `revision` to a commit."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return _sha("hub", model)
+    parts: list[bytes | str] = []
+    config = folder / "config.json"
+    if config.is_file():
+        parts += ["config.json", config.read_bytes()]
+    for path in sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf")):
+        size = path.stat().st_size
+        parts += [path.name, str(size)]
+        with open(path, "rb") as fh:
+            if path.suffix == ".safetensors" and size >= 8:
+                parts.append(fh.read(8 + int.from_bytes(fh.read(8), "little")))
+            for offset in (0, max(0, size // 2 - 32768), max(0, size - 65536)):
+                fh.seek(offset)
+                parts.append(fh.read(65536))
+    return _sha(*parts)
+
+
+def teacher_fingerprint(recipe: "Recipe", index: int) -> str:
+    """A teacher's fingerprint; `self` is the student's initial weights: its spec, seed and source."""
+    from merge_distill.recipe import SELF_TEACHER
+
+    spec = recipe.teachers[index]
+    if spec.model != SELF_TEACHER:
+        return model_fingerprint(spec.model)
+    student = recipe.student
+    names = {t.name: t.model for t in recipe.teachers}
+    source = student.model or (names.get(student.from_teacher.teacher, "") if student.from_teacher else "") or (
+        names.get(student.from_config.base, student.from_config.base) if student.from_config else "")
+    return _sha("self", json.dumps(student.model_dump(mode="json"), sort_keys=True), str(recipe.train.seed),
+                model_fingerprint(source) if source else "")
+
+
+def tokenizer_hash(tokenizer: "PreTrainedTokenizerBase") -> str:
+    return _sha(json.dumps(sorted(tokenizer.get_vocab().items())), str(len(tokenizer)))
+
+
+def rows_hash(rows: "SourceRows") -> str:
+    """The tokenized rows of a source (ids, labels, attention), hence data, tokenizer use,
+    seq_len, packing and chat templating all at once."""
+    return _sha(str(tuple(rows.input_ids.shape)), rows.input_ids.numpy().tobytes(), rows.labels.numpy().tobytes(),
+                rows.attention_mask.numpy().tobytes())
+
+
+def _folder_name(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", label) + "-" + _sha(label)[:8]
+
+
+def cheap_manifest(recipe: "Recipe") -> dict[str, Any]:
+    """The manifest fields known without loading tokenizer or data."""
+    section = recipe.cache
+    assert section is not None
+    return {
+        "format": CACHE_FORMAT,
+        "teachers": [{"name": t.name, "model": t.model, "revision": t.revision, "fingerprint": teacher_fingerprint(recipe, i)}
+                     for i, t in enumerate(recipe.teachers)],
+        "seq_len": recipe.data.seq_len, "packing": recipe.data.packing,
+        "k": section.k, "temperature": recipe.loss.temperature, "dtype": section.dtype,
+    }
+
+
+def full_manifest(recipe: "Recipe", tokenizer: "PreTrainedTokenizerBase", sources: list["SourceRows"]) -> dict[str, Any]:
+    section = recipe.cache
+    assert section is not None
+    return {
+        **cheap_manifest(recipe), "complete": False, "vocab_size": len(tokenizer), "tokenizer": tokenizer_hash(tokenizer),
+        "rows_per_shard": section.rows_per_shard, "bytes_per_token_per_teacher": bytes_per_token(section.k, section.dtype),
+        "teacher_dtype": recipe.train.precision,
+        "sources": [{"label": s.label, "folder": _folder_name(s.label), "rows": len(s), "data_hash": rows_hash(s),
+                     "shards": math.ceil(len(s) / section.rows_per_shard)} for s in sources],
+    }
+
+
+def read_manifest(root: Path) -> dict[str, Any] | None:
+    path = root / "manifest.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def manifest_differences(cached: dict[str, Any], expected: dict[str, Any], root: Path, writing: bool = False) -> list[str]:
+    """One line per field where the cache differs from what this recipe needs (key path first).
+
+    Compares the fields present in `expected` (the cheap ones at validation, all at run start).
+    Sources: every source of the recipe must be in the cache with the same tokenized rows; extra
+    cached sources are fine for a run (a writer must match exactly)."""
+    if cached.get("format") != CACHE_FORMAT:
+        return [f"cache.dir: {root} was written by another version of merge_distill (format "
+                f"{cached.get('format')}, this one reads {CACHE_FORMAT}); {REWRITE}"]
+    out: list[str] = []
+    where = f"the cache in {root}"
+    names = [t["name"] for t in expected["teachers"]]
+    if [t["name"] for t in cached["teachers"]] != names:
+        out.append(f"teachers: {where} holds teachers {[t['name'] for t in cached['teachers']]} but the recipe lists "
+                   f"{names}; {REWRITE}")
+    else:
+        for i, (old, new) in enumerate(zip(cached["teachers"], expected["teachers"])):
+            for field in ("model", "revision"):
+                if old[field] != new[field]:
+                    out.append(f"teachers[{i}].{field} is {new[field]!r} but {where} was written with {old[field]!r}; {REWRITE}")
+            if old["model"] == new["model"] and old["fingerprint"] != new["fingerprint"]:
+                out.append(f"teachers[{i}] ({new['name']}): the config or weights in {new['model']} changed since "
+                           f"{where} was written; {REWRITE}")
+    keys = {"seq_len": "data.seq_len", "packing": "data.packing", "k": "cache.k", "temperature": "loss.temperature",
+            "dtype": "cache.dtype", "vocab_size": "the vocabulary size", "rows_per_shard": "cache.rows_per_shard"}
+    for field, key in keys.items():
+        if field in expected and (writing or field != "rows_per_shard") and cached.get(field) != expected[field]:
+            out.append(f"{key} is {expected[field]!r} but {where} was written with {cached.get(field)!r}; set it back "
+                       f"to {cached.get(field)!r} or {REWRITE}")
+    if "tokenizer" in expected and cached.get("tokenizer") != expected["tokenizer"]:
+        out.append(f"tokenizer: the run's tokenizer differs from the one {where} was written with; {REWRITE}")
+    if "sources" in expected:
+        have = {s["label"]: s for s in cached["sources"]}
+        for i, source in enumerate(expected["sources"]):
+            old = have.get(source["label"])
+            if old is None:
+                out.append(f"data.train[{i}] ({source['label']}) is not in {where}; {REWRITE}")
+            elif old["data_hash"] != source["data_hash"]:
+                out.append(f"data.train[{i}] ({source['label']}): its tokenized rows differ from those {where} was "
+                           f"written from (data, tokenizer, seq_len or packing changed); {REWRITE}")
+        if writing and len(have) != len(expected["sources"]):
+            out.append(f"data.train: {where} holds sources {sorted(have)}; {REWRITE}")
+    return out
+
+
+def router_problems(kind: str, router_cls: type) -> list[str]:
+    needs = set(getattr(router_cls, "needs_signals", {"gold_nll", "entropy"}))
+    if getattr(router_cls, "needs_hidden", False):
+        needs.add("hidden")
+    missing = sorted(needs - CACHE_PROVIDES)
+    if not missing:
+        return []
+    return [f"routing.kind: {kind!r} needs {', '.join(missing)} from the teachers, which the cache does not store "
+            "(it holds top-k log-probs, gold NLL and entropy); set cache.use: false to run the teachers, or choose "
+            "another router"]
+
+
+def recipe_problems(recipe: "Recipe", check_files: bool) -> list[str]:
+    """Checks of the cache section at load time (the tokenizer and data are checked at run start)."""
+    section = recipe.cache
+    if section is None or not section.use:
+        return []
+    from merge_distill.routing import ROUTERS
+
+    problems = router_problems(recipe.routing.kind, ROUTERS.get(recipe.routing.kind).impl)
+    if check_files:
+        root = Path(section.dir)
+        cached = read_manifest(root)
+        if cached is None:
+            problems.append(f"cache.use is true but {root} holds no cache (no manifest.json); write it first with "
+                            "`merge-distill cache RECIPE`, or set cache.use: false")
+        elif not cached.get("complete"):
+            problems.append(f"cache.use is true but the cache in {root} is incomplete; finish it with "
+                            "`merge-distill cache RECIPE` (it resumes where it stopped)")
+        else:
+            problems += manifest_differences(cached, cheap_manifest(recipe), root)
+    return problems

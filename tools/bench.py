@@ -1,0 +1,284 @@
+"""Throughput of a fixed distillation workload: merge_distill online, merge_distill from the
+teacher cache, the no-framework floor (tools/bench_floor.py) and, at K = 1, TRL's GKD trainer.
+
+Workload (built in-process, random init, nothing downloaded): a byte-level BPE tokenizer with
+4096 tokens trained on standard-library Python files, packed into rows of 256 tokens; K = 1, 2, 3
+Llama teachers (hidden 128, 4 layers, 4 heads, MLP 384: the demo teachers' shape); a smaller
+Llama student (hidden 96, 2 layers, MLP 256); micro-batch 8 rows, uniform router, mixture
+blend, forward KL at T = 1, AdamW at a constant lr, no clipping, float32.
+
+Every measurement is a fresh worker process (so peak memory is its own): load, `--warmup`
+steps, then `--steps` timed steps; tokens/s = steps x batch x 256 / time. Variants are
+interleaved (rep 1: all variants, rep 2: all variants, ...) and the table shows the median over
+`--reps`, so a burst of load from other jobs hits all variants alike.
+
+    python tools/bench.py                       # CPU, 1 thread, 3 reps (about 15 minutes)
+    python tools/bench.py --device cuda --threads 4
+    python tools/bench.py --quick               # a smoke run: 1 rep, 2 steps
+
+The online variant is the real engine: `setup_run` + `train_step` (data, teachers, per-token
+signals, router, chunked loss, statistics, checks, backward, step). The cached variant is the
+same recipe with `cache.use: true` (k = 64, float16); the caches are written first with
+`write_cache`, and that time is reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SEQ_LEN, VOCAB, K_MAX, CACHE_K = 256, 4096, 3, 64
+
+
+# ---- assets ---------------------------------------------------------------------------------
+
+
+def llama(seed: int, hidden: int, layers: int, mlp: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0))
+
+
+def recipe(work: Path, k: int, args: argparse.Namespace) -> dict:
+    return {
+        "name": f"bench-k{k}",
+        "teachers": [{"name": f"t{i}", "model": str(work / f"teacher{i}")} for i in range(k)],
+        "student": {"model": str(work / "student")},
+        "data": {"seq_len": SEQ_LEN, "train": [{"type": "jsonl", "path": str(work / "data.jsonl"), "domain": "code"}]},
+        "routing": {"kind": "uniform"},
+        "loss": {"kind": "forward_kl"},
+        "train": {"steps": args.warmup + args.steps, "micro_batch_size": args.batch, "lr": 1e-3, "schedule": "constant",
+                  "max_grad_norm": None, "seed": 0, "log_every": 10**6},
+        "output": {"dir": str(work / f"run-k{k}")},
+        "cache": {"dir": str(work / f"cache-k{k}"), "k": CACHE_K, "dtype": "float16", "use": False},
+    }
+
+
+def build_assets(work: Path, args: argparse.Namespace) -> dict:
+    """Tokenizer, data, models, recipes, the floor's rows and the caches; returns the cache write times."""
+    import torch
+    import yaml
+
+    from merge_distill.cache import write_cache
+    from merge_distill.data import build_rows
+    from merge_distill.pico import build_bpe_tokenizer, stdlib_texts
+    from merge_distill.recipe import load_recipe
+
+    work.mkdir(parents=True, exist_ok=True)
+    texts = stdlib_texts(limit_files=60, max_chars=8000)
+    tokenizer = build_bpe_tokenizer(texts, VOCAB, work / "tokenizer")
+    with open(work / "data.jsonl", "w", encoding="utf-8") as fh:
+        for text in texts:
+            fh.write(json.dumps({"text": text}) + "\n")
+    for name, model in [*((f"teacher{i}", llama(1 + i, 128, 4, 384)) for i in range(K_MAX)),
+                        ("student", llama(10, 96, 2, 256))]:
+        model.save_pretrained(work / name)
+        tokenizer.save_pretrained(work / name)
+    for k in range(1, K_MAX + 1):
+        (work / f"k{k}.yaml").write_text(yaml.safe_dump(recipe(work, k, args), sort_keys=False))
+    loaded = load_recipe(work / "k1.yaml")
+    rows = build_rows(loaded.data.train[0], "data.train[0]", tokenizer, SEQ_LEN, True)
+    torch.save(rows.input_ids, work / "rows.pt")
+    cache_times = {}
+    for k in range(1, K_MAX + 1):
+        started = time.perf_counter()
+        write_cache(load_recipe(work / f"k{k}.yaml"), show_progress=False)
+        cache_times[k] = {"seconds": time.perf_counter() - started, "tokens": len(rows) * SEQ_LEN}
+    return {"rows": len(rows), "cache": cache_times}
+
+
+# ---- workers (one process per measurement) ---------------------------------------------------
+
+
+def peak_bytes(device: str) -> int:
+    """GPU: peak allocated by torch. CPU: this process's peak RSS (VmHWM; ru_maxrss would carry
+    the parent's peak across fork + exec)."""
+    import torch
+
+    if device == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def worker_engine(work: Path, k: int, cached: bool, args: argparse.Namespace) -> dict:
+    import torch
+    from rich.console import Console
+
+    from merge_distill.engine import train_step
+    from merge_distill.recipe import load_recipe
+    from merge_distill.run_setup import setup_run
+
+    parts = setup_run(load_recipe(work / f"k{k}.yaml", [f"cache.use={str(cached).lower()}"]), overwrite=True,
+                      console=Console(file=io.StringIO()))
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    for step in range(args.warmup):
+        train_step(parts, step)
+    sync()
+    start = time.perf_counter()
+    for step in range(args.warmup, args.warmup + args.steps):
+        result = train_step(parts, step)
+    sync()
+    seconds = time.perf_counter() - start
+    return {"tokens_per_s": args.steps * args.batch * SEQ_LEN / seconds, "peak_bytes": peak_bytes(args.device),
+            "last_loss": result.loss, "threads": torch.get_num_threads()}
+
+
+def worker_trl(work: Path, args: argparse.Namespace) -> dict:
+    """TRL's GKDTrainer, supervised (lmbda = 0: no generation), beta = 0: forward KL, one teacher."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    rows = torch.load(work / "rows.pt")
+    n = (args.warmup + args.steps) * args.batch
+    dataset = Dataset.from_dict({"input_ids": rows[torch.arange(n) % len(rows)].tolist()})
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *unused, **kwargs):  # noqa: ANN002, ANN003
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+
+    def collate(features: list[dict]) -> dict:
+        ids = torch.tensor([f["input_ids"] for f in features])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    config = GKDConfig(
+        output_dir=str(work / "trl-out"), per_device_train_batch_size=args.batch, max_steps=args.warmup + args.steps,
+        learning_rate=1e-3, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, lmbda=0.0, beta=0.0,
+        temperature=1.0, seq_kd=False, max_length=SEQ_LEN, logging_steps=10**6, save_strategy="no", report_to=[],
+        gradient_checkpointing=False, bf16=False, fp16=False, dataloader_num_workers=0, disable_dropout=True,
+        use_cpu=args.device == "cpu", optim="adamw_torch", seed=0)
+    trainer = GKDTrainer(
+        model=AutoModelForCausalLM.from_pretrained(work / "student"),
+        teacher_model=AutoModelForCausalLM.from_pretrained(work / "teacher0"),
+        args=config, train_dataset=dataset, data_collator=collate,
+        processing_class=AutoTokenizer.from_pretrained(work / "tokenizer"), callbacks=[Clock()])
+    trainer.train()
+    seconds = stamps[-1] - stamps[args.warmup - 1]
+    return {"tokens_per_s": args.steps * args.batch * SEQ_LEN / seconds, "peak_bytes": peak_bytes(args.device),
+            "threads": torch.get_num_threads()}
+
+
+def run_worker(variant: str, k: int, args: argparse.Namespace) -> dict:
+    """Start one measurement in a fresh process; returns its JSON line."""
+    common = ["--threads", str(args.threads), "--device", args.device, "--batch", str(args.batch),
+              "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    if variant == "floor":
+        cmd = [sys.executable, str(ROOT / "tools" / "bench_floor.py"), "--teachers",
+               *(str(args.work / f"teacher{i}") for i in range(k)), "--student", str(args.work / "student"),
+               "--rows", str(args.work / "rows.pt"), "--vocab-size", str(VOCAB), *common]
+    else:
+        cmd = [sys.executable, __file__, "--worker", variant, "--k", str(k), "--work", str(args.work), *common,
+               *(["--quick"] if args.quick else [])]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"{variant} K={k} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+# ---- orchestration --------------------------------------------------------------------------
+
+
+def table(results: dict, assets: dict, args: argparse.Namespace) -> str:
+    med = {key: statistics.median(r["tokens_per_s"] for r in runs) for key, runs in results.items()}
+    peak = {key: max(r["peak_bytes"] for r in runs) / 2**20 for key, runs in results.items()}
+    out = ["| K | floor tok/s | online tok/s | online / floor | cache tok/s | cache / online | peak MiB floor / online / cache |",
+           "|---|---:|---:|---:|---:|---:|---|"]
+    for k in sorted({k for _, k in med}):
+        f, o, c = (med.get((v, k), math.nan) for v in ("floor", "online", "cache"))
+        peaks = " / ".join(f"{peak.get((v, k), math.nan):,.0f}" for v in ("floor", "online", "cache"))
+        out.append(f"| {k} | {f:,.0f} | {o:,.0f} | {o / f:.2f} | {c:,.0f} | {c / o:.2f} | {peaks} |")
+    if ("trl", 1) in med:
+        t = med[("trl", 1)]
+        out.append(f"\nTRL GKDTrainer (K = 1, lmbda 0, beta 0 = forward KL): {t:,.0f} tok/s, {t / med[('floor', 1)]:.2f} x the "
+                   f"floor, {t / med[('online', 1)]:.2f} x merge_distill online; peak {peak[('trl', 1)]:,.0f} MiB")
+    for k, c in sorted(assets["cache"].items()):
+        out.append(f"cache write K = {k}: {c['tokens'] / c['seconds']:,.0f} tok/s ({c['tokens']} tokens, {c['seconds']:.1f} s)")
+    spread = {f"{v}-k{k}": [round(r["tokens_per_s"]) for r in runs] for (v, k), runs in results.items()}
+    out.append(f"all runs (tok/s): {json.dumps(spread)}")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/merge_distill_bench"))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: see docs/PERFORMANCE.md)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--no-trl", action="store_true", help="skip the TRL row")
+    parser.add_argument("--variants", default="floor,online,cache", help="comma-separated subset of floor,online,cache")
+    parser.add_argument("--ks", default="1,2,3", help="comma-separated teacher counts")
+    parser.add_argument("--reuse", action="store_true", help="reuse the assets and caches already in --work")
+    parser.add_argument("--quick", action="store_true", help="1 rep of 2 steps: checks that everything runs")
+    parser.add_argument("--out", type=Path, help="also write the raw results as JSON here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.reps, args.steps, args.warmup = 1, 2, 1
+    if args.worker:  # torch is imported in workers only: the parent stays small (see peak_bytes)
+        import torch
+
+        torch.set_num_threads(args.threads)
+        if args.worker == "assets":
+            result = build_assets(args.work, args)
+        elif args.worker == "trl":
+            result = worker_trl(args.work, args)
+        else:
+            result = worker_engine(args.work, args.k, args.worker == "cache", args)
+        print(json.dumps(result))
+        return
+    if args.reuse and (args.work / "assets.json").is_file():
+        assets = json.loads((args.work / "assets.json").read_text())
+    else:
+        print(f"building assets and writing the caches in {args.work} ...", flush=True)
+        assets = run_worker("assets", 0, args)
+        (args.work / "assets.json").write_text(json.dumps(assets))
+    ks = [int(k) for k in args.ks.split(",")]
+    variants = [(v, k) for k in ks for v in args.variants.split(",")]
+    if not args.no_trl and 1 in ks:
+        variants.append(("trl", 1))
+    results: dict = {key: [] for key in variants}
+    for rep in range(args.reps):
+        for variant, k in variants:
+            results[(variant, k)].append(run_worker(variant, k, args))
+            print(f"rep {rep + 1} {variant:>6} K={k}: {results[(variant, k)][-1]['tokens_per_s']:,.0f} tok/s", flush=True)
+    text = table(results, assets, args)
+    print(f"\n{args.device}, {args.threads} thread(s), batch {args.batch} x {SEQ_LEN}, {args.steps} timed steps after "
+          f"{args.warmup}, median of {args.reps}\n{text}")
+    if args.out:
+        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "assets": assets,
+                                        "runs": {f"{v}-k{k}": r for (v, k), r in results.items()}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

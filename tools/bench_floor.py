@@ -1,0 +1,81 @@
+"""The no-framework floor for tools/bench.py: the same work as a merge_distill step, by hand.
+
+K frozen teachers' forwards, a uniform per-token mixture of their distributions (in log space;
+with one teacher, its own), forward KL(mixture || student) with torch's fused kl_div averaged
+over the target tokens, backward, AdamW step. Nothing else: no routing signals, no
+statistics, no checks, no chunking, no logging. Written to be fast, not frugal: all K teachers'
+log-probs [K, B, T, V] are held at once.
+
+    python tools/bench_floor.py --teachers DIR [DIR ...] --student DIR --rows rows.pt \
+        --batch 8 --warmup 2 --steps 8 [--device cpu|cuda] [--threads 1]
+
+Prints one JSON line: tokens_per_s (over the timed steps), peak_bytes, last_loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+
+def floor_step(teachers: list[torch.nn.Module], student: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """One optimizer step on input_ids [B, T]; position t predicts token t + 1 (the last has no target)."""
+    with torch.no_grad():
+        logprobs = [torch.log_softmax(t(input_ids=input_ids).logits[..., :vocab_size].float(), dim=-1) for t in teachers]
+        # The uniform mixture in log space: log sum_k (1/K) p_k, per token [B, T, V].
+        target = logprobs[0] if len(teachers) == 1 else torch.logsumexp(torch.stack(logprobs), dim=0) - math.log(len(teachers))
+        del logprobs
+    student_logprobs = torch.log_softmax(student(input_ids=input_ids).logits[..., :vocab_size].float(), dim=-1)
+    # Forward KL(target || student), fused by torch, summed over the B * (T - 1) target positions.
+    kl = F.kl_div(student_logprobs[:, :-1], target[:, :-1], reduction="sum", log_target=True)
+    loss = kl / (input_ids.shape[0] * (input_ids.shape[1] - 1))
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()  # read once at the end: no per-step device sync
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teachers", nargs="+", required=True)
+    parser.add_argument("--student", required=True)
+    parser.add_argument("--rows", required=True, help="a torch file holding input_ids [N, T]")
+    parser.add_argument("--vocab-size", type=int, required=True)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    teachers = [AutoModelForCausalLM.from_pretrained(d).to(device).eval().requires_grad_(False) for d in args.teachers]
+    student = AutoModelForCausalLM.from_pretrained(args.student).to(device).train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
+    rows = torch.load(args.rows)
+    loss, start = torch.tensor(math.nan), 0.0
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        batch = rows[torch.arange(step * args.batch, (step + 1) * args.batch) % len(rows)].to(device)
+        loss = floor_step(teachers, student, optimizer, batch, args.vocab_size)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"tokens_per_s": args.steps * args.batch * rows.shape[1] / seconds, "peak_bytes": int(peak), "last_loss": float(loss)}))
+
+
+if __name__ == "__main__":
+    main()
