@@ -64,24 +64,28 @@ class TeacherSignals:
         `normalized`, they hold log-probs at temperature 1 (log_softmax applied in place).
     gold_nll [B, T, K] float32: -log p_k(target) at temperature 1 (0 where target is -100).
     entropy [B, T, K] float32: entropy of p_k at temperature 1 (0 where target is -100).
-    top1 [B, T, K] long: each teacher's argmax token.
+    top1 [B, T, K] long: each teacher's argmax token (computed when asked: the step needs none).
     """
 
     names: list[str]
     logits: list[Tensor]
     gold_nll: Tensor
     entropy: Tensor
-    top1: Tensor
     normalized: bool = False
+
+    @property
+    def top1(self) -> Tensor:
+        return torch.stack([logits.argmax(-1) for logits in self.logits], -1)
 
 
 @torch.no_grad()
 def per_token_stats(logits: Tensor, targets: Tensor, chunk_tokens: int = 2048,
-                    in_place: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                    in_place: bool = False, with_top1: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gold NLL, entropy and argmax of one model's next-token distribution, in chunks.
 
     logits [B, T, V] (any float dtype), targets [B, T] -> (gold_nll, entropy, top1), each [B, T];
-    gold_nll and entropy are float32 and 0 where targets == -100. Log-softmax is computed in
+    gold_nll and entropy are float32 and 0 where targets == -100; top1 is None without
+    `with_top1` (an argmax pass saved when nobody reads it). Log-softmax is computed in
     float32 on chunks of flattened tokens so peak extra memory is chunk_tokens x V.
 
     This runs for every teacher at every step, so it makes two passes that transcend (the
@@ -89,7 +93,7 @@ def per_token_stats(logits: Tensor, targets: Tensor, chunk_tokens: int = 2048,
     product -sum_v p log p.
 
     in_place: where `normalizes_in_place(logits)`, the logits are turned into log-probs in place
-    (x - logsumexp(x), the very operation the loss driver would repeat), so the loss can skip it.
+    (the log-softmax the loss driver would otherwise repeat), so the loss can skip it.
     """
     B, T, V = logits.shape
     in_place = in_place and normalizes_in_place(logits)
@@ -97,26 +101,26 @@ def per_token_stats(logits: Tensor, targets: Tensor, chunk_tokens: int = 2048,
     flat_targets = targets.reshape(B * T)
     nll = torch.zeros(B * T, dtype=torch.float32, device=logits.device)
     ent = torch.zeros_like(nll)
-    top1 = torch.zeros(B * T, dtype=torch.long, device=logits.device)
+    top1 = torch.zeros(B * T, dtype=torch.long, device=logits.device) if with_top1 else None
     for start in range(0, B * T, chunk_tokens):
         sl = slice(start, start + chunk_tokens)
         if in_place:
-            logp = flat_logits[sl]
-            logp.sub_(torch.logsumexp(logp, dim=-1, keepdim=True))
+            logp = torch.log_softmax(flat_logits[sl], dim=-1, out=flat_logits[sl])  # one fused pass
         else:
             logp = torch.log_softmax(flat_logits[sl].float(), dim=-1)
         tgt = flat_targets[sl]
         valid = tgt != IGNORE_INDEX
         gold = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         nll[sl] = torch.where(valid, -gold, 0.0)
-        top1[sl] = logp.argmax(-1)
+        if top1 is not None:
+            top1[sl] = logp.argmax(-1)
         h = -torch.linalg.vecdot(logp.exp(), logp)
         bad = torch.isnan(h)
         if bad.any():  # p log p with p == 0 is 0, not 0 * -inf = NaN (a -inf logit); NaN logits stay NaN
             rows = logp[bad]
             h[bad] = -(rows.exp() * rows.masked_fill(torch.isneginf(rows), 0.0)).sum(-1)
         ent[sl] = torch.where(valid, h, 0.0)
-    return nll.view(B, T), ent.view(B, T), top1.view(B, T)
+    return nll.view(B, T), ent.view(B, T), top1.view(B, T) if top1 is not None else None
 
 
 def normalizes_in_place(logits: Tensor) -> bool:

@@ -28,26 +28,24 @@ class TeacherEnsemble:
 
     @torch.inference_mode()
     def signals(self, batch: TokenBatch, targets: Tensor) -> TeacherSignals:
-        """batch [B, T] -> per-teacher logits [B, T, V] plus gold NLL / entropy / top-1 [B, T, K].
+        """batch [B, T] -> per-teacher log-probs (or logits) [B, T, V] plus gold NLL / entropy [B, T, K].
 
         Raises NonFiniteError naming every teacher whose log-probabilities hold NaN/inf at a
         target position, after all teachers ran (under ZeRO-3 each forward is a collective that
         every process must join, so no process may leave the loop early)."""
-        logits, nll, ent, top1, bad = [], [], [], [], []
+        logits, nll, ent, bad = [], [], [], []
         normalized = True
         for name, model in zip(self.names, self.models):
             out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
             teacher_logits = cut_vocab(out.logits, self.vocab_size)
             # float32 logits become log-probs in place: the loss then skips that log-softmax.
             normalized = normalized and normalizes_in_place(teacher_logits)
-            n, e, t = per_token_stats(teacher_logits, targets, self.chunk_tokens, in_place=True)
+            n, e, _ = per_token_stats(teacher_logits, targets, self.chunk_tokens, in_place=True, with_top1=False)
             if not (torch.isfinite(n).all() and torch.isfinite(e).all()):
                 bad.append(name)
             logits.append(teacher_logits)
             nll.append(n)
             ent.append(e)
-            top1.append(t)
         if bad:
             raise NonFiniteError(f"teacher {', '.join(repr(n) for n in bad)} produced NaN/inf log-probabilities")
-        return TeacherSignals(self.names, logits, torch.stack(nll, -1), torch.stack(ent, -1), torch.stack(top1, -1),
-                              normalized=normalized)
+        return TeacherSignals(self.names, logits, torch.stack(nll, -1), torch.stack(ent, -1), normalized=normalized)

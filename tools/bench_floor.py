@@ -28,12 +28,15 @@ from transformers import AutoModelForCausalLM
 def floor_step(teachers: list[torch.nn.Module], student: torch.nn.Module, optimizer: torch.optim.Optimizer,
                input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """One optimizer step on input_ids [B, T]; position t predicts token t + 1 (the last has no target)."""
+    attention_mask = torch.ones_like(input_ids)  # what the framework passes for packed rows
     with torch.no_grad():
-        logprobs = [torch.log_softmax(t(input_ids=input_ids).logits[..., :vocab_size].float(), dim=-1) for t in teachers]
+        logprobs = [torch.log_softmax(t(input_ids=input_ids, attention_mask=attention_mask).logits[..., :vocab_size].float(), dim=-1)
+                    for t in teachers]
         # The uniform mixture in log space: log sum_k (1/K) p_k, per token [B, T, V].
         target = logprobs[0] if len(teachers) == 1 else torch.logsumexp(torch.stack(logprobs), dim=0) - math.log(len(teachers))
         del logprobs
-    student_logprobs = torch.log_softmax(student(input_ids=input_ids).logits[..., :vocab_size].float(), dim=-1)
+    student_logits = student(input_ids=input_ids, attention_mask=attention_mask).logits[..., :vocab_size]
+    student_logprobs = torch.log_softmax(student_logits.float(), dim=-1)
     # Forward KL(target || student), fused by torch, summed over the B * (T - 1) target positions.
     kl = F.kl_div(student_logprobs[:, :-1], target[:, :-1], reduction="sum", log_target=True)
     loss = kl / (input_ids.shape[0] * (input_ids.shape[1] - 1))

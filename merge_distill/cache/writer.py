@@ -40,7 +40,7 @@ def teacher_targets(logits: Tensor, targets: Tensor, k: int, temperature: float,
     (log of the mass outside the top k, at `temperature`), nll / entropy [B, T] at temperature 1
     (per_token_stats: exactly what the online path gives routers)."""
     B, T, V = logits.shape
-    nll, entropy, _ = per_token_stats(logits, targets, chunk_tokens)
+    nll, entropy, _ = per_token_stats(logits, targets, chunk_tokens, with_top1=False)
     flat = logits.reshape(B * T, V)
     ids = torch.empty(B * T, k, dtype=torch.int32, device=logits.device)
     values = torch.empty(B * T, k, dtype=torch.float32, device=logits.device)

@@ -139,7 +139,7 @@ def _blend_chunk(plan: _Plan, rows: slice | Tensor, dtype: torch.dtype, valid: T
         if plan.config.temperature != 1.0:
             x.div_(plan.config.temperature)
         if plan.config.temperature != 1.0 or not plan.teachers_normalized:
-            x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))  # log_softmax in place
+            torch.log_softmax(x, dim=-1, out=x)  # in place: one fused pass, no temporaries
         online.add(k, x)
         del x
     return online.result(), weights.sum(dim=-1) > 0
@@ -193,7 +193,7 @@ class _ChunkedDistill(torch.autograd.Function):
                 ce_sum += torch.where(valid, ce, 0.0).sum()
             if temperature != 1.0:
                 logprobs.div_(temperature)
-            logprobs.sub_(torch.logsumexp(logprobs, dim=-1, keepdim=True))
+            torch.log_softmax(logprobs, dim=-1, out=logprobs)  # in place: one fused pass, no temporaries
             if plan.compute_ce and temperature == 1.0:
                 ce_sum -= torch.where(valid, logprobs.gather(-1, gold).squeeze(-1), 0.0).sum()
             if has_teachers and plan.divergence is forward_kl:
@@ -227,8 +227,8 @@ class _ChunkedDistill(torch.autograd.Function):
                 grad = logprobs.detach().exp_().mul_(-grad.sum(dim=-1, keepdim=True)).add_(grad)
                 if temperature != 1.0:
                     grad.div_(temperature)
-                if in_place:
-                    grad[~valid] = 0.0  # rows without a target (they had no weight)
+                if in_place:  # rows without a target had no weight; zero them (row indices, not a [c, V] mask)
+                    grad.index_fill_(0, (~valid).nonzero().squeeze(-1), 0.0)
                 else:
                     grad_buffer.index_copy_(0, rows, grad.to(grad_buffer.dtype))  # type: ignore[union-attr]
                 del grad

@@ -144,27 +144,26 @@ def sparse_target(
     return target, buckets
 
 
-def student_on_buckets(scaled_logits: Tensor, lse: Tensor, buckets: Buckets,
+def student_on_buckets(logprobs: Tensor, buckets: Buckets,
                        rows_again: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """The student's side, from its logits / T [c, V] (consumed: turned into probabilities) and
-    their logsumexp [c, 1].
+    """The student's side, from its log-probs at T [c, V] (consumed: turned into probabilities).
 
     -> (bucket log-probs [c, M + 1] with empty buckets at EMPTY_LOGPROB, probs [c, V], log s_rest [c]).
     rest = log of the summed probability outside U: the sum runs over those tokens only, so it
     never cancels (unlike 1 - sum over U). Where every such probability underflows to 0 (a logit
     gap above ~100 in float32), rest is a logsumexp over log-probs recomputed from
-    rows_again(row mask) -> those rows' logits / T.
+    rows_again(row mask) -> those rows' log-probs.
     """
-    on_ids = scaled_logits.gather(-1, buckets.ids) - lse
-    probs = scaled_logits.sub_(lse).exp_()
+    on_ids = logprobs.gather(-1, buckets.ids)
+    probs = logprobs.exp_()
     on_buckets = probs.gather(-1, buckets.ids)
     rest_mass = probs.scatter_(-1, buckets.ids, 0.0).sum(dim=-1)
     probs.scatter_(-1, buckets.ids, on_buckets)  # put them back (empty slots rewrite a real bucket)
     rest = torch.log(rest_mass)
     underflow = torch.isneginf(rest) & ~buckets.rest_empty
     if bool(underflow.any()):
-        logprobs = (rows_again(underflow) - lse[underflow]).scatter_(-1, buckets.ids[underflow], -math.inf)
-        rest[underflow] = torch.logsumexp(logprobs, dim=-1)
+        outside = rows_again(underflow).scatter_(-1, buckets.ids[underflow], -math.inf)
+        rest[underflow] = torch.logsumexp(outside, dim=-1)
     rest = torch.where(buckets.rest_empty, EMPTY_LOGPROB, rest)
     student = torch.cat([on_ids.masked_fill_(buckets.empty, EMPTY_LOGPROB), rest.unsqueeze(-1)], dim=-1)
     return student, probs, rest
@@ -257,9 +256,9 @@ class _SparseDistill(_ChunkedDistill):
                 ce_sum += torch.where(valid, ce, 0.0).sum()
             if temperature != 1.0:
                 scaled.div_(temperature)
-            lse = torch.logsumexp(scaled, dim=-1, keepdim=True)
+            logprobs = torch.log_softmax(scaled, dim=-1, out=scaled)  # in place: one fused pass
             if plan.compute_ce and temperature == 1.0:
-                ce_sum -= torch.where(valid, (scaled.gather(-1, gold) - lse).squeeze(-1), 0.0).sum()
+                ce_sum -= torch.where(valid, logprobs.gather(-1, gold).squeeze(-1), 0.0).sum()
             if not has_teachers:
                 continue
             weights = plan.weights[rows].to(dtype) * valid.unsqueeze(-1)  # no target, no weight
@@ -269,7 +268,7 @@ class _SparseDistill(_ChunkedDistill):
             has_weight = weights.sum(dim=-1) > 0
             entropy_sum += torch.where(has_weight, target_entropy(target), 0.0).sum()
             student, probs, rest = student_on_buckets(
-                scaled, lse, buckets, lambda bad: flat_student[rows][bad].to(dtype) / temperature)
+                logprobs, buckets, lambda bad: torch.log_softmax(flat_student[rows][bad].to(dtype) / temperature, dim=-1))
             with torch.enable_grad():
                 student.requires_grad_(plan.needs_grad)
                 per_token = plan.divergence(student, target, plan.config)
@@ -280,11 +279,11 @@ class _SparseDistill(_ChunkedDistill):
                 grad = logits_grad(grad_buckets, probs, rest, buckets)
                 if temperature != 1.0:
                     grad.div_(temperature)  # d(logits / T) / d logits
-                if in_place:
-                    grad[~valid] = 0.0  # rows without a target (their buckets had no weight)
+                if in_place:  # rows without a target had no weight; zero them (row indices, not a [c, V] mask)
+                    grad.index_fill_(0, (~valid).nonzero().squeeze(-1), 0.0)
                 else:
                     grad_buffer.index_copy_(0, rows, grad.to(grad_buffer.dtype))  # type: ignore[union-attr]
-            del target, student, probs, scaled
+            del target, student, probs, scaled, logprobs
         plan.target_entropy_sum = float(entropy_sum)
         ctx.plan = plan
         ctx.grad_buffer = grad_buffer
