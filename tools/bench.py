@@ -10,9 +10,10 @@ blend, forward KL at T = 1, AdamW at a constant lr, no clipping, float32.
 Every measurement is a fresh worker process (so peak memory is its own): load, `--warmup`
 steps, then `--steps` timed steps; tokens/s = steps x batch x 256 / time. Variants are
 interleaved (rep 1: all variants, rep 2: all variants, ...) and the table shows the median over
-`--reps`, so a burst of load from other jobs hits all variants alike.
+`--reps`, so a burst of load from other jobs hits all variants alike. Workers run with
+STEADY_MALLOC (below) unless --default-malloc.
 
-    python tools/bench.py                       # CPU, 1 thread, 3 reps (about 15 minutes)
+    python tools/bench.py --reps 5              # CPU, 1 thread (about 12 minutes on 2 shared cores)
     python tools/bench.py --device cuda --threads 4
     python tools/bench.py --quick               # a smoke run: 1 rep, 2 steps
 
@@ -39,6 +40,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SEQ_LEN, VOCAB, K_MAX, CACHE_K = 256, 4096, 3, 64
+# glibc returns every freed block of 32 MiB or more to the OS (its mmap threshold moves with what
+# a process freed before), so each step's big tensors fault in fresh pages, and how many depends
+# on the process's history: a TRL process, which builds a dataset first, came out 15% faster
+# than the floor for that reason alone. These settings keep freed memory in the heap for every
+# worker alike (and make all of them about 20% faster on CPU); --default-malloc measures without.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(16 * 2**30),
+                 "MALLOC_TOP_PAD_": str(2**30)}
 
 
 # ---- assets ---------------------------------------------------------------------------------
@@ -195,6 +203,8 @@ def run_worker(variant: str, k: int, args: argparse.Namespace) -> dict:
         cmd = [sys.executable, __file__, "--worker", variant, "--k", str(k), "--work", str(args.work), *common,
                *(["--quick"] if args.quick else [])]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
+    if not args.default_malloc:
+        env.update(STEADY_MALLOC)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
@@ -235,6 +245,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--no-trl", action="store_true", help="skip the TRL row")
+    parser.add_argument("--default-malloc", action="store_true", help="do not set STEADY_MALLOC in the workers")
     parser.add_argument("--variants", default="floor,online,cache", help="comma-separated subset of floor,online,cache")
     parser.add_argument("--ks", default="1,2,3", help="comma-separated teacher counts")
     parser.add_argument("--reuse", action="store_true", help="reuse the assets and caches already in --work")
@@ -273,8 +284,9 @@ def main() -> None:
             results[(variant, k)].append(run_worker(variant, k, args))
             print(f"rep {rep + 1} {variant:>6} K={k}: {results[(variant, k)][-1]['tokens_per_s']:,.0f} tok/s", flush=True)
     text = table(results, assets, args)
-    print(f"\n{args.device}, {args.threads} thread(s), batch {args.batch} x {SEQ_LEN}, {args.steps} timed steps after "
-          f"{args.warmup}, median of {args.reps}\n{text}")
+    malloc = "default malloc" if args.default_malloc else "steady malloc"
+    print(f"\n{args.device}, {args.threads} thread(s), {malloc}, batch {args.batch} x {SEQ_LEN}, {args.steps} timed steps "
+          f"after {args.warmup}, median of {args.reps}\n{text}")
     if args.out:
         args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "assets": assets,
                                         "runs": {f"{v}-k{k}": r for (v, k), r in results.items()}}, indent=1))

@@ -145,32 +145,32 @@ def sparse_target(
 
 
 def student_on_buckets(logprobs: Tensor, buckets: Buckets,
-                       rows_again: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+                       rows_again: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The student's side, from its log-probs at T [c, V] (consumed: turned into probabilities).
 
-    -> (bucket log-probs [c, M + 1] with empty buckets at EMPTY_LOGPROB, probs [c, V], log s_rest [c]).
+    -> (bucket log-probs [c, M + 1] with empty buckets at EMPTY_LOGPROB, probs [c, V] outside U
+    (0 on U), probs on the buckets [c, M], log s_rest [c]).
     rest = log of the summed probability outside U: the sum runs over those tokens only, so it
     never cancels (unlike 1 - sum over U). Where every such probability underflows to 0 (a logit
     gap above ~100 in float32), rest is a logsumexp over log-probs recomputed from
     rows_again(row mask) -> those rows' log-probs.
     """
     on_ids = logprobs.gather(-1, buckets.ids)
-    probs = logprobs.exp_()
-    on_buckets = probs.gather(-1, buckets.ids)
-    rest_mass = probs.scatter_(-1, buckets.ids, 0.0).sum(dim=-1)
-    probs.scatter_(-1, buckets.ids, on_buckets)  # put them back (empty slots rewrite a real bucket)
-    rest = torch.log(rest_mass)
+    on_buckets = on_ids.exp()
+    probs = logprobs.exp_().scatter_(-1, buckets.ids, 0.0)
+    rest = torch.log(probs.sum(dim=-1))
     underflow = torch.isneginf(rest) & ~buckets.rest_empty
     if bool(underflow.any()):
         outside = rows_again(underflow).scatter_(-1, buckets.ids[underflow], -math.inf)
         rest[underflow] = torch.logsumexp(outside, dim=-1)
     rest = torch.where(buckets.rest_empty, EMPTY_LOGPROB, rest)
     student = torch.cat([on_ids.masked_fill_(buckets.empty, EMPTY_LOGPROB), rest.unsqueeze(-1)], dim=-1)
-    return student, probs, rest
+    return student, probs, on_buckets, rest
 
 
-def logits_grad(grad_buckets: Tensor, probs: Tensor, rest: Tensor, buckets: Buckets) -> Tensor:
-    """d loss / d (logits / T) [c, V] from d loss / d student buckets [c, M + 1], in place on probs.
+def logits_grad(grad_buckets: Tensor, probs: Tensor, on_buckets: Tensor, rest: Tensor, buckets: Buckets) -> Tensor:
+    """d loss / d (logits / T) [c, V] from d loss / d student buckets [c, M + 1], in place on
+    probs (outside U; U's entries are overwritten) with on_buckets [c, M] the probs on U.
 
     With g_u the buckets' gradients (empty ones are constants: dropped), g_r the rest's and
     G = sum_u g_u + g_r: v outside U gets p_v (g_r / s_rest - G) (rest = log sum of those p_v,
@@ -180,7 +180,6 @@ def logits_grad(grad_buckets: Tensor, probs: Tensor, rest: Tensor, buckets: Buck
     grad_slots = grad_buckets[:, :M].masked_fill(buckets.empty, 0.0)
     grad_rest = grad_buckets[:, M].masked_fill(buckets.rest_empty, 0.0)
     total = grad_slots.sum(dim=-1) + grad_rest
-    on_buckets = probs.gather(-1, buckets.ids)
     # exp(-rest) = 1 / s_rest; 0 where the rest is empty (its gradient is 0 anyway).
     per_rest = torch.where(buckets.rest_empty, 0.0, grad_rest * torch.exp(-rest))
     grad = probs.mul_((per_rest - total).unsqueeze(-1))
@@ -267,7 +266,7 @@ class _SparseDistill(_ChunkedDistill):
                 [tail[rows].to(dtype) for tail in plan.tails], weights, plan.blend, V)
             has_weight = weights.sum(dim=-1) > 0
             entropy_sum += torch.where(has_weight, target_entropy(target), 0.0).sum()
-            student, probs, rest = student_on_buckets(
+            student, probs, on_buckets, rest = student_on_buckets(
                 logprobs, buckets, lambda bad: torch.log_softmax(flat_student[rows][bad].to(dtype) / temperature, dim=-1))
             with torch.enable_grad():
                 student.requires_grad_(plan.needs_grad)
@@ -276,7 +275,7 @@ class _SparseDistill(_ChunkedDistill):
                 grad_buckets = torch.autograd.grad(chunk_loss, student)[0] if plan.needs_grad else None
             div_sum += chunk_loss.detach()
             if grad_buckets is not None:
-                grad = logits_grad(grad_buckets, probs, rest, buckets)
+                grad = logits_grad(grad_buckets, probs, on_buckets, rest, buckets)
                 if temperature != 1.0:
                     grad.div_(temperature)  # d(logits / T) / d logits
                 if in_place:  # rows without a target had no weight; zero them (row indices, not a [c, V] mask)
