@@ -94,8 +94,65 @@ def _check_inputs(
         raise ValueError(f"targets must be -100 or token ids in [0, {V}); got values outside that range")
 
 
+class RowChunks:
+    """How a plan's B*T rows are cut into chunks; mixed into the dense and the sparse plans,
+    which provide `targets` [B*T], `valid_idx` [N] and `chunk_tokens`."""
+
+    targets: Tensor
+    valid_idx: Tensor
+    chunk_tokens: int
+
+    def chunks(self) -> list[Tensor]:
+        """Chunks of the valid rows' indices (what the backward pass walks)."""
+        return list(torch.split(self.valid_idx, self.chunk_tokens))
+
+    def in_place(self, grad_buffer: Tensor | None, dtype: torch.dtype) -> bool:
+        """Work inside the gradient buffer's own rows: there is one, it has the compute dtype,
+        and at least half the rows have a target (the others ride along and are zeroed)."""
+        return grad_buffer is not None and grad_buffer.dtype == dtype and 2 * self.valid_idx.numel() >= len(self.targets)
+
+    def row_groups(self, in_place: bool) -> list[slice] | list[Tensor]:
+        """Rows per forward chunk. With `in_place`, contiguous slices of all rows: each chunk is
+        computed inside its own rows of the gradient buffer (no gather, no scatter back, no
+        zeroing); rows without a target ride along with zero weight and are zeroed. Else
+        chunks of the valid rows' indices."""
+        if not in_place:
+            return self.chunks()
+        n = self.targets.numel()
+        return [slice(start, min(n, start + self.chunk_tokens)) for start in range(0, n, self.chunk_tokens)]
+
+
+def chunk_logprobs(flat_student: Tensor, rows: slice | Tensor, grad_buffer: Tensor | None, in_place: bool,
+                   dtype: torch.dtype, temperature: float, gold: Tensor, valid: Tensor,
+                   compute_ce: bool) -> tuple[Tensor, Tensor]:
+    """One chunk's student log-probs at temperature T, [c, V] in dtype, and the chunk's summed
+    cross-entropy at temperature 1 (0-dim; 0 without compute_ce).
+
+    flat_student [B*T, V]; rows a slice (in place) or indices [c]; gold [c, 1] target ids
+    (clamped), valid [c] bool. In place, the log-probs are written into the chunk's own rows of
+    grad_buffer (which end up holding the gradient); else into a fresh tensor. At T = 1 one
+    fused log_softmax reads the logits and writes the log-probs (no copy first). The CE
+    gradient is recomputed in backward, so nothing is kept for it.
+    """
+    if temperature == 1.0 and in_place:
+        logprobs = torch.log_softmax(flat_student[rows], dim=-1, out=grad_buffer[rows])  # type: ignore[index]
+    else:
+        # Advanced indexing copies, so the in-place ops below touch no caller tensor.
+        logprobs = grad_buffer[rows].copy_(flat_student[rows]) if in_place else flat_student[rows].to(dtype)  # type: ignore[index]
+    ce_sum = torch.zeros((), dtype=dtype, device=flat_student.device)
+    if temperature != 1.0:
+        if compute_ce:  # CE = logsumexp(logits) - logit[gold], before the logits are scaled
+            ce_sum += torch.where(valid, torch.logsumexp(logprobs, dim=-1) - logprobs.gather(-1, gold).squeeze(-1), 0.0).sum()
+        logprobs.div_(temperature)
+    if temperature != 1.0 or not in_place:
+        torch.log_softmax(logprobs, dim=-1, out=logprobs)  # in place: one fused pass, no temporaries
+    if compute_ce and temperature == 1.0:
+        ce_sum -= torch.where(valid, logprobs.gather(-1, gold).squeeze(-1), 0.0).sum()
+    return logprobs, ce_sum
+
+
 @dataclass
-class _Plan:
+class _Plan(RowChunks):
     """Everything the autograd function needs besides the student logits (flattened views)."""
 
     teacher_logits: list[Tensor]  # K x [B*T, V], detached
@@ -110,20 +167,6 @@ class _Plan:
     needs_grad: bool
     teachers_normalized: bool = False  # teacher_logits hold log-probs at temperature 1
     target_entropy_sum: float = 0.0  # filled in by the forward pass
-
-    def chunks(self) -> list[Tensor]:
-        return list(torch.split(self.valid_idx, self.chunk_tokens))
-
-    def row_groups(self, in_place: bool) -> list[slice] | list[Tensor]:
-        """Rows per forward chunk. With `in_place` (most rows have a target, and the gradient
-        buffer has the compute dtype), contiguous slices of all rows: each chunk is computed
-        inside its own rows of the gradient buffer (no gather, no scatter back, no zeroing);
-        rows without a target ride along with zero weight and are zeroed. Else chunks of the
-        valid rows' indices."""
-        if not in_place:
-            return self.chunks()
-        n = self.targets.numel()
-        return [slice(start, min(n, start + self.chunk_tokens)) for start in range(0, n, self.chunk_tokens)]
 
 
 def _blend_chunk(plan: _Plan, rows: slice | Tensor, dtype: torch.dtype, valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -171,7 +214,7 @@ class _ChunkedDistill(torch.autograd.Function):
         has_teachers = bool(plan.teacher_logits)
         # The gradient of divergence_sum w.r.t. the logits, filled chunk by chunk.
         grad_buffer = torch.empty_like(flat_student) if plan.needs_grad and has_teachers else None
-        in_place = grad_buffer is not None and grad_buffer.dtype == dtype and 2 * plan.valid_idx.numel() >= len(plan.targets)
+        in_place = plan.in_place(grad_buffer, dtype)
         if grad_buffer is not None and not in_place:  # rows with a target are all written below
             no_target = torch.ones(flat_student.shape[0], dtype=torch.bool, device=flat_student.device)
             no_target[plan.valid_idx] = False
@@ -180,22 +223,12 @@ class _ChunkedDistill(torch.autograd.Function):
         ce_sum = torch.zeros_like(div_sum)
         entropy_sum = torch.zeros_like(div_sum)
         for rows in plan.row_groups(in_place):
-            # This chunk's logits [c, V] as float, turned into log-probs in place: in its own
-            # rows of the gradient buffer (which end up holding the gradient), or a fresh copy.
-            logprobs = grad_buffer[rows].copy_(flat_student[rows]) if in_place else flat_student[rows].to(dtype)  # type: ignore[index]
             targets = plan.targets[rows]
             valid = targets != IGNORE_INDEX
             gold = targets.clamp(min=0).unsqueeze(-1)  # [c, 1]
-            if plan.compute_ce and temperature != 1.0:
-                # CE = logsumexp(logits) - logit[gold] at temperature 1. Its gradient is
-                # recomputed in backward, so nothing is kept.
-                ce = torch.logsumexp(logprobs, dim=-1) - logprobs.gather(-1, gold).squeeze(-1)
-                ce_sum += torch.where(valid, ce, 0.0).sum()
-            if temperature != 1.0:
-                logprobs.div_(temperature)
-            torch.log_softmax(logprobs, dim=-1, out=logprobs)  # in place: one fused pass, no temporaries
-            if plan.compute_ce and temperature == 1.0:
-                ce_sum -= torch.where(valid, logprobs.gather(-1, gold).squeeze(-1), 0.0).sum()
+            logprobs, chunk_ce = chunk_logprobs(flat_student, rows, grad_buffer, in_place, dtype, temperature, gold,
+                                                valid, plan.compute_ce)
+            ce_sum += chunk_ce
             if has_teachers and plan.divergence is forward_kl:
                 # The default divergence in closed form, without autograd: same value and gradient.
                 target, has_weight = _blend_chunk(plan, rows, dtype, valid)

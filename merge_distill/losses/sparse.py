@@ -26,8 +26,9 @@ equal the dense driver's (tested). With one teacher the teacher side is exact (n
 used: U = S_1). With several teachers the estimate enters only where a token is in one
 teacher's top-k and not in another's.
 
-Fixed width: each token has M = K*k bucket slots: its |U| distinct ids (one sort of the K*k
-stored ids), then empty slots. Structurally empty buckets (those slots, and rest when |U| = V)
+Fixed width: each token has M = K*k bucket slots: its |U| distinct ids (in the order the teachers
+list them; duplicates found with a scatter/gather through a [c, V] index map, no sort), then
+empty slots. Structurally empty buckets (those slots, and rest when |U| = V)
 get the finite log-prob EMPTY_LOGPROB in both student and target: p = q = 0 and a log-ratio of
 0, so every registered divergence and the target entropy get exactly 0 from them (a -inf there
 would give 0 * inf). The teachers' values land in a [K, c, M+1] table with one scatter.
@@ -50,7 +51,16 @@ from torch import Tensor
 
 from merge_distill.losses.base import LossConfigBase
 from merge_distill.losses.blend import OnlineBlend, check_blend_mode
-from merge_distill.losses.chunked import DistillOutput, _ChunkedDistill, compute_dtype, target_entropy
+from merge_distill.losses.chunked import (
+    DistillOutput,
+    RowChunks,
+    _ChunkedDistill,
+    _forward_kl_chunk,
+    chunk_logprobs,
+    compute_dtype,
+    target_entropy,
+)
+from merge_distill.losses.forward_kl import forward_kl
 from merge_distill.losses.registry import DivergenceFn
 from merge_distill.signals import IGNORE_INDEX
 
@@ -61,34 +71,43 @@ EMPTY_LOGPROB = -1.0e4  # exp() is exactly 0 in float32 and float64; finite, so 
 class Buckets:
     """The bucket layout of c tokens (M = K * k slots per token).
 
-    ids [c, M]: token id of each bucket, distinct ids first (ascending), then empty slots that
-    repeat the row's first id (so a scatter through them writes where a real bucket does);
-    empty [c, M] bool; rest_empty [c] bool (|U| = V); log_rest_count [c] = log(V - |U|);
-    and, for building the teachers' table, each sorted input slot's bucket and teacher.
+    ids [c, M]: token id of each bucket, distinct ids first (in order of first listing: teacher
+    0's top-k, then the ids teacher 1 adds, ...), then empty slots that repeat the row's first
+    id (so a scatter through them writes where a real bucket does); empty [c, M] bool;
+    rest_empty [c] bool (|U| = V); log_rest_count [c] = log(V - |U|); and, for building the
+    teachers' table, the bucket of each input slot (slot j * k + i = teacher j's i-th id).
     """
 
     ids: Tensor
     empty: Tensor
     rest_empty: Tensor
     log_rest_count: Tensor
-    order: Tensor  # [c, M] argsort of the concatenated top-k ids
-    bucket_of_slot: Tensor  # [c, M] bucket index of each sorted slot
-    teacher_of_slot: Tensor  # [c, M] which teacher listed each sorted slot
+    bucket_of_slot: Tensor  # [c, M] bucket index of each input slot
 
 
 def bucket_layout(topk_ids: list[Tensor], vocab_size: int) -> Buckets:
-    """K tensors [c, k] of token ids -> the buckets: one sort of the K*k ids per token."""
-    k = topk_ids[0].shape[-1]
-    sorted_ids, order = torch.sort(torch.cat(topk_ids, dim=-1), dim=-1)
-    c, M = sorted_ids.shape
-    is_new = torch.ones_like(sorted_ids, dtype=torch.bool)
-    is_new[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
-    bucket_of_slot = is_new.cumsum(dim=-1) - 1
-    n_buckets = bucket_of_slot[:, -1:] + 1
-    empty = torch.arange(M, device=sorted_ids.device) >= n_buckets
-    ids = sorted_ids[:, :1].expand(c, M).clone().scatter_(-1, bucket_of_slot, sorted_ids)
+    """K tensors [c, k] of token ids -> the buckets, in O(c * K * k) (no sort).
+
+    An index map [c, V] (only the listed entries are ever written or read, so it is never
+    initialised) takes, for each listed id, the first slot that lists it: the slots are
+    scattered last to first, so the first write to survive is the first slot. A slot is a new
+    bucket where that first slot is itself; buckets are numbered by a running count of those.
+    """
+    slots = torch.cat(topk_ids, dim=-1).long()  # [c, M]
+    c, M = slots.shape
+    position = torch.arange(M, dtype=torch.int32, device=slots.device).expand(c, M)
+    index_map = torch.empty(c, vocab_size, dtype=torch.int32, device=slots.device)  # int32: half the pages
+    index_map.scatter_(-1, slots.flip(-1), position.flip(-1))  # last write wins: the first slot
+    first_slot = index_map.gather(-1, slots)  # [c, M]
+    is_new = first_slot == position
+    bucket_of_new = is_new.cumsum(dim=-1) - 1
+    bucket_of_slot = bucket_of_new.gather(-1, first_slot.long())
+    n_buckets = bucket_of_new[:, -1:] + 1
+    empty = torch.arange(M, device=slots.device) >= n_buckets
+    # A duplicate slot writes the same id as its first listing into the same bucket.
+    ids = slots[:, :1].expand(c, M).clone().scatter_(-1, bucket_of_slot, slots)
     rest_count = (vocab_size - n_buckets.squeeze(-1)).to(torch.float64)
-    return Buckets(ids, empty, rest_count == 0, torch.log(rest_count), order, bucket_of_slot, order // k)
+    return Buckets(ids, empty, rest_count == 0, torch.log(rest_count), bucket_of_slot)
 
 
 def teacher_table(buckets: Buckets, topk_logprobs: list[Tensor], tails: list[Tensor], vocab_size: int) -> Tensor:
@@ -109,9 +128,10 @@ def teacher_table(buckets: Buckets, topk_logprobs: list[Tensor], tails: list[Ten
     per_token = tail - math.log(vocab_size - k) if vocab_size > k else torch.full_like(tail, -math.inf)
     table = per_token.expand(K, c, M + 1).contiguous()
     # Each (teacher, token, bucket) is listed at most once: one scatter places every stored value.
-    slot_values = values.permute(1, 0, 2).reshape(c, K * k).gather(-1, buckets.order)
+    slot_values = values.permute(1, 0, 2).reshape(c, K * k)  # slot j * k + i: teacher j's i-th value
     rows = torch.arange(c, device=table.device).unsqueeze(-1)
-    flat = (buckets.teacher_of_slot * c + rows) * (M + 1) + buckets.bucket_of_slot
+    teacher_of_slot = torch.arange(K * k, device=table.device) // k
+    flat = (teacher_of_slot * c + rows) * (M + 1) + buckets.bucket_of_slot
     table.view(-1).scatter_(0, flat.reshape(-1), slot_values.reshape(-1))
     return table
 
@@ -188,7 +208,7 @@ def logits_grad(grad_buckets: Tensor, probs: Tensor, on_buckets: Tensor, rest: T
 
 
 @dataclass
-class _SparsePlan:
+class _SparsePlan(RowChunks):
     """What the autograd function needs besides the student logits (flattened over B*T).
     `targets`, `chunks()` and `compute_ce` are what the shared backward pass reads."""
 
@@ -206,20 +226,6 @@ class _SparsePlan:
     needs_grad: bool
     target_entropy_sum: float = 0.0
 
-    def chunks(self) -> list[Tensor]:
-        return list(torch.split(self.valid_idx, self.chunk_tokens))
-
-    def row_groups(self, in_place: bool) -> list[slice] | list[Tensor]:
-        """Rows per forward chunk. With `in_place` (most rows have a target, and the gradient
-        buffer has the compute dtype), contiguous slices of all rows: each chunk is worked on
-        inside its own rows of the gradient buffer (no gather, no scatter back, no zeroing);
-        rows without a target ride along with zero weight and are zeroed. Else chunks of the
-        valid rows' indices, as in the dense driver."""
-        if not in_place:
-            return self.chunks()
-        n = self.targets.numel()
-        return [slice(start, min(n, start + self.chunk_tokens)) for start in range(0, n, self.chunk_tokens)]
-
 
 class _SparseDistill(_ChunkedDistill):
     """Forward as in the dense driver with the target and the divergence on buckets; the
@@ -234,7 +240,7 @@ class _SparseDistill(_ChunkedDistill):
         temperature = plan.config.temperature
         has_teachers = bool(plan.topk_ids)
         grad_buffer = torch.empty_like(flat_student) if plan.needs_grad and has_teachers else None
-        in_place = grad_buffer is not None and grad_buffer.dtype == dtype and 2 * plan.valid_idx.numel() >= len(plan.targets)
+        in_place = plan.in_place(grad_buffer, dtype)
         if grad_buffer is not None and not in_place:  # rows with a target are all written below
             no_target = torch.ones(flat_student.shape[0], dtype=torch.bool, device=flat_student.device)
             no_target[plan.valid_idx] = False
@@ -243,21 +249,12 @@ class _SparseDistill(_ChunkedDistill):
         ce_sum = torch.zeros_like(div_sum)
         entropy_sum = torch.zeros_like(div_sum)
         for rows in plan.row_groups(in_place):
-            if in_place:  # the chunk's own rows of the gradient buffer: logits / T, then probs, then grad
-                scaled = grad_buffer[rows].copy_(flat_student[rows])  # type: ignore[index]
-            else:  # a fresh copy [c, V]
-                scaled = flat_student[rows].to(dtype)
             targets = plan.targets[rows]
             valid = targets != IGNORE_INDEX
             gold = targets.clamp(min=0).unsqueeze(-1)
-            if plan.compute_ce and temperature != 1.0:
-                ce = torch.logsumexp(scaled, dim=-1) - scaled.gather(-1, gold).squeeze(-1)
-                ce_sum += torch.where(valid, ce, 0.0).sum()
-            if temperature != 1.0:
-                scaled.div_(temperature)
-            logprobs = torch.log_softmax(scaled, dim=-1, out=scaled)  # in place: one fused pass
-            if plan.compute_ce and temperature == 1.0:
-                ce_sum -= torch.where(valid, logprobs.gather(-1, gold).squeeze(-1), 0.0).sum()
+            logprobs, chunk_ce = chunk_logprobs(flat_student, rows, grad_buffer, in_place, dtype, temperature, gold,
+                                                valid, plan.compute_ce)
+            ce_sum += chunk_ce
             if not has_teachers:
                 continue
             weights = plan.weights[rows].to(dtype) * valid.unsqueeze(-1)  # no target, no weight
@@ -265,15 +262,21 @@ class _SparseDistill(_ChunkedDistill):
                 [ids[rows] for ids in plan.topk_ids], [values[rows] for values in plan.topk_logprobs],
                 [tail[rows].to(dtype) for tail in plan.tails], weights, plan.blend, V)
             has_weight = weights.sum(dim=-1) > 0
-            entropy_sum += torch.where(has_weight, target_entropy(target), 0.0).sum()
             student, probs, on_buckets, rest = student_on_buckets(
                 logprobs, buckets, lambda bad: torch.log_softmax(flat_student[rows][bad].to(dtype) / temperature, dim=-1))
-            with torch.enable_grad():
-                student.requires_grad_(plan.needs_grad)
-                per_token = plan.divergence(student, target, plan.config)
-                chunk_loss = torch.where(has_weight, per_token, 0.0).sum() * temperature**2
-                grad_buckets = torch.autograd.grad(chunk_loss, student)[0] if plan.needs_grad else None
-            div_sum += chunk_loss.detach()
+            if plan.divergence is forward_kl:  # closed form on the buckets, as in the dense driver
+                per_token, entropy, grad_buckets = _forward_kl_chunk(student, target, has_weight, temperature,
+                                                                     plan.needs_grad)
+                entropy_sum += torch.where(has_weight, entropy, 0.0).sum()
+                div_sum += torch.where(has_weight, per_token, 0.0).sum() * temperature**2
+            else:
+                entropy_sum += torch.where(has_weight, target_entropy(target), 0.0).sum()
+                with torch.enable_grad():
+                    student.requires_grad_(plan.needs_grad)
+                    per_token = plan.divergence(student, target, plan.config)
+                    chunk_loss = torch.where(has_weight, per_token, 0.0).sum() * temperature**2
+                    grad_buckets = torch.autograd.grad(chunk_loss, student)[0] if plan.needs_grad else None
+                div_sum += chunk_loss.detach()
             if grad_buckets is not None:
                 grad = logits_grad(grad_buckets, probs, on_buckets, rest, buckets)
                 if temperature != 1.0:
@@ -282,7 +285,7 @@ class _SparseDistill(_ChunkedDistill):
                     grad.index_fill_(0, (~valid).nonzero().squeeze(-1), 0.0)
                 else:
                     grad_buffer.index_copy_(0, rows, grad.to(grad_buffer.dtype))  # type: ignore[union-attr]
-            del target, student, probs, scaled, logprobs
+            del target, student, probs, logprobs
         plan.target_entropy_sum = float(entropy_sum)
         ctx.plan = plan
         ctx.grad_buffer = grad_buffer
