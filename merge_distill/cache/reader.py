@@ -161,11 +161,14 @@ def sparse_agreement(signals: SparseTeacherSignals, mask: Tensor, vocab_size: in
     ids = [t.reshape(-1, k)[positions].long() for t in signals.topk_ids]
     values = [t.reshape(-1, k)[positions].float() for t in signals.topk_logprobs]
     tails = [t.reshape(-1)[positions].float() for t in signals.tail_logprobs]
+    # All pairs at once: pair p's tokens are rows p * n ... (p + 1) * n - 1 of one layout.
+    first, second = zip(*pairs)
+    buckets = bucket_layout([torch.cat([ids[a] for a in first]), torch.cat([ids[b] for b in second])], vocab_size)
+    table = teacher_table(buckets, [torch.cat([values[a] for a in first]), torch.cat([values[b] for b in second])],
+                          [torch.cat([tails[a] for a in first]), torch.cat([tails[b] for b in second])], vocab_size)
+    table[:, :, -1] += buckets.log_rest_count.float()  # rest holds V - |U| tokens
+    table[:, :, :-1].masked_fill_(buckets.empty, -math.inf)  # [2, P * n, M + 1]
     for p, (a, b) in enumerate(pairs):
-        buckets = bucket_layout([ids[a], ids[b]], vocab_size)
-        table = teacher_table(buckets, [values[a], values[b]], [tails[a], tails[b]], vocab_size)  # [2, n, M+1]
-        table[:, :, -1] += buckets.log_rest_count.float()  # rest holds V - |U| tokens
-        table[:, :, :-1].masked_fill_(buckets.empty, -math.inf)
         top1[p] = float((ids[a][:, 0] == ids[b][:, 0]).sum())
-        js[p] = pairwise_js(table[0], table[1]).double().sum().cpu()
+    js = pairwise_js(table[0], table[1]).view(len(pairs), -1).double().sum(dim=-1).cpu()
     return top1, js, int(positions.numel())

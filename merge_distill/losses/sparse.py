@@ -26,7 +26,7 @@ equal the dense driver's (tested). With one teacher the teacher side is exact (n
 used: U = S_1). With several teachers the estimate enters only where a token is in one
 teacher's top-k and not in another's.
 
-Fixed width: each token has M = K*k bucket slots: its |U| distinct ids (in the order the teachers
+Fixed width: each token of a chunk has M bucket slots (M = the chunk's largest |U| <= K*k): its |U| distinct ids (in the order the teachers
 list them; duplicates found with a scatter/gather through a [c, V] index map, no sort), then
 empty slots. Structurally empty buckets (those slots, and rest when |U| = V)
 get the finite log-prob EMPTY_LOGPROB in both student and target: p = q = 0 and a log-ratio of
@@ -69,7 +69,8 @@ EMPTY_LOGPROB = -1.0e4  # exp() is exactly 0 in float32 and float64; finite, so 
 
 @dataclass
 class Buckets:
-    """The bucket layout of c tokens (M = K * k slots per token).
+    """The bucket layout of c tokens: M bucket slots per token, M = the largest |U| among them
+    (at most K * k).
 
     ids [c, M]: token id of each bucket, distinct ids first (in order of first listing: teacher
     0's top-k, then the ids teacher 1 adds, ...), then empty slots that repeat the row's first
@@ -82,7 +83,7 @@ class Buckets:
     empty: Tensor
     rest_empty: Tensor
     log_rest_count: Tensor
-    bucket_of_slot: Tensor  # [c, M] bucket index of each input slot
+    bucket_of_slot: Tensor  # [c, K * k] bucket index of each input slot
 
 
 def bucket_layout(topk_ids: list[Tensor], vocab_size: int) -> Buckets:
@@ -103,9 +104,12 @@ def bucket_layout(topk_ids: list[Tensor], vocab_size: int) -> Buckets:
     bucket_of_new = is_new.cumsum(dim=-1) - 1
     bucket_of_slot = bucket_of_new.gather(-1, first_slot.long())
     n_buckets = bucket_of_new[:, -1:] + 1
-    empty = torch.arange(M, device=slots.device) >= n_buckets
+    # Width: the largest |U| among these tokens (teachers that agree share ids, so this is often
+    # well below K * k); every column past it would be empty in every row.
+    width = int(n_buckets.max())
+    empty = torch.arange(width, device=slots.device) >= n_buckets
     # A duplicate slot writes the same id as its first listing into the same bucket.
-    ids = slots[:, :1].expand(c, M).clone().scatter_(-1, bucket_of_slot, slots)
+    ids = slots[:, :1].expand(c, width).clone().scatter_(-1, bucket_of_slot, slots)
     rest_count = (vocab_size - n_buckets.squeeze(-1)).to(torch.float64)
     return Buckets(ids, empty, rest_count == 0, torch.log(rest_count), bucket_of_slot)
 
@@ -164,47 +168,81 @@ def sparse_target(
     return target, buckets
 
 
-def student_on_buckets(logprobs: Tensor, buckets: Buckets,
-                       rows_again: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+@dataclass
+class StudentSide:
+    """The student on the buckets of c tokens, and what `logits_grad` needs.
+
+    logprobs [c, M + 1]: on U, then log s_rest (s_rest = its probability outside U); empty
+    buckets at EMPTY_LOGPROB. probs [c, V]: its probabilities (their U entries get overwritten).
+    on_buckets [c, M]: its probabilities on U. rest [c]: log s_rest. tiny [c] bool: rows whose
+    s_rest is below e^TINY_REST, and tiny_shares [n_tiny, V]: p_v / s_rest outside U (0 on U)
+    for those rows, from log-probs recomputed there (1 / s_rest would overflow float32 and the
+    p_v underflow).
+    """
+
+    logprobs: Tensor
+    probs: Tensor
+    on_buckets: Tensor
+    rest: Tensor
+    tiny: Tensor
+    tiny_shares: Tensor | None
+
+
+TINY_REST = -60.0  # below this log s_rest, exp(-rest) nears float32's overflow (e^88.7)
+
+
+def student_on_buckets(logprobs: Tensor, buckets: Buckets, rows_again: Callable[[Tensor], Tensor]) -> StudentSide:
     """The student's side, from its log-probs at T [c, V] (consumed: turned into probabilities).
 
-    -> (bucket log-probs [c, M + 1] with empty buckets at EMPTY_LOGPROB, probs [c, V] outside U
-    (0 on U), probs on the buckets [c, M], log s_rest [c]).
-    rest = log of the summed probability outside U: the sum runs over those tokens only, so it
-    never cancels (unlike 1 - sum over U). Where every such probability underflows to 0 (a logit
-    gap above ~100 in float32), rest is a logsumexp over log-probs recomputed from
-    rows_again(row mask) -> those rows' log-probs.
+    s_rest: where the mass on U is at most 1/2, 1 - (sum over U), via log1p: s_rest >= 1/2, so
+    the subtraction cannot cancel (relative error a few float eps) and nothing of size V is
+    summed. Elsewhere the sum over the tokens outside U themselves, which never cancels. Where
+    that is below e^TINY_REST (or underflows to 0: a logit gap above ~100 in float32), a
+    logsumexp over log-probs recomputed by rows_again(row mask) -> those rows' log-probs [n, V].
     """
     on_ids = logprobs.gather(-1, buckets.ids)
     on_buckets = on_ids.exp()
-    probs = logprobs.exp_().scatter_(-1, buckets.ids, 0.0)
-    rest = torch.log(probs.sum(dim=-1))
-    underflow = torch.isneginf(rest) & ~buckets.rest_empty
-    if bool(underflow.any()):
-        outside = rows_again(underflow).scatter_(-1, buckets.ids[underflow], -math.inf)
-        rest[underflow] = torch.logsumexp(outside, dim=-1)
+    probs = logprobs.exp_()
+    mass_on_u = torch.where(buckets.empty, 0.0, on_buckets).sum(dim=-1)
+    rest = torch.log1p(-mass_on_u.clamp(max=0.5))
+    exact = (mass_on_u > 0.5) & ~buckets.rest_empty
+    if bool(exact.any()):
+        rest[exact] = torch.log(probs[exact].scatter_(-1, buckets.ids[exact], 0.0).sum(dim=-1))  # on a copy
+    tiny = (rest < TINY_REST) & ~buckets.rest_empty
+    shares = None
+    if bool(tiny.any()):
+        outside = rows_again(tiny).scatter_(-1, buckets.ids[tiny], -math.inf)
+        rest[tiny] = torch.logsumexp(outside, dim=-1)
+        shares = outside.sub_(rest[tiny].unsqueeze(-1)).exp_()
     rest = torch.where(buckets.rest_empty, EMPTY_LOGPROB, rest)
     student = torch.cat([on_ids.masked_fill_(buckets.empty, EMPTY_LOGPROB), rest.unsqueeze(-1)], dim=-1)
-    return student, probs, on_buckets, rest
+    return StudentSide(student, probs, on_buckets, rest, tiny, shares)
 
 
-def logits_grad(grad_buckets: Tensor, probs: Tensor, on_buckets: Tensor, rest: Tensor, buckets: Buckets) -> Tensor:
+def logits_grad(grad_buckets: Tensor, side: StudentSide, buckets: Buckets) -> Tensor:
     """d loss / d (logits / T) [c, V] from d loss / d student buckets [c, M + 1], in place on
-    probs (outside U; U's entries are overwritten) with on_buckets [c, M] the probs on U.
+    side.probs (side.on_buckets is consumed too).
 
     With g_u the buckets' gradients (empty ones are constants: dropped), g_r the rest's and
     G = sum_u g_u + g_r: v outside U gets p_v (g_r / s_rest - G) (rest = log sum of those p_v,
-    then log_softmax), u in U gets g_u - p_u G.
+    then log_softmax), u in U gets g_u - p_u G. In tiny rows the first is written as
+    (p_v / s_rest) (g_r - s_rest G), from the recomputed shares.
     """
     M = buckets.ids.shape[-1]
     grad_slots = grad_buckets[:, :M].masked_fill(buckets.empty, 0.0)
     grad_rest = grad_buckets[:, M].masked_fill(buckets.rest_empty, 0.0)
     total = grad_slots.sum(dim=-1) + grad_rest
-    # exp(-rest) = 1 / s_rest; 0 where the rest is empty (its gradient is 0 anyway).
-    per_rest = torch.where(buckets.rest_empty, 0.0, grad_rest * torch.exp(-rest))
-    grad = probs.mul_((per_rest - total).unsqueeze(-1))
-    grad.scatter_(-1, buckets.ids, on_buckets * -total.unsqueeze(-1))
-    return grad.scatter_add_(-1, buckets.ids, grad_slots)
+    # exp(-rest) = 1 / s_rest; 0 where the rest is empty (its gradient is 0 anyway) or tiny
+    # (those rows are rewritten below).
+    per_rest = torch.where(buckets.rest_empty | side.tiny, 0.0, grad_rest * torch.exp(-side.rest))
+    grad = side.probs.mul_((per_rest - total).unsqueeze(-1))
+    if side.tiny_shares is not None:
+        tiny = side.tiny
+        grad[tiny] = side.tiny_shares.mul_((grad_rest[tiny] - side.rest[tiny].exp() * total[tiny]).unsqueeze(-1))
+    on_ids = side.on_buckets.mul_(-total.unsqueeze(-1)).add_(grad_slots)  # [c, M]: g_u - p_u G
+    # Empty slots repeat the row's first id: give them the first slot's value, so that one
+    # scatter writes a single value per id whichever duplicate lands last.
+    return grad.scatter_(-1, buckets.ids, torch.where(buckets.empty, on_ids[:, :1], on_ids))
 
 
 @dataclass
@@ -262,8 +300,9 @@ class _SparseDistill(_ChunkedDistill):
                 [ids[rows] for ids in plan.topk_ids], [values[rows] for values in plan.topk_logprobs],
                 [tail[rows].to(dtype) for tail in plan.tails], weights, plan.blend, V)
             has_weight = weights.sum(dim=-1) > 0
-            student, probs, on_buckets, rest = student_on_buckets(
+            side = student_on_buckets(
                 logprobs, buckets, lambda bad: torch.log_softmax(flat_student[rows][bad].to(dtype) / temperature, dim=-1))
+            student = side.logprobs
             if plan.divergence is forward_kl:  # closed form on the buckets, as in the dense driver
                 per_token, entropy, grad_buckets = _forward_kl_chunk(student, target, has_weight, temperature,
                                                                      plan.needs_grad)
@@ -278,14 +317,14 @@ class _SparseDistill(_ChunkedDistill):
                     grad_buckets = torch.autograd.grad(chunk_loss, student)[0] if plan.needs_grad else None
                 div_sum += chunk_loss.detach()
             if grad_buckets is not None:
-                grad = logits_grad(grad_buckets, probs, on_buckets, rest, buckets)
+                grad = logits_grad(grad_buckets, side, buckets)
                 if temperature != 1.0:
                     grad.div_(temperature)  # d(logits / T) / d logits
                 if in_place:  # rows without a target had no weight; zero them (row indices, not a [c, V] mask)
                     grad.index_fill_(0, (~valid).nonzero().squeeze(-1), 0.0)
                 else:
                     grad_buffer.index_copy_(0, rows, grad.to(grad_buffer.dtype))  # type: ignore[union-attr]
-            del target, student, probs, logprobs
+            del target, student, side, logprobs
         plan.target_entropy_sum = float(entropy_sum)
         ctx.plan = plan
         ctx.grad_buffer = grad_buffer

@@ -185,3 +185,60 @@ def test_shapes_are_checked() -> None:
         sparse_distill_loss(batch["student_logits"], ids, values, tails, batch["weights"][..., :2], batch["targets"], kl, config)
     with pytest.raises(ValueError, match="tail has shape"):
         sparse_distill_loss(batch["student_logits"], ids, values, [t[:, :3] for t in tails], batch["weights"], batch["targets"], kl, config)
+
+
+def test_bucket_layout_matches_a_set_union():
+    """Buckets = the distinct ids in order of first listing, width = the largest union, empty
+    slots repeat the row's first id, and every input slot points at the bucket of its id."""
+    from merge_distill.losses.sparse import bucket_layout
+
+    g = torch.Generator().manual_seed(3)
+    V, k, c = 12, 4, 50
+    # Teachers drawn from overlapping pools, so unions range from 4 to 12 ids.
+    topk_ids = [torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(c)]) for _ in range(3)]
+    buckets = bucket_layout(topk_ids, V)
+    slots = torch.cat(topk_ids, dim=-1)
+    unions = [list(dict.fromkeys(row.tolist())) for row in slots]
+    width = max(len(u) for u in unions)
+    assert buckets.ids.shape == (c, width) and width < 3 * k
+    for r, union in enumerate(unions):
+        n = len(union)
+        assert buckets.ids[r, :n].tolist() == union
+        assert buckets.ids[r, n:].tolist() == [union[0]] * (width - n)
+        assert buckets.empty[r].tolist() == [False] * n + [True] * (width - n)
+        assert buckets.ids[r][buckets.bucket_of_slot[r]].tolist() == slots[r].tolist()
+        assert bool(buckets.rest_empty[r]) == (n == V)
+        if n < V:
+            assert math.isclose(float(buckets.log_rest_count[r]), math.log(V - n))
+
+
+def test_student_rest_mass_in_every_regime():
+    """The student's rest bucket where its mass on U is small (log1p path), large (summed over
+    the other tokens) and where those tokens underflow in float32 (logit gap 200): loss and
+    gradient in float32 against an autograd float64 reference with log s_rest = logsumexp."""
+    g = torch.Generator().manual_seed(11)
+    V, k = 8, 2
+    teacher = torch.randn(1, 3, V, generator=g, dtype=torch.float64)
+    ids, values, tails = top_k([teacher], k, 1.0)
+    on_u = torch.zeros(1, 3, V, dtype=torch.float64).scatter_(-1, ids[0], 1.0)
+    # Rows: mass on U about 2/8, about 0.99, and 1 - e^-200 (the rest underflows in float32).
+    student64 = (0.1 * torch.randn(1, 3, V, generator=g, dtype=torch.float64)
+                 + on_u * torch.tensor([0.0, 6.0, 200.0], dtype=torch.float64).view(1, 3, 1))
+    weights = torch.ones(1, 3, 1)
+    targets = torch.zeros(1, 3, dtype=torch.long)
+    config = config_for("forward_kl", {})
+    student32 = student64.float().requires_grad_(True)
+    out = sparse_distill_loss(student32, ids, [v.float() for v in values], [t.float() for t in tails], weights, targets,
+                              DIVERGENCES.get("forward_kl").impl, config)
+    (grad,) = torch.autograd.grad(out.divergence_sum, student32)
+
+    z = student64.clone().requires_grad_(True)
+    q = torch.cat([values[0], tails[0].unsqueeze(-1)], dim=-1).exp()  # one teacher: exact on the buckets
+    log_s_u = torch.log_softmax(z, -1).gather(-1, ids[0])
+    log_s_rest = torch.logsumexp(z.masked_fill(on_u.bool(), -math.inf), -1) - torch.logsumexp(z, -1)
+    log_s = torch.cat([log_s_u, log_s_rest.unsqueeze(-1)], dim=-1)
+    reference = (q * (q.log() - log_s)).sum()
+    (ref_grad,) = torch.autograd.grad(reference, z)
+    assert float(log_s_rest[0, 2].detach()) < -190  # the third row really is in the underflow regime
+    assert float(out.divergence_sum.detach()) == pytest.approx(float(reference.detach()), rel=1e-5)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
