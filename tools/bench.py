@@ -13,7 +13,7 @@ interleaved (rep 1: all variants, rep 2: all variants, ...) and the table shows 
 `--reps`, so a burst of load from other jobs hits all variants alike. Workers run with
 STEADY_MALLOC (below) unless --default-malloc.
 
-    python tools/bench.py --reps 5              # CPU, 1 thread (about 12 minutes on 2 shared cores)
+    python tools/bench.py --reps 5 --steps 16   # CPU, 1 thread: the table in docs/PERFORMANCE.md (~25 min)
     python tools/bench.py --device cuda --threads 4
     python tools/bench.py --quick               # a smoke run: 1 rep, 2 steps
 
@@ -26,6 +26,7 @@ same recipe with `cache.use: true` (k = 64, float16); the caches are written fir
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import math
@@ -279,7 +280,10 @@ def main() -> None:
     ks = [int(k) for k in args.ks.split(",")]
     variants = [(v, k) for k in ks for v in args.variants.split(",")]
     if not args.no_trl and 1 in ks:
-        variants.append(("trl", 1))
+        if importlib.util.find_spec("trl") is None:
+            print("trl is not installed (pip install -e '.[bench]'): no TRL row", flush=True)
+        else:
+            variants.append(("trl", 1))
     results: dict = {key: [] for key in variants}
     for rep in range(args.reps):
         for variant, k in variants:
