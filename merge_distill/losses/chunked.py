@@ -19,6 +19,7 @@ retain_graph) and not twice-differentiated.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,6 +152,92 @@ def chunk_logprobs(flat_student: Tensor, rows: slice | Tensor, grad_buffer: Tens
     return logprobs, ce_sum
 
 
+class ChunkRun:
+    """One forward pass of a loss driver over its plan's row chunks (both drivers use it).
+
+    Sets up the gradient buffer shaped like the flattened student logits [B*T, V] (None without
+    `needs_grad` or teachers) and yields each chunk's rows, valid mask [c] and student log-probs
+    at T [c, V] (adding its CE at T = 1 to ce_sum). Per chunk the driver builds its target and
+    calls `divergence` (sums and gradient) and `store_grad`; `finish` hands the sums and the
+    buffer to the autograd context.
+    """
+
+    def __init__(self, plan: Any, student_logits: Tensor, has_teachers: bool):
+        V = student_logits.shape[-1]
+        self.plan = plan
+        self.student_logits = student_logits
+        self.flat_student = student_logits.reshape(-1, V)
+        self.dtype = compute_dtype(student_logits.dtype)
+        self.temperature = plan.config.temperature
+        self.grad_buffer = torch.empty_like(self.flat_student) if plan.needs_grad and has_teachers else None
+        self.in_place = plan.in_place(self.grad_buffer, self.dtype)
+        if self.grad_buffer is not None and not self.in_place:  # rows with a target are all written later
+            no_target = torch.ones(self.flat_student.shape[0], dtype=torch.bool, device=student_logits.device)
+            no_target[plan.valid_idx] = False
+            self.grad_buffer[no_target] = 0.0
+        self.div_sum = torch.zeros((), dtype=self.dtype, device=student_logits.device)
+        self.ce_sum = torch.zeros_like(self.div_sum)
+        self.entropy_sum = torch.zeros_like(self.div_sum)
+
+    def chunks(self) -> Iterator[tuple[slice | Tensor, Tensor, Tensor]]:
+        """-> (rows: a slice or indices [c], valid [c] bool, student log-probs at T [c, V])."""
+        for rows in self.plan.row_groups(self.in_place):
+            targets = self.plan.targets[rows]
+            valid = targets != IGNORE_INDEX
+            gold = targets.clamp(min=0).unsqueeze(-1)  # [c, 1]
+            logprobs, chunk_ce = chunk_logprobs(self.flat_student, rows, self.grad_buffer, self.in_place, self.dtype,
+                                                self.temperature, gold, valid, self.plan.compute_ce)
+            self.ce_sum += chunk_ce
+            yield rows, valid, logprobs
+
+    def divergence(self, student: Tensor, target: Tensor, has_weight: Tensor) -> Tensor | None:
+        """Add the chunk's T^2 * divergence and target entropy (rows with weight only) to the sums.
+
+        student [c, W] log-probs at T (W = V, or the sparse driver's buckets), target [c, W]
+        (consumed), has_weight [c] -> d(T^2 * summed divergence) / d student [c, W], or None
+        without needs_grad. Forward KL in closed form; any other divergence through autograd on a
+        local graph that lives for this chunk only.
+        """
+        plan, temperature = self.plan, self.temperature
+        if plan.divergence is forward_kl:
+            per_token, entropy, grad = _forward_kl_chunk(student, target, has_weight, temperature, plan.needs_grad)
+            self.entropy_sum += torch.where(has_weight, entropy, 0.0).sum()
+            self.div_sum += torch.where(has_weight, per_token, 0.0).sum() * temperature**2
+            return grad
+        self.entropy_sum += torch.where(has_weight, target_entropy(target), 0.0).sum()
+        with torch.enable_grad():
+            student.requires_grad_(plan.needs_grad)
+            per_token = plan.divergence(student, target, plan.config)
+            if per_token.shape != student.shape[:1]:
+                raise ValueError(f"divergence returned shape {tuple(per_token.shape)}, expected [N] = {tuple(student.shape[:1])}")
+            # Rows with no teacher weight have no target distribution: no loss there.
+            chunk_loss = torch.where(has_weight, per_token, 0.0).sum() * temperature**2
+            grad = torch.autograd.grad(chunk_loss, student)[0] if plan.needs_grad else None
+        self.div_sum += chunk_loss.detach()
+        return grad
+
+    def store_grad(self, rows: slice | Tensor, valid: Tensor, grad: Tensor) -> None:
+        """grad [c, V] = d loss / d (logits / T) of the chunk -> d loss / d logits in the buffer."""
+        if self.temperature != 1.0:
+            grad.div_(self.temperature)
+        if self.in_place:  # already in its rows; rows without a target had no weight: zero them
+            grad.index_fill_(0, (~valid).nonzero().squeeze(-1), 0.0)
+        else:
+            self.grad_buffer.index_copy_(0, rows, grad.to(self.grad_buffer.dtype))  # type: ignore[union-attr]
+
+    def finish(self, ctx: Any) -> tuple[Tensor, Tensor]:
+        """Hand the buffer to the autograd context; -> (divergence sum, CE sum)."""
+        plan = self.plan
+        plan.target_entropy_sum = float(self.entropy_sum)
+        ctx.plan = plan
+        ctx.grad_buffer = self.grad_buffer
+        ctx.logits_shape = self.student_logits.shape
+        ctx.backward_done = False
+        if plan.compute_ce and plan.needs_grad:
+            ctx.save_for_backward(self.student_logits)
+        return self.div_sum, self.ce_sum
+
+
 @dataclass
 class _Plan(RowChunks):
     """Everything the autograd function needs besides the student logits (flattened views)."""
@@ -207,73 +294,21 @@ class _ChunkedDistill(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, student_logits: Tensor, plan: _Plan) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         ctx.set_materialize_grads(False)
-        V = student_logits.shape[-1]
-        flat_student = student_logits.reshape(-1, V)
-        dtype = compute_dtype(student_logits.dtype)
-        temperature = plan.config.temperature
         has_teachers = bool(plan.teacher_logits)
-        # The gradient of divergence_sum w.r.t. the logits, filled chunk by chunk.
-        grad_buffer = torch.empty_like(flat_student) if plan.needs_grad and has_teachers else None
-        in_place = plan.in_place(grad_buffer, dtype)
-        if grad_buffer is not None and not in_place:  # rows with a target are all written below
-            no_target = torch.ones(flat_student.shape[0], dtype=torch.bool, device=flat_student.device)
-            no_target[plan.valid_idx] = False
-            grad_buffer[no_target] = 0.0
-        div_sum = torch.zeros((), dtype=dtype, device=student_logits.device)
-        ce_sum = torch.zeros_like(div_sum)
-        entropy_sum = torch.zeros_like(div_sum)
-        for rows in plan.row_groups(in_place):
-            targets = plan.targets[rows]
-            valid = targets != IGNORE_INDEX
-            gold = targets.clamp(min=0).unsqueeze(-1)  # [c, 1]
-            logprobs, chunk_ce = chunk_logprobs(flat_student, rows, grad_buffer, in_place, dtype, temperature, gold,
-                                                valid, plan.compute_ce)
-            ce_sum += chunk_ce
-            if has_teachers and plan.divergence is forward_kl:
-                # The default divergence in closed form, without autograd: same value and gradient.
-                target, has_weight = _blend_chunk(plan, rows, dtype, valid)
-                per_token, entropy, grad = _forward_kl_chunk(logprobs, target, has_weight, temperature, plan.needs_grad)
-                entropy_sum += torch.where(has_weight, entropy, 0.0).sum()
-                div_sum += torch.where(has_weight, per_token, 0.0).sum() * temperature**2
-                del target, has_weight, per_token, entropy
-            elif has_teachers:
-                target, has_weight = _blend_chunk(plan, rows, dtype, valid)
-                entropy_sum += torch.where(has_weight, target_entropy(target), 0.0).sum()
-                # Differentiate the divergence w.r.t. the student log-probs with a local graph
-                # that lives for this chunk only.
-                with torch.enable_grad():
-                    logprobs.requires_grad_(plan.needs_grad)
-                    per_token = plan.divergence(logprobs, target, plan.config)
-                    if per_token.shape != logprobs.shape[:1]:
-                        raise ValueError(
-                            f"divergence returned shape {tuple(per_token.shape)}, expected [N] = {tuple(logprobs.shape[:1])}"
-                        )
-                    # Rows with no teacher weight have no target distribution: no loss there.
-                    chunk_loss = torch.where(has_weight, per_token, 0.0).sum() * temperature**2
-                    grad = torch.autograd.grad(chunk_loss, logprobs)[0] if plan.needs_grad else None
-                div_sum += chunk_loss.detach()
-                del target, has_weight, per_token, chunk_loss
-            if has_teachers and grad is not None:
+        run = ChunkRun(plan, student_logits, has_teachers)
+        for rows, valid, logprobs in run.chunks():
+            if not has_teachers:
+                continue
+            target, has_weight = _blend_chunk(plan, rows, run.dtype, valid)
+            grad = run.divergence(logprobs, target, has_weight)
+            del target, has_weight
+            if grad is not None:
                 # Chain through log_softmax(logits / T) by hand, in place (the graph is gone):
-                # d/d logits = (g - softmax * sum_v g) / T, with softmax = exp(log-probs),
+                # d/d (logits / T) = g - softmax * sum_v g, with softmax = exp(log-probs),
                 # written over the log-probs.
-                grad = logprobs.detach().exp_().mul_(-grad.sum(dim=-1, keepdim=True)).add_(grad)
-                if temperature != 1.0:
-                    grad.div_(temperature)
-                if in_place:  # rows without a target had no weight; zero them (row indices, not a [c, V] mask)
-                    grad.index_fill_(0, (~valid).nonzero().squeeze(-1), 0.0)
-                else:
-                    grad_buffer.index_copy_(0, rows, grad.to(grad_buffer.dtype))  # type: ignore[union-attr]
-                del grad
-            del logprobs
-        plan.target_entropy_sum = float(entropy_sum)
-        ctx.plan = plan
-        ctx.grad_buffer = grad_buffer
-        ctx.logits_shape = student_logits.shape
-        ctx.backward_done = False
-        if plan.compute_ce and plan.needs_grad:
-            ctx.save_for_backward(student_logits)
-        return div_sum, ce_sum
+                run.store_grad(rows, valid, logprobs.detach().exp_().mul_(-grad.sum(dim=-1, keepdim=True)).add_(grad))
+            del grad, logprobs
+        return run.finish(ctx)
 
     @staticmethod
     @once_differentiable

@@ -52,15 +52,11 @@ from torch import Tensor
 from merge_distill.losses.base import LossConfigBase
 from merge_distill.losses.blend import OnlineBlend, check_blend_mode
 from merge_distill.losses.chunked import (
+    ChunkRun,
     DistillOutput,
     RowChunks,
     _ChunkedDistill,
-    _forward_kl_chunk,
-    chunk_logprobs,
-    compute_dtype,
-    target_entropy,
 )
-from merge_distill.losses.forward_kl import forward_kl
 from merge_distill.losses.registry import DivergenceFn
 from merge_distill.signals import IGNORE_INDEX
 
@@ -272,27 +268,11 @@ class _SparseDistill(_ChunkedDistill):
     @staticmethod
     def forward(ctx: Any, student_logits: Tensor, plan: _SparsePlan) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         ctx.set_materialize_grads(False)
-        V = student_logits.shape[-1]
-        flat_student = student_logits.reshape(-1, V)
-        dtype = compute_dtype(student_logits.dtype)
-        temperature = plan.config.temperature
         has_teachers = bool(plan.topk_ids)
-        grad_buffer = torch.empty_like(flat_student) if plan.needs_grad and has_teachers else None
-        in_place = plan.in_place(grad_buffer, dtype)
-        if grad_buffer is not None and not in_place:  # rows with a target are all written below
-            no_target = torch.ones(flat_student.shape[0], dtype=torch.bool, device=flat_student.device)
-            no_target[plan.valid_idx] = False
-            grad_buffer[no_target] = 0.0
-        div_sum = torch.zeros((), dtype=dtype, device=student_logits.device)
-        ce_sum = torch.zeros_like(div_sum)
-        entropy_sum = torch.zeros_like(div_sum)
-        for rows in plan.row_groups(in_place):
-            targets = plan.targets[rows]
-            valid = targets != IGNORE_INDEX
-            gold = targets.clamp(min=0).unsqueeze(-1)
-            logprobs, chunk_ce = chunk_logprobs(flat_student, rows, grad_buffer, in_place, dtype, temperature, gold,
-                                                valid, plan.compute_ce)
-            ce_sum += chunk_ce
+        run = ChunkRun(plan, student_logits, has_teachers)
+        temperature, dtype = run.temperature, run.dtype
+        V = student_logits.shape[-1]
+        for rows, valid, logprobs in run.chunks():
             if not has_teachers:
                 continue
             weights = plan.weights[rows].to(dtype) * valid.unsqueeze(-1)  # no target, no weight
@@ -301,38 +281,13 @@ class _SparseDistill(_ChunkedDistill):
                 [tail[rows].to(dtype) for tail in plan.tails], weights, plan.blend, V)
             has_weight = weights.sum(dim=-1) > 0
             side = student_on_buckets(
-                logprobs, buckets, lambda bad: torch.log_softmax(flat_student[rows][bad].to(dtype) / temperature, dim=-1))
-            student = side.logprobs
-            if plan.divergence is forward_kl:  # closed form on the buckets, as in the dense driver
-                per_token, entropy, grad_buckets = _forward_kl_chunk(student, target, has_weight, temperature,
-                                                                     plan.needs_grad)
-                entropy_sum += torch.where(has_weight, entropy, 0.0).sum()
-                div_sum += torch.where(has_weight, per_token, 0.0).sum() * temperature**2
-            else:
-                entropy_sum += torch.where(has_weight, target_entropy(target), 0.0).sum()
-                with torch.enable_grad():
-                    student.requires_grad_(plan.needs_grad)
-                    per_token = plan.divergence(student, target, plan.config)
-                    chunk_loss = torch.where(has_weight, per_token, 0.0).sum() * temperature**2
-                    grad_buckets = torch.autograd.grad(chunk_loss, student)[0] if plan.needs_grad else None
-                div_sum += chunk_loss.detach()
+                logprobs, buckets,
+                lambda bad: torch.log_softmax(run.flat_student[rows][bad].to(dtype) / temperature, dim=-1))  # noqa: B023
+            grad_buckets = run.divergence(side.logprobs, target, has_weight)
             if grad_buckets is not None:
-                grad = logits_grad(grad_buckets, side, buckets)
-                if temperature != 1.0:
-                    grad.div_(temperature)  # d(logits / T) / d logits
-                if in_place:  # rows without a target had no weight; zero them (row indices, not a [c, V] mask)
-                    grad.index_fill_(0, (~valid).nonzero().squeeze(-1), 0.0)
-                else:
-                    grad_buffer.index_copy_(0, rows, grad.to(grad_buffer.dtype))  # type: ignore[union-attr]
-            del target, student, side, logprobs
-        plan.target_entropy_sum = float(entropy_sum)
-        ctx.plan = plan
-        ctx.grad_buffer = grad_buffer
-        ctx.logits_shape = student_logits.shape
-        ctx.backward_done = False
-        if plan.compute_ce and plan.needs_grad:
-            ctx.save_for_backward(student_logits)
-        return div_sum, ce_sum
+                run.store_grad(rows, valid, logits_grad(grad_buckets, side, buckets))
+            del target, side, logprobs
+        return run.finish(ctx)
 
 
 def sparse_distill_loss(
