@@ -140,7 +140,7 @@ def sparse_agreement(signals: SparseTeacherSignals, mask: Tensor, vocab_size: in
                      max_tokens: int = 64) -> tuple[Tensor, Tensor, int]:
     """Pairwise teacher agreement from the cache, on up to max_tokens evenly spaced valid tokens.
 
-    top-1 agreement is exact (the stored ids are sorted, the first is the argmax). JS is an
+    top-1 agreement is exact (the stored ids are ordered by log-prob, the first is the argmax). JS is an
     approximation: it is taken on the buckets of the pair's top-k union + one bucket for all
     other tokens, each teacher's unlisted tokens at its even tail share (losses/sparse.py);
     exact when k = V. Returns (top1 counts [P], JS sums [P], tokens) for

@@ -26,18 +26,20 @@ equal the dense driver's (tested). With one teacher the teacher side is exact (n
 used: U = S_1). With several teachers the estimate enters only where a token is in one
 teacher's top-k and not in another's.
 
-Fixed width: each token of a chunk has M bucket slots (M = the chunk's largest |U| <= K*k): its |U| distinct ids (in the order the teachers
-list them; duplicates found with a scatter/gather through a [c, V] index map, no sort), then
-empty slots. Structurally empty buckets (those slots, and rest when |U| = V)
-get the finite log-prob EMPTY_LOGPROB in both student and target: p = q = 0 and a log-ratio of
-0, so every registered divergence and the target entropy get exactly 0 from them (a -inf there
-would give 0 * inf). The teachers' values land in a [K, c, M+1] table with one scatter.
+Fixed width: each token of a chunk has M bucket slots (M = the chunk's largest |U| <= K*k): its
+|U| distinct ids (in the order the teachers list them; duplicates found with a scatter/gather
+through a [c, V] index map, no sort), then empty slots. Structurally empty buckets (those
+slots, and rest when |U| = V) get the finite log-prob EMPTY_LOGPROB in both student and
+target: p = q = 0 and a log-ratio of 0, so every registered divergence and the target entropy
+get exactly 0 from them (a -inf there would give 0 * inf). The teachers' values land in a
+[K, c, M+1] table with one scatter.
 
 Cost per chunk of c tokens: the student's softmax over V (needed by any loss) plus O(c * K * k)
-for the buckets; no teacher-side work is O(V). Gradient: the divergence is differentiated
-w.r.t. the student's bucket log-probs [c, M+1] with a local graph; the chain to the logits is
-applied by hand, in place on the student's probabilities (`logits_grad`). The cross-entropy
-part and the backward pass are the dense driver's (`_ChunkedDistill.backward`).
+for the buckets; no teacher-side work is O(V). Gradient: forward KL in closed form, any other
+divergence differentiated w.r.t. the student's bucket log-probs [c, M+1] on a local graph
+(`ChunkRun.divergence`); the chain to the logits is applied by hand, in place on the student's
+probabilities (`logits_grad`). The cross-entropy part and the backward pass are the dense
+driver's (`_ChunkedDistill.backward`).
 """
 
 from __future__ import annotations
