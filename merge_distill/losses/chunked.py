@@ -63,28 +63,25 @@ def target_entropy(target_logprobs: Tensor) -> Tensor:
         return -terms.mul_(torch.exp(target_logprobs)).sum(dim=-1)
 
 
-def _check_inputs(
-    student_logits: Tensor, teacher_logits: list[Tensor], weights: Tensor, targets: Tensor,
+def check_common_inputs(
+    student_logits: Tensor, num_teachers: int, weights: Tensor, targets: Tensor,
     config: LossConfigBase, blend: str, chunk_tokens: int,
 ) -> None:
+    """The checks both drivers share: student logits [B, T, V], weights [B, T, K], targets
+    [B, T] holding -100 or ids in [0, V), a positive chunk size, a known blend, and teachers
+    unless the loss is pure cross-entropy."""
     if student_logits.dim() != 3:
         raise ValueError(f"student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}")
     B, T, V = student_logits.shape
-    for k, logits in enumerate(teacher_logits):
-        if logits.shape != student_logits.shape:
-            raise ValueError(
-                f"teacher_logits[{k}] has shape {tuple(logits.shape)} but the student logits have "
-                f"{tuple(student_logits.shape)}; cut both to the tokenizer's vocabulary first"
-            )
-    if weights.shape != (B, T, len(teacher_logits)):
+    if weights.shape != (B, T, num_teachers):
         raise ValueError(
-            f"weights have shape {tuple(weights.shape)}, expected [B, T, K] = [{B}, {T}, {len(teacher_logits)}]"
+            f"weights have shape {tuple(weights.shape)}, expected [B, T, K] = [{B}, {T}, {num_teachers}]"
         )
     if targets.shape != (B, T):
         raise ValueError(f"targets have shape {tuple(targets.shape)}, expected [B, T] = [{B}, {T}]")
-    if not teacher_logits and config.hard_label_weight < 1.0:
+    if num_teachers == 0 and config.hard_label_weight < 1.0:
         raise ValueError(
-            f"no teacher logits were given but hard_label_weight is {config.hard_label_weight}; "
+            f"no teachers were given but hard_label_weight is {config.hard_label_weight}; "
             "only pure cross-entropy (hard_label_weight = 1.0) runs without teachers"
         )
     if chunk_tokens < 1:
@@ -95,13 +92,34 @@ def _check_inputs(
         raise ValueError(f"targets must be -100 or token ids in [0, {V}); got values outside that range")
 
 
-class RowChunks:
-    """How a plan's B*T rows are cut into chunks; mixed into the dense and the sparse plans,
-    which provide `targets` [B*T], `valid_idx` [N] and `chunk_tokens`."""
+def _check_inputs(
+    student_logits: Tensor, teacher_logits: list[Tensor], weights: Tensor, targets: Tensor,
+    config: LossConfigBase, blend: str, chunk_tokens: int,
+) -> None:
+    check_common_inputs(student_logits, len(teacher_logits), weights, targets, config, blend, chunk_tokens)
+    for k, logits in enumerate(teacher_logits):
+        if logits.shape != student_logits.shape:
+            raise ValueError(
+                f"teacher_logits[{k}] has shape {tuple(logits.shape)} but the student logits have "
+                f"{tuple(student_logits.shape)}; cut both to the tokenizer's vocabulary first"
+            )
 
-    targets: Tensor
-    valid_idx: Tensor
+
+@dataclass(kw_only=True)
+class LossPlan:
+    """What both drivers' autograd functions need besides the student logits (flattened over
+    B*T), and how the rows are cut into chunks. The dense and the sparse plans add their
+    teachers' side; `shared_plan_fields` fills these."""
+
+    targets: Tensor  # [B*T]
+    valid_idx: Tensor  # [N] flat indices of positions with a target
+    divergence: DivergenceFn
+    config: LossConfigBase
+    blend: str
     chunk_tokens: int
+    compute_ce: bool
+    needs_grad: bool
+    target_entropy_sum: float = 0.0  # filled in by the forward pass
 
     def chunks(self) -> list[Tensor]:
         """Chunks of the valid rows' indices (what the backward pass walks)."""
@@ -121,6 +139,15 @@ class RowChunks:
             return self.chunks()
         n = self.targets.numel()
         return [slice(start, min(n, start + self.chunk_tokens)) for start in range(0, n, self.chunk_tokens)]
+
+
+def shared_plan_fields(student_logits: Tensor, targets: Tensor, divergence: DivergenceFn, config: LossConfigBase,
+                       blend: str, chunk_tokens: int, compute_ce: bool) -> dict[str, Any]:
+    """The LossPlan fields, from a driver's arguments (targets [B, T])."""
+    flat_targets = targets.reshape(-1)
+    return {"targets": flat_targets, "valid_idx": (flat_targets != IGNORE_INDEX).nonzero().squeeze(-1),
+            "divergence": divergence, "config": config, "blend": blend, "chunk_tokens": chunk_tokens,
+            "compute_ce": compute_ce, "needs_grad": torch.is_grad_enabled() and student_logits.requires_grad}
 
 
 def chunk_logprobs(flat_student: Tensor, rows: slice | Tensor, grad_buffer: Tensor | None, in_place: bool,
@@ -238,22 +265,13 @@ class ChunkRun:
         return self.div_sum, self.ce_sum
 
 
-@dataclass
-class _Plan(RowChunks):
-    """Everything the autograd function needs besides the student logits (flattened views)."""
+@dataclass(kw_only=True)
+class _Plan(LossPlan):
+    """The dense driver's plan: the teachers' logits (flattened views) and the routing weights."""
 
     teacher_logits: list[Tensor]  # K x [B*T, V], detached
     weights: Tensor  # [B*T, K], detached
-    targets: Tensor  # [B*T]
-    valid_idx: Tensor  # [N] flat indices of positions with a target
-    divergence: DivergenceFn
-    config: LossConfigBase
-    blend: str
-    chunk_tokens: int
-    compute_ce: bool
-    needs_grad: bool
     teachers_normalized: bool = False  # teacher_logits hold log-probs at temperature 1
-    target_entropy_sum: float = 0.0  # filled in by the forward pass
 
 
 def _blend_chunk(plan: _Plan, rows: slice | Tensor, dtype: torch.dtype, valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -374,19 +392,11 @@ def distill_loss(
     """
     _check_inputs(student_logits, teacher_logits, weights, targets, config, blend, chunk_tokens)
     V = student_logits.shape[-1]
-    flat_targets = targets.reshape(-1)
     plan = _Plan(
         teacher_logits=[logits.detach().reshape(-1, V) for logits in teacher_logits],
-        weights=weights.detach().reshape(flat_targets.numel(), len(teacher_logits)),
-        targets=flat_targets,
-        valid_idx=(flat_targets != IGNORE_INDEX).nonzero().squeeze(-1),
-        divergence=divergence,
-        config=config,
-        blend=blend,
-        chunk_tokens=chunk_tokens,
-        compute_ce=compute_ce,
-        needs_grad=torch.is_grad_enabled() and student_logits.requires_grad,
+        weights=weights.detach().reshape(targets.numel(), len(teacher_logits)),
         teachers_normalized=teachers_normalized,
+        **shared_plan_fields(student_logits, targets, divergence, config, blend, chunk_tokens, compute_ce),
     )
     div_sum, ce_sum = _ChunkedDistill.apply(student_logits, plan)
     return DistillOutput(div_sum, ce_sum, int(plan.valid_idx.numel()), plan.target_entropy_sum)

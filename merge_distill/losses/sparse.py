@@ -52,15 +52,16 @@ import torch
 from torch import Tensor
 
 from merge_distill.losses.base import LossConfigBase
-from merge_distill.losses.blend import OnlineBlend, check_blend_mode
+from merge_distill.losses.blend import OnlineBlend
 from merge_distill.losses.chunked import (
     ChunkRun,
     DistillOutput,
-    RowChunks,
+    LossPlan,
     _ChunkedDistill,
+    check_common_inputs,
+    shared_plan_fields,
 )
 from merge_distill.losses.registry import DivergenceFn
-from merge_distill.signals import IGNORE_INDEX
 
 EMPTY_LOGPROB = -1.0e4  # exp() is exactly 0 in float32 and float64; finite, so no 0 * inf
 
@@ -243,24 +244,15 @@ def logits_grad(grad_buckets: Tensor, side: StudentSide, buckets: Buckets) -> Te
     return grad.scatter_(-1, buckets.ids, torch.where(buckets.empty, on_ids[:, :1], on_ids))
 
 
-@dataclass
-class _SparsePlan(RowChunks):
-    """What the autograd function needs besides the student logits (flattened over B*T).
-    `targets`, `chunks()` and `compute_ce` are what the shared backward pass reads."""
+@dataclass(kw_only=True)
+class _SparsePlan(LossPlan):
+    """The sparse driver's plan: the teachers' top-k and tails (flattened over B*T) and the
+    routing weights."""
 
     topk_ids: list[Tensor]  # K x [B*T, k] long
     topk_logprobs: list[Tensor]  # K x [B*T, k]
     tails: list[Tensor]  # K x [B*T]
     weights: Tensor  # [B*T, K]
-    targets: Tensor  # [B*T]
-    valid_idx: Tensor  # [N]
-    divergence: DivergenceFn
-    config: LossConfigBase
-    blend: str
-    chunk_tokens: int
-    compute_ce: bool
-    needs_grad: bool
-    target_entropy_sum: float = 0.0
 
 
 class _SparseDistill(_ChunkedDistill):
@@ -314,8 +306,7 @@ def sparse_distill_loss(
     again (they were stored at it); the student is, and the divergence is multiplied by T^2.
     target_entropy_sum is the entropy of the blended target over the buckets.
     """
-    if student_logits.dim() != 3:
-        raise ValueError(f"student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}")
+    check_common_inputs(student_logits, len(topk_ids), weights, targets, config, blend, chunk_tokens)
     B, T, V = student_logits.shape
     K = len(topk_ids)
     if not (len(topk_logprobs) == len(tail_logprobs) == K):
@@ -328,29 +319,12 @@ def sparse_distill_loss(
             raise ValueError(f"teacher {j}: tail has shape {tuple(tail_logprobs[j].shape)}, expected [{B}, {T}]")
         if topk_ids[j].shape[-1] > V:
             raise ValueError(f"teacher {j}: k = {topk_ids[j].shape[-1]} is larger than the vocabulary ({V})")
-    if weights.shape != (B, T, K):
-        raise ValueError(f"weights have shape {tuple(weights.shape)}, expected [B, T, K] = [{B}, {T}, {K}]")
-    if targets.shape != (B, T):
-        raise ValueError(f"targets have shape {tuple(targets.shape)}, expected [B, T] = [{B}, {T}]")
-    if K == 0 and config.hard_label_weight < 1.0:
-        raise ValueError(f"no teachers were given but hard_label_weight is {config.hard_label_weight}")
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    check_blend_mode(blend)
-    flat_targets = targets.reshape(-1)
     plan = _SparsePlan(
         topk_ids=[ids.reshape(B * T, -1).long() for ids in topk_ids],
         topk_logprobs=[values.detach().reshape(B * T, -1) for values in topk_logprobs],
         tails=[tail.detach().reshape(B * T) for tail in tail_logprobs],
         weights=weights.detach().reshape(B * T, K),
-        targets=flat_targets,
-        valid_idx=(flat_targets != IGNORE_INDEX).nonzero().squeeze(-1),
-        divergence=divergence,
-        config=config,
-        blend=blend,
-        chunk_tokens=chunk_tokens,
-        compute_ce=compute_ce,
-        needs_grad=torch.is_grad_enabled() and student_logits.requires_grad,
+        **shared_plan_fields(student_logits, targets, divergence, config, blend, chunk_tokens, compute_ce),
     )
     div_sum, ce_sum = _SparseDistill.apply(student_logits, plan)
     return DistillOutput(div_sum, ce_sum, int(plan.valid_idx.numel()), plan.target_entropy_sum)
