@@ -20,13 +20,11 @@ from torch import Tensor
 
 from merge_distill import checkpoint as ckpt
 from merge_distill import distributed as dist_mod
-from merge_distill.losses import DIVERGENCES
 from merge_distill.cache import SparseTeacherSignals, sparse_agreement
 from merge_distill.losses.chunked import distill_loss
 from merge_distill.losses.sparse import sparse_distill_loss
 from merge_distill.recipe import Recipe
 from merge_distill.report.stats import BlendStats
-from merge_distill.routing import build_router
 from merge_distill.routing.base import RouterInputs
 from merge_distill.run_setup import RunParts, setup_run
 from merge_distill.signals import IGNORE_INDEX, TokenBatch

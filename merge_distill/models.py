@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -105,6 +107,26 @@ def load_teacher(spec: "TeacherSpec", precision: str) -> PreTrainedModel:
 def self_teacher(student: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
     """A frozen copy of the student's initial weights (no second load from disk or hub)."""
     return freeze(copy.deepcopy(student).to(dtype))
+
+
+def load_teachers(recipe: "Recipe", student: PreTrainedModel | None,
+                  init_context: Callable[[torch.dtype], AbstractContextManager] = lambda dtype: nullcontext()
+                  ) -> list[PreTrainedModel]:
+    """The recipe's teachers, in order: `model: self` is a frozen copy of `student` (its initial
+    weights; needed only then), any other is loaded inside init_context(its dtype) (ZeRO-3
+    partitioning during training)."""
+    from merge_distill.recipe import SELF_TEACHER
+
+    models = []
+    for spec in recipe.teachers:
+        dtype = teacher_dtype(spec, recipe.train.precision)
+        if spec.model == SELF_TEACHER:
+            assert student is not None, "a self teacher needs the student"
+            models.append(self_teacher(student, dtype))
+            continue
+        with init_context(dtype):
+            models.append(load_teacher(spec, recipe.train.precision))
+    return models
 
 
 def _decoder_layers(model: PreTrainedModel) -> tuple[nn.Module, str]:

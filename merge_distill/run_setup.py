@@ -19,8 +19,8 @@ from merge_distill import distributed as dist_mod
 from merge_distill.checkpoint import check_resumable
 from merge_distill.data import MixedStream, build_rows, steps_for_epochs
 from merge_distill.losses import DIVERGENCES
-from merge_distill.models import DTYPES, load_student, load_teacher, load_tokenizer, self_teacher, teacher_dtype, tokenizer_source
-from merge_distill.recipe import SELF_TEACHER, Recipe
+from merge_distill.models import load_student, load_teachers, load_tokenizer, tokenizer_source
+from merge_distill.recipe import Recipe
 from merge_distill.report.build import write_report
 from merge_distill.report.live import LiveDisplay
 from merge_distill.report.stats import BlendStats
@@ -151,15 +151,10 @@ def setup_run(recipe: Recipe, overwrite: bool = False, console: Console | None =
             student = load_student(recipe)
     else:
         student = load_student(recipe)
-    models = []
     from_cache = recipe.cache is not None and recipe.cache.use  # teachers answered by the cache: none loaded
-    for t in [] if from_cache else recipe.teachers:
-        dtype = teacher_dtype(t, r.precision)
-        if t.model == SELF_TEACHER:
-            models.append(self_teacher(student, dtype))
-            continue
-        with dist_mod.teacher_init_context(accelerator, dist, dtype):  # no process holds a whole teacher
-            models.append(load_teacher(t, r.precision))
+    # Under ZeRO-3 no process holds a whole teacher: each is partitioned as it loads.
+    models = [] if from_cache else load_teachers(
+        recipe, student, lambda dtype: dist_mod.teacher_init_context(accelerator, dist, dtype))
 
     keys = [f"data.train[{i}]" for i in range(len(recipe.data.train))]
     sources = [build_rows(s, k, tokenizer, recipe.data.seq_len, recipe.data.packing) for s, k in zip(recipe.data.train, keys)]

@@ -85,16 +85,11 @@ def _save_shard(columns: dict[str, np.ndarray], final: Path) -> None:
 
 
 def _load_teachers(recipe: "Recipe", device: torch.device) -> list[Any]:
-    from merge_distill.models import load_student, load_teacher, self_teacher, teacher_dtype
+    from merge_distill.models import load_student, load_teachers
     from merge_distill.recipe import SELF_TEACHER
 
-    models = []
-    for spec in recipe.teachers:
-        if spec.model == SELF_TEACHER:
-            models.append(self_teacher(load_student(recipe), teacher_dtype(spec, recipe.train.precision)))
-        else:
-            models.append(load_teacher(spec, recipe.train.precision))
-    return [m.to(device) for m in models]
+    student = load_student(recipe) if any(spec.model == SELF_TEACHER for spec in recipe.teachers) else None
+    return [m.to(device) for m in load_teachers(recipe, student)]
 
 
 def write_cache(recipe: "Recipe", console: "Console | None" = None, overwrite: bool = False,
