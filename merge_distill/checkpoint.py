@@ -36,17 +36,16 @@ import numpy as np
 import torch
 from rich.markup import escape
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from merge_distill import distributed as dist_mod
 from merge_distill.errors import UserError
-from merge_distill.rundir import storage_error, write_json_atomic, write_text_atomic
+from merge_distill.rundir import CHECKPOINTS, save_router, storage_error, write_text_atomic
 
 if TYPE_CHECKING:
     from merge_distill.recipe import Recipe
     from merge_distill.run_setup import RunParts
 
-CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 MANIFEST = "manifest.json"
 STATE = "state.json"
@@ -164,8 +163,7 @@ def save(parts: "RunParts", progress: Progress) -> Path:
         (tmp / f"rank-{rank}.json").write_text(json.dumps(per_rank), encoding="utf-8")
         if parts.is_main:
             if parts.router_optimizer is not None:
-                save_file({k: v.detach().cpu().contiguous() for k, v in parts.router.state_dict().items()},
-                          str(tmp / "router.safetensors"))
+                save_router(parts.router, tmp / "router.safetensors")
                 torch.save(parts.router_optimizer.state_dict(), tmp / "router_optimizer.pt")
             state = {"format": FORMAT, **asdict(progress), "world_size": parts.world["world_size"],
                      "started_at": parts.facts.get("started_at"), "recipe_hash": parts.recipe.content_hash(),
@@ -329,7 +327,7 @@ def resume(parts: "RunParts") -> Progress:
         truncate_metrics(parts.run_dir / "metrics.jsonl", progress.step)
         parts.facts.update(steps_done=progress.step, tokens_seen=progress.tokens_seen,
                            skipped_steps=progress.skipped, wall_time_s=progress.elapsed_s, status="running")
-        write_json_atomic(parts.run_dir / "run.json", {k: v for k, v in parts.facts.items() if k != "last_metrics"})
+        parts.write_facts()
     parts.accelerator.wait_for_everyone()
     console.print(escape(f"resuming from {folder} (step {progress.step} of {parts.total_steps})"), soft_wrap=True)
     return progress
@@ -348,10 +346,6 @@ def truncate_metrics(path: Path, step: int) -> None:
         if isinstance(row, dict) and int(row.get("step", 0)) <= step:
             kept.append(line + "\n")
     write_text_atomic(path, "".join(kept))
-
-
-def has_checkpoint(run_dir: Path) -> bool:
-    return bool(list_checkpoints(run_dir))
 
 
 # ---------------------------------------------------------------------------- stopping safely
@@ -387,6 +381,8 @@ class StopSignals:
 
     def requested(self, parts: "RunParts") -> int | None:
         """The signal to stop for, agreed by all processes (one may have seen it a step later)."""
+        if parts.accelerator.num_processes == 1:
+            return None if self.signum is None else int(self.signum)
         seen = torch.tensor([float(self.signum == signal.SIGINT), float(self.signum == signal.SIGTERM)])
         seen = dist_mod.all_reduce_sum(parts.accelerator, seen).cpu()
         if seen[0] > 0:

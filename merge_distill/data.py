@@ -70,7 +70,7 @@ def read_source(source: "DataSource", key: str) -> datasets.Dataset:
             ds = datasets.load_dataset(source.path, name=source.subset, split=source.split, revision=source.revision)
         else:
             kwargs: dict[str, Any] = {"sample_by": "document"} if source.type == "text" else {}
-            ds = datasets.load_dataset(_BUILDERS[source.type], data_files=source_files(source.path), split="train", **kwargs)
+            ds = datasets.load_dataset(_BUILDERS[source.type], data_files=files, split="train", **kwargs)
     except Exception as exc:  # datasets wraps parse errors in several exception types
         if files and all(not Path(f).read_bytes().strip() for f in files):
             raise UserError(f"{key}.path: {source.path} is empty; give a file with examples "

@@ -50,6 +50,9 @@ class StepResult:
 
 
 def global_sum(parts: RunParts, value: float) -> float:
+    """value summed over processes; alone, value itself (no device round trip on the step's path)."""
+    if parts.accelerator.num_processes == 1:
+        return value
     t = torch.tensor([value], dtype=torch.float64, device=parts.accelerator.device)
     return float(dist_mod.all_reduce_sum(parts.accelerator, t).item())
 
@@ -243,8 +246,8 @@ def run(recipe: Recipe, overwrite: bool = False, console=None, resume: bool = Fa
                     raise ckpt.RunInterrupted(signum, progress.step, checkpoint())
                 t0 = time.perf_counter()
                 result = train_step(parts, step)
+                message = f"step {step + 1}: " + "; ".join(result.problems)
                 if result.skipped and not result.overflow:
-                    message = f"step {step + 1}: " + "; ".join(result.problems)
                     if recipe.train.on_nonfinite == "stop" or result.fatal:
                         if not result.fatal:
                             checkpoint()  # the state before the bad step: resume with on_nonfinite: skip
@@ -255,7 +258,7 @@ def run(recipe: Recipe, overwrite: bool = False, console=None, resume: bool = Fa
                 parts.facts["steps_done"] = progress.step  # skipped steps included: the data position
                 if result.skipped:
                     progress.skipped += 1
-                    parts.console.print(f"[yellow]skipped step {step + 1}: {escape('; '.join(result.problems))}[/]")
+                    parts.console.print(f"[yellow]skipped {escape(message)}[/]")
                 else:
                     progress.tokens_seen += result.tokens
                     row = metrics_row(parts, step + 1, result, time.perf_counter() - t0, time.perf_counter() - clock)
@@ -265,10 +268,7 @@ def run(recipe: Recipe, overwrite: bool = False, console=None, resume: bool = Fa
                     checkpoint()
             checkpoint()
         status = "complete"
-    except ckpt.RunInterrupted:
-        status = "interrupted"
-        raise
-    except KeyboardInterrupt:
+    except (ckpt.RunInterrupted, KeyboardInterrupt):
         status = "interrupted"
         raise
     finally:

@@ -52,7 +52,7 @@ def domain_nll(model: PreTrainedModel, rows: tuple[torch.Tensor, ...], vocab_siz
         sl = slice(start, start + batch_size)
         targets = shift_targets(labels[sl]).to(device)
         logits = model(input_ids=ids[sl].to(device), attention_mask=mask[sl].to(device), use_cache=False).logits
-        nll, _, _ = per_token_stats(logits[..., :vocab_size], targets)
+        nll, _, _ = per_token_stats(logits[..., :vocab_size], targets, with_top1=False)
         total += float(nll.double().sum())
         count += int((targets != IGNORE_INDEX).sum())
     return total, count

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import resource
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from rich.console import Console
-from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from merge_distill import distributed as dist_mod
@@ -26,7 +26,14 @@ from merge_distill.report.live import LiveDisplay
 from merge_distill.report.stats import BlendStats
 from merge_distill.routing import build_router
 from merge_distill.routing.base import Router
-from merge_distill.rundir import append_jsonl, model_card, prepare_run_dir, write_json_atomic, write_text_atomic
+from merge_distill.rundir import (
+    append_jsonl,
+    model_card,
+    prepare_run_dir,
+    save_router,
+    write_json_atomic,
+    write_text_atomic,
+)
 from merge_distill.cache import CachedTeacherEnsemble, open_cache
 from merge_distill.teachers import TeacherEnsemble
 
@@ -75,7 +82,6 @@ class RunParts:
     stream: MixedStream
     stats: BlendStats
     total_steps: int
-    start_step: int
     live: LiveDisplay
     facts: dict[str, Any]
 
@@ -97,9 +103,12 @@ class RunParts:
             model.save_pretrained(out, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(out)
             if any(True for _ in self.router.parameters()):
-                save_file({k: v.detach().cpu().contiguous() for k, v in self.router.state_dict().items()},
-                          str(self.run_dir / "router.safetensors"))
+                save_router(self.router, self.run_dir / "router.safetensors")
         return out
+
+    def write_facts(self) -> None:
+        """run.json: the run's facts (the last metrics go to the model card, not here)."""
+        write_json_atomic(self.run_dir / "run.json", {k: v for k, v in self.facts.items() if k != "last_metrics"})
 
     def finish(self, status: str, tokens_seen: int, skipped: int, wall: float) -> None:
         """Save the student (when training completed) and write the run's files (rank 0)."""
@@ -121,7 +130,7 @@ class RunParts:
             self.console.print("evaluating student and teachers on held-out data ...")
             result = evaluate_recipe(self.recipe, self.run_dir / "student", teachers=self.recipe.report.eval_teachers)
             write_json_atomic(self.run_dir / "eval.json", result)
-        write_json_atomic(self.run_dir / "run.json", {k: v for k, v in self.facts.items() if k != "last_metrics"})
+        self.write_facts()
         if status == "complete":
             write_text_atomic(self.run_dir / "student" / "README.md",
                               model_card(self.recipe, self.facts, self.facts.get("last_metrics", {})))
@@ -146,10 +155,9 @@ def setup_run(recipe: Recipe, overwrite: bool = False, console: Console | None =
     source, revision, trust = tokenizer_source(recipe)
     tokenizer = load_tokenizer(source, revision, trust)
     vocab_size = len(tokenizer)
-    if recipe.student.model is not None:
-        with dist_mod.student_init_context(accelerator, dist):  # partitioned as it loads under ZeRO-3
-            student = load_student(recipe)
-    else:
+    # A pretrained student is partitioned as it loads under ZeRO-3; a derived one is built whole.
+    init = dist_mod.student_init_context(accelerator, dist) if recipe.student.model is not None else nullcontext()
+    with init:
         student = load_student(recipe)
     from_cache = recipe.cache is not None and recipe.cache.use  # teachers answered by the cache: none loaded
     # Under ZeRO-3 no process holds a whole teacher: each is partitioned as it loads.
@@ -191,7 +199,7 @@ def setup_run(recipe: Recipe, overwrite: bool = False, console: Console | None =
         ensemble=cached or TeacherEnsemble(recipe.teacher_names, teachers, vocab_size, r.chunk_tokens),
         router=router, router_optimizer=router_optimizer, divergence=DIVERGENCES.get(recipe.loss.kind).impl,
         optimizer=optimizer, scheduler=scheduler, stream=stream, stats=BlendStats(recipe.teacher_names),
-        total_steps=total_steps, start_step=0,
+        total_steps=total_steps,
         live=LiveDisplay(total_steps, recipe.teacher_names, console=console, refresh_every=r.log_every, enabled=is_main),
         facts=facts,
     )

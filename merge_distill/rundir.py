@@ -18,7 +18,11 @@ from typing import TYPE_CHECKING, Any
 from merge_distill.errors import UserError
 
 if TYPE_CHECKING:
+    import torch
+
     from merge_distill.recipe import Recipe
+
+CHECKPOINTS = "checkpoints"  # the run directory's checkpoint folder (merge_distill/checkpoint.py)
 
 _UMASK = os.umask(0o022)  # read the process umask (the only way is to set it) and put it back
 os.umask(_UMASK)
@@ -75,12 +79,12 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False) -> Non
             raise UserError(f"--resume: {run_dir} holds no run to resume; run without --resume to start one")
         return
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        if not overwrite and (run_dir / "checkpoints").is_dir():
-            raise UserError(
-                f"output.dir: {run_dir} already holds a run with checkpoints; pass --resume to continue it, "
-                f"or --overwrite to delete it and start again"
-            )
         if not overwrite:
+            if (run_dir / CHECKPOINTS).is_dir():
+                raise UserError(
+                    f"output.dir: {run_dir} already holds a run with checkpoints; pass --resume to continue it, "
+                    f"or --overwrite to delete it and start again"
+                )
             what = "a run" if is_run_dir(run_dir) else "files"
             raise UserError(
                 f"output.dir: {run_dir} already holds {what}; pass --overwrite to replace it, "
@@ -144,3 +148,10 @@ Trained with merge-distill from {len(recipe.teachers)} teacher(s), blended per t
 
 Load it with `AutoModelForCausalLM.from_pretrained("<this folder>")`.
 """
+
+
+def save_router(router: "torch.nn.Module", path: Path) -> None:
+    """A router's learned weights as safetensors (router.safetensors, in a run or a checkpoint)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}, str(path))
