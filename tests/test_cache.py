@@ -240,7 +240,8 @@ def test_agreement_from_the_cache_equals_the_dense_one_at_k_equal_vocab() -> Non
     values, ids = zip(*(torch.log_softmax(x, -1).topk(V, -1) for x in logits))
     signals = SparseTeacherSignals(["a", "b", "c"], [i.int() for i in ids], list(values),
                                    [torch.full((B, T), -math.inf) for _ in range(K)],
-                                   torch.zeros(B, T, K), torch.zeros(B, T, K), torch.stack([i[..., 0] for i in ids], -1))
+                                   torch.zeros(B, T, K), torch.zeros(B, T, K))
+    assert torch.equal(signals.top1, torch.stack([x.argmax(-1) for x in logits], -1))
     dense, sparse = BlendStats(["a", "b", "c"]), BlendStats(["a", "b", "c"])
     dense.update_agreement(logits, mask, max_tokens=8)
     sparse.add_agreement(*sparse_agreement(signals, mask, V, max_tokens=8))

@@ -203,8 +203,9 @@ def router_problems(kind: str, router_cls: type) -> list[str]:
             "another router"]
 
 
-def recipe_problems(recipe: "Recipe", check_files: bool) -> list[str]:
-    """Checks of the cache section at load time (the tokenizer and data are checked at run start)."""
+def recipe_problems(recipe: "Recipe", check_files: bool, expected: dict[str, Any] | None = None) -> list[str]:
+    """Checks of the cache section: at load time against the cheap manifest fields; at run start
+    against `expected`, the full manifest (tokenizer and data too)."""
     section = recipe.cache
     if section is None or not section.use:
         return []
@@ -221,5 +222,5 @@ def recipe_problems(recipe: "Recipe", check_files: bool) -> list[str]:
             problems.append(f"cache.use is true but the cache in {root} is incomplete; finish it with "
                             "`merge-distill cache RECIPE` (it resumes where it stopped)")
         else:
-            problems += manifest_differences(cached, cheap_manifest(recipe), root)
+            problems += manifest_differences(cached, expected or cheap_manifest(recipe), root)
     return problems

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from merge_distill.cache.manifest import VALUE_DTYPES, full_manifest, manifest_differences, read_manifest, recipe_problems
+from merge_distill.cache.manifest import VALUE_DTYPES, full_manifest, read_manifest, recipe_problems
 from merge_distill.errors import UserError
 from merge_distill.losses.sparse import bucket_layout, teacher_table
 from merge_distill.signals import IGNORE_INDEX, TokenBatch
@@ -30,7 +30,8 @@ class SparseTeacherSignals:
 
     topk_ids: K tensors [B, T, k] int32; topk_logprobs: K tensors [B, T, k] (storage dtype) at
     the loss temperature; tail_logprobs: K tensors [B, T] float32; gold_nll, entropy [B, T, K]
-    float32 at temperature 1 (0 where target is -100); top1 [B, T, K] long (each teacher's argmax).
+    float32 at temperature 1 (0 where target is -100); top1 [B, T, K] long (each teacher's argmax,
+    computed when asked: the step needs none).
     """
 
     names: list[str]
@@ -39,7 +40,10 @@ class SparseTeacherSignals:
     tail_logprobs: list[Tensor]
     gold_nll: Tensor
     entropy: Tensor
-    top1: Tensor
+
+    @property
+    def top1(self) -> Tensor:
+        return torch.stack([ids[..., 0].long() for ids in self.topk_ids], -1)  # the lists are ordered by log-prob
 
 
 class TeacherCache:
@@ -105,18 +109,19 @@ class CachedTeacherEnsemble:
         if batch.row_index is None:
             raise ValueError("a cached run needs batches that carry their source rows (TokenBatch.row_index)")
         data = self.cache.read(batch.sources, batch.row_index)
+        # Checked on the CPU tensors as read, before they move: no device sync per teacher.
+        bad = [n for j, n in enumerate(self.names)
+               if not (torch.isfinite(data["nll"][j]).all() and torch.isfinite(data["entropy"][j]).all())]
+        if bad:
+            raise NonFiniteError(f"teacher {', '.join(repr(n) for n in bad)} has NaN/inf in the cache")
         device = targets.device
         valid = targets != IGNORE_INDEX
         # The stored NLL/entropy are 0 where the source row has no target; the batch's targets decide.
         nll = torch.stack([torch.where(valid, t.to(device), 0.0) for t in data["nll"]], -1)
         entropy = torch.stack([torch.where(valid, t.to(device), 0.0) for t in data["entropy"]], -1)
-        bad = [n for j, n in enumerate(self.names) if not (torch.isfinite(nll[..., j]).all() and torch.isfinite(entropy[..., j]).all())]
-        if bad:
-            raise NonFiniteError(f"teacher {', '.join(repr(n) for n in bad)} has NaN/inf in the cache")
-        ids = [t.to(device) for t in data["ids"]]
         return SparseTeacherSignals(
-            self.names, ids, [t.to(device) for t in data["values"]], [t.to(device) for t in data["tail"]],
-            nll, entropy, torch.stack([i[..., 0].long() for i in ids], -1))
+            self.names, [t.to(device) for t in data["ids"]], [t.to(device) for t in data["values"]],
+            [t.to(device) for t in data["tail"]], nll, entropy)
 
 
 def open_cache(recipe: "Recipe", tokenizer: "PreTrainedTokenizerBase", sources: list["SourceRows"]) -> CachedTeacherEnsemble:
@@ -124,15 +129,10 @@ def open_cache(recipe: "Recipe", tokenizer: "PreTrainedTokenizerBase", sources: 
     section = recipe.cache
     assert section is not None and section.use
     root = Path(section.dir)
-    cached = read_manifest(root)
-    problems = recipe_problems(recipe, check_files=True)
-    if not problems and cached is not None:
-        expected = full_manifest(recipe, tokenizer, sources)
-        expected.pop("rows_per_shard")
-        problems = manifest_differences(cached, expected, root)
+    problems = recipe_problems(recipe, check_files=True, expected=full_manifest(recipe, tokenizer, sources))
     if problems:
         raise UserError(problems)
-    return CachedTeacherEnsemble(recipe.teacher_names, TeacherCache(root, cached))  # type: ignore[arg-type]
+    return CachedTeacherEnsemble(recipe.teacher_names, TeacherCache(root, read_manifest(root)))  # type: ignore[arg-type]
 
 
 @torch.no_grad()
@@ -168,7 +168,7 @@ def sparse_agreement(signals: SparseTeacherSignals, mask: Tensor, vocab_size: in
                           [torch.cat([tails[a] for a in first]), torch.cat([tails[b] for b in second])], vocab_size)
     table[:, :, -1] += buckets.log_rest_count.float()  # rest holds V - |U| tokens
     table[:, :, :-1].masked_fill_(buckets.empty, -math.inf)  # [2, P * n, M + 1]
-    for p, (a, b) in enumerate(pairs):
-        top1[p] = float((ids[a][:, 0] == ids[b][:, 0]).sum())
+    top1 = (torch.cat([ids[a][:, 0] for a in first]) == torch.cat([ids[b][:, 0] for b in second])
+            ).view(len(pairs), -1).sum(dim=-1).double().cpu()
     js = pairwise_js(table[0], table[1]).view(len(pairs), -1).double().sum(dim=-1).cpu()
     return top1, js, int(positions.numel())

@@ -135,8 +135,6 @@ def write_cache(recipe: "Recipe", console: "Console | None" = None, overwrite: b
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(root / "manifest.json", manifest)
-    for partial in root.glob("sources/*/*.partial"):  # half-written by a killed call: redone
-        shutil.rmtree(partial)
 
     todo, kept = [], 0
     for rows, entry in zip(sources, manifest["sources"]):
