@@ -61,11 +61,28 @@ def make_recipe(pico, tmp_path):
 
 
 def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    """Run `merge-distill ARGS` in this process; (exit code, everything printed)."""
+    """Run `merge-distill ARGS` in this process; (exit code, everything printed). A command
+    that succeeds returns from main() (code 0); one that fails exits with its code."""
     from merge_distill.cli import main
 
     monkeypatch.setattr(sys, "argv", ["merge-distill", *args])
-    with pytest.raises(SystemExit) as exc:
+    try:
         main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
     captured = capsys.readouterr()
-    return exc.value.code, captured.out + captured.err
+    return code, captured.out + captured.err
+
+
+@pytest.fixture
+def one_thread():
+    """The machine's cores are shared: two intra-op threads stall each other on every tiny
+    matmul (pico forwards and small Adam steps run many times slower); one thread gives the
+    same numbers, fast."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

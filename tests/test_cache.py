@@ -6,16 +6,15 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import run_cli
 from merge_distill.cache import writer as cache_writer
 from merge_distill.cache import TeacherCache, bytes_per_token, read_manifest, router_problems, write_cache
-from merge_distill.cli import main
 from merge_distill.engine import run, train_step
 from merge_distill.errors import UserError
 from merge_distill.recipe import load_recipe
@@ -24,14 +23,7 @@ from merge_distill.run_setup import setup_run
 from merge_distill.signals import per_token_stats
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The machine's cores are shared: two intra-op threads stall each other on every tiny
-    matmul (pico forwards run 100x slower); one thread gives the same numbers, fast."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -53,24 +45,14 @@ def quiet() -> dict:
     return {"show_progress": False}
 
 
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["merge-distill", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
-
-
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-6), ("float16", 2e-2), ("bfloat16", 1.3e-1)])
 def test_round_trip_equals_the_dense_teacher(cached_recipe, dtype: str, tolerance: float) -> None:
-    recipe = load_recipe(cached_recipe(dtype=dtype), ["loss.temperature=2.0"])
+    path = cached_recipe(dtype=dtype)
+    recipe = load_recipe(path, ["loss.temperature=2.0"])
     result = write_cache(recipe, **quiet())
     manifest = read_manifest(result.root)
     assert manifest["complete"] and manifest["bytes_per_token_per_teacher"] == bytes_per_token(8, dtype)
-    parts = setup_run(load_recipe(cached_recipe(dtype=dtype), ["loss.temperature=2.0", "train.steps=1"]), overwrite=True)
+    parts = setup_run(load_recipe(path, ["loss.temperature=2.0", "train.steps=1"]), overwrite=True)
     store = TeacherCache(result.root, manifest)
     source = parts.stream.sources[1]
     rows = [0, 2, 1]
@@ -162,15 +144,16 @@ def test_changed_teacher_data_or_weights_are_refused(cached_recipe, pico, tmp_pa
     with torch.no_grad():
         model.lm_head.weight.mul_(1.5)
     model.save_pretrained(other)
-    recipe = load_recipe(cached_recipe("other.yaml", dir=str(tmp_path / "cache2")), [f"teachers.1.model={other}"])
+    other_path = cached_recipe("other.yaml", dir=str(tmp_path / "cache2"))
+    recipe = load_recipe(other_path, [f"teachers.1.model={other}"])
     write_cache(recipe, **quiet())
     model.save_pretrained(other)  # unchanged weights saved again: still the same teacher
-    load_recipe(cached_recipe("other.yaml", dir=str(tmp_path / "cache2")), [f"teachers.1.model={other}", "cache.use=true"])
+    load_recipe(other_path, [f"teachers.1.model={other}", "cache.use=true"])
     with torch.no_grad():
         model.lm_head.weight.mul_(2.0)
     model.save_pretrained(other)
     with pytest.raises(UserError, match=r"teachers\[1\] \(prose\): the config or weights in .* changed"):
-        load_recipe(cached_recipe("other.yaml", dir=str(tmp_path / "cache2")), [f"teachers.1.model={other}", "cache.use=true"])
+        load_recipe(other_path, [f"teachers.1.model={other}", "cache.use=true"])
     # Different data: checked on the tokenized rows when the run starts, before any step.
     with pytest.raises(UserError, match=r"data\.train\[0\] \(code\): its tokenized rows differ"):
         setup_run(load_recipe(path, ["cache.use=true", "data.train.0.max_examples=2"]))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,8 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 
+from conftest import run_cli
 from merge_distill import engine
-from merge_distill.cli import main
 from merge_distill.engine import run, train_step
 from merge_distill.recipe import load_recipe
 from merge_distill.run_setup import setup_run
@@ -42,11 +41,8 @@ def params(parts) -> dict[str, torch.Tensor]:
 
 def test_nan_teacher_stop_exits_1_with_step_teacher_and_sources(make_recipe, nan_teacher, monkeypatch, capsys, tmp_path):
     recipe = make_recipe(train={"steps": 2, "micro_batch_size": 2, "lr": 1e-3, "on_nonfinite": "stop"})
-    monkeypatch.setattr(sys, "argv", ["merge-distill", "run", str(recipe), f"teachers.1.model={nan_teacher}"])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    text = capsys.readouterr().err
-    assert exc.value.code == 1, text
+    code, text = run_cli(["run", str(recipe), f"teachers.1.model={nan_teacher}"], monkeypatch, capsys)
+    assert code == 1, text
     assert "Traceback" not in text
     assert "error: step 1: teacher 'prose' produced NaN/inf log-probabilities (sources: " in text
     assert "train.on_nonfinite: stop" in text and "--resume train.on_nonfinite=skip" in text

@@ -25,7 +25,6 @@ from safetensors.torch import load_file
 
 from conftest import pico_recipe_dict, run_cli, write_recipe
 from merge_distill.checkpoint import LATEST, list_checkpoints, step_name, verify
-from merge_distill.cli import main
 from merge_distill.engine import run
 from merge_distill.errors import UserError
 from merge_distill.recipe import load_recipe
@@ -120,9 +119,8 @@ def test_sigkill_at_random_step_then_resume_is_bitwise_identical(pico, tmp_path,
     killed_at = len(losses(run_dir)) if (run_dir / "metrics.jsonl").read_text().strip() else 0
 
     # `merge-distill run RECIPE --resume`, in this process (a second interpreter start costs ~10 s)
-    monkeypatch.setattr(sys, "argv", ["merge-distill", "run", str(recipe), "--resume", "--no-color"])
-    main()
-    out = capsys.readouterr().out
+    code, out = run_cli(["run", str(recipe), "--resume", "--no-color"], monkeypatch, capsys)
+    assert code == 0, out
     resumed_from = int(out.split("resuming from")[1].split("step-")[1][:6])
     assert kill_after - 1 <= resumed_from <= killed_at + 1
     assert_same_run(run_dir, reference)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import re
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
@@ -14,9 +13,8 @@ import pytest
 import yaml
 from rich.console import Console
 
-from conftest import pico_recipe_dict, write_recipe
+from conftest import pico_recipe_dict, run_cli, write_recipe
 from merge_distill import models
-from merge_distill.cli import main
 from merge_distill.engine import run
 from merge_distill.recipe import TeacherSpec, load_recipe
 
@@ -37,11 +35,8 @@ def test_python_object_tag_is_refused_and_never_runs(tmp_path, monkeypatch, caps
     marker = tmp_path / "ran"
     recipe = tmp_path / "evil.yaml"
     recipe.write_text(f'name: !!python/object/apply:os.system ["touch {marker}"]\nteachers: []\n')
-    monkeypatch.setattr(sys, "argv", ["merge-distill", "validate", str(recipe)])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    text = capsys.readouterr().err
-    assert exc.value.code == 2 and "Traceback" not in text
+    code, text = run_cli(["validate", str(recipe)], monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in text
     assert f"{recipe}: the YAML tag at line 1 is not allowed" in text and "can never run code" in text
     assert not marker.exists()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 from merge_distill.routing import LearnedRouterConfig, RouterInputs, build_router
@@ -57,15 +56,6 @@ def _two_kind_batch(
     mask[:, -2:] = False
     nll = torch.where(mask.unsqueeze(-1), nll, torch.zeros_like(nll))
     return RouterInputs(nll, torch.zeros_like(nll), mask, ["x"] * B, hidden), kind
-
-
-@pytest.fixture
-def one_thread():
-    """400 tiny Adam steps are dominated by thread hand-offs on a shared CPU; run them on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_gate_learns_to_route_by_token_kind(one_thread):

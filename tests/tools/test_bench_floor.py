@@ -30,6 +30,7 @@ def test_floor_step_matches_the_engine(pico, tmp_path) -> None:
     teachers = [AutoModelForCausalLM.from_pretrained(pico[t]).eval().requires_grad_(False)
                 for t in ("teacher_a", "teacher_b")]
     student = AutoModelForCausalLM.from_pretrained(pico["student"]).train()
+    initial = {name: param.detach().clone() for name, param in student.named_parameters()}
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.0)
     for step in range(2):
         (batch,) = micro_batches(parts, step)
@@ -41,7 +42,6 @@ def test_floor_step_matches_the_engine(pico, tmp_path) -> None:
         assert float(floor_loss) == pytest.approx(engine_loss, rel=1e-5)
     # Adam divides each gradient by its running RMS, so a parameter whose gradient is nearly 0
     # turns a rounding difference into a visible one; lr = 1e-3 bounds any step's move.
-    initial = dict(AutoModelForCausalLM.from_pretrained(pico["student"]).named_parameters())
     engine_params = dict(parts.student.named_parameters())
     differ = total = 0
     moved = 0.0
