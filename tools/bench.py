@@ -203,8 +203,7 @@ def run_worker(variant: str, k: int, args: argparse.Namespace) -> dict:
                *(str(args.work / f"teacher{i}") for i in range(k)), "--student", str(args.work / "student"),
                "--rows", str(args.work / "rows.pt"), "--vocab-size", str(VOCAB), *common]
     else:
-        cmd = [sys.executable, __file__, "--worker", variant, "--k", str(k), "--work", str(args.work), *common,
-               *(["--quick"] if args.quick else [])]
+        cmd = [sys.executable, __file__, "--worker", variant, "--k", str(k), "--work", str(args.work), *common]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
     if not args.default_malloc:
         env.update(STEADY_MALLOC)
@@ -218,7 +217,7 @@ def run_worker(variant: str, k: int, args: argparse.Namespace) -> dict:
 # ---- orchestration --------------------------------------------------------------------------
 
 
-def table(results: dict, assets: dict, args: argparse.Namespace) -> str:
+def table(results: dict, assets: dict) -> str:
     med = {key: statistics.median(r["tokens_per_s"] for r in runs) for key, runs in results.items()}
     peak = {key: max(r["peak_bytes"] for r in runs) / 2**20 for key, runs in results.items()}
     out = ["| K | floor tok/s | online tok/s | online / floor | cache tok/s | cache / online | peak MiB floor / online / cache |",
@@ -289,7 +288,7 @@ def main() -> None:
         for variant, k in variants:
             results[(variant, k)].append(run_worker(variant, k, args))
             print(f"rep {rep + 1} {variant:>6} K={k}: {results[(variant, k)][-1]['tokens_per_s']:,.0f} tok/s", flush=True)
-    text = table(results, assets, args)
+    text = table(results, assets)
     malloc = "default malloc" if args.default_malloc else "steady malloc"
     print(f"\n{args.device}, {args.threads} thread(s), {malloc}, batch {args.batch} x {SEQ_LEN}, {args.steps} timed steps "
           f"after {args.warmup}, median of {args.reps}\n{text}")

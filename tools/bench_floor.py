@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import time
 
 import torch
 import torch.nn.functional as F
+from bench import peak_bytes  # tools/ (this script's folder) is on sys.path
 from transformers import AutoModelForCausalLM
 
 
@@ -76,8 +76,8 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"tokens_per_s": args.steps * args.batch * rows.shape[1] / seconds, "peak_bytes": int(peak), "last_loss": float(loss)}))
+    print(json.dumps({"tokens_per_s": args.steps * args.batch * rows.shape[1] / seconds, "peak_bytes": peak_bytes(args.device),
+                      "last_loss": float(loss)}))
 
 
 if __name__ == "__main__":

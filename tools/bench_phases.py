@@ -56,6 +56,7 @@ def main() -> None:
 
     import merge_distill.engine as engine
     from merge_distill.recipe import load_recipe
+    from merge_distill.report.stats import BlendStats
     from merge_distill.run_setup import setup_run
 
     torch.set_num_threads(args.threads)
@@ -66,7 +67,8 @@ def main() -> None:
     timed(parts.ensemble, "signals", "teacher signals", totals)
     timed(engine, "forward_micro", "forward_micro", totals)
     timed(engine, "sparse_distill_loss" if args.cache else "distill_loss", "loss driver", totals)
-    timed(engine, "sparse_agreement", "agreement", totals)
+    timed(engine, "sparse_agreement", "agreement", totals)  # from the cache
+    timed(BlendStats, "update_agreement", "agreement", totals)  # online
     timed(parts.accelerator, "backward", "backward", totals)
     timed(parts.accelerator, "clip_grad_norm_", "clip", totals)
     timed(parts.optimizer, "step", "optimizer step", totals)
