@@ -146,17 +146,15 @@ def sparse_agreement(signals: SparseTeacherSignals, mask: Tensor, vocab_size: in
     exact when k = V. Returns (top1 counts [P], JS sums [P], tokens) for
     BlendStats.add_agreement.
     """
-    from merge_distill.report.stats import pairwise_js
+    from merge_distill.report.stats import agreement_positions, pairwise_js
 
     K = len(signals.names)
     pairs = list(combinations(range(K), 2))
     top1 = torch.zeros(len(pairs), dtype=torch.float64)
     js = torch.zeros_like(top1)
-    positions = mask.reshape(-1).nonzero().squeeze(-1)
+    positions = agreement_positions(mask, max_tokens)
     if not pairs or positions.numel() == 0:
         return top1, js, 0
-    if positions.numel() > max_tokens:
-        positions = positions[torch.linspace(0, positions.numel() - 1, max_tokens, device=positions.device).round().long()]
     k = signals.topk_ids[0].shape[-1]
     ids = [t.reshape(-1, k)[positions].long() for t in signals.topk_ids]
     values = [t.reshape(-1, k)[positions].float() for t in signals.topk_logprobs]

@@ -62,6 +62,18 @@ def pairwise_js(logp_a: Tensor, logp_b: Tensor) -> Tensor:
     return (0.5 * (kl_pm + kl_qm)).clamp_min(0.0)
 
 
+def agreement_positions(mask: Tensor, max_tokens: int) -> Tensor:
+    """Flat indices of up to max_tokens valid positions of mask [B, T], evenly spaced over the
+    valid ones (deterministic): where teacher agreement is sampled, online or from the cache."""
+    positions = mask.reshape(-1).nonzero().squeeze(-1)  # [n_valid]
+    n_valid = positions.numel()
+    if max_tokens <= 0:
+        return positions[:0]
+    if n_valid > max_tokens:
+        positions = positions[torch.linspace(0, n_valid - 1, max_tokens, device=positions.device).round().long()]
+    return positions
+
+
 class BlendStats:
     """Running sums of routing weights and teacher signals over a run. See the module docstring."""
 
@@ -143,13 +155,9 @@ class BlendStats:
             return
         if len(teacher_logits) != self.num_teachers:
             raise ValueError(f"got {len(teacher_logits)} teachers' logits, stats were built for {self.num_teachers}")
-        positions = mask.reshape(-1).nonzero().squeeze(-1)                  # [n_valid]
-        n_valid = positions.numel()
-        if n_valid == 0 or max_tokens <= 0:
+        positions = agreement_positions(mask, max_tokens)
+        if positions.numel() == 0:
             return
-        if n_valid > max_tokens:
-            pick = torch.linspace(0, n_valid - 1, max_tokens, device=positions.device).round().long()
-            positions = positions[pick]
         flat = [logits.reshape(-1, logits.shape[-1]) for logits in teacher_logits]
         top1_sum = torch.zeros(len(self.pairs), dtype=torch.float64, device=positions.device)
         js_sum = torch.zeros_like(top1_sum)
