@@ -30,21 +30,22 @@ import signal
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from rich.markup import escape
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from merge_distill import distributed as dist_mod
 from merge_distill.errors import UserError
+from merge_distill.recorder import Recorder
 from merge_distill.rundir import CHECKPOINTS, save_router, storage_error, write_text_atomic
+from merge_distill.schema import Recipe
+from merge_distill.training import Training
 
-if TYPE_CHECKING:
-    from merge_distill.recipe import Recipe
-    from merge_distill.run_setup import RunParts
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -146,32 +147,32 @@ def _fsync_tree(folder: Path) -> None:
         _fsync(path)
 
 
-def save(parts: "RunParts", progress: Progress) -> Path:
+def save(t: Training, recorder: Recorder, recipe: Recipe, progress: Progress) -> Path:
     """Write checkpoint step-<progress.step> (every process calls this); returns its folder."""
-    acc, rank = parts.accelerator, parts.world["rank"]
-    root = checkpoint_root(parts.run_dir)
+    acc, rank = t.accelerator, t.rank
+    root = checkpoint_root(recorder.run_dir)
     final = root / step_name(progress.step)
     tmp = root / f".tmp-{final.name}"
-    if parts.is_main:
+    if t.is_main:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
     # Plain writes inside the temporary folder: the rename below is what makes them visible.
     try:
         acc.save_state(str(tmp))  # model, optimizer, scheduler, RNG; DeepSpeed's own format under ZeRO
-        per_rank = {"rng": rng_state(), "stats": parts.stats.state_dict()}
+        per_rank = {"rng": rng_state(), "stats": recorder.stats.state_dict()}
         (tmp / f"rank-{rank}.json").write_text(json.dumps(per_rank), encoding="utf-8")
-        if parts.is_main:
-            if parts.router_optimizer is not None:
-                save_router(parts.router, tmp / "router.safetensors")
-                torch.save(parts.router_optimizer.state_dict(), tmp / "router_optimizer.pt")
-            state = {"format": FORMAT, **asdict(progress), "world_size": parts.world["world_size"],
-                     "started_at": parts.facts.get("started_at"), "recipe_hash": parts.recipe.content_hash(),
-                     "recipe": parts.recipe.model_dump(mode="json")}
+        if t.is_main:
+            if t.router_optimizer is not None:
+                save_router(t.router, tmp / "router.safetensors")
+                torch.save(t.router_optimizer.state_dict(), tmp / "router_optimizer.pt")
+            state = {"format": FORMAT, **asdict(progress), "world_size": t.world_size,
+                     "started_at": recorder.facts.get("started_at"), "recipe_hash": recipe.content_hash(),
+                     "recipe": recipe.model_dump(mode="json")}
             (tmp / STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
         _fsync_tree(tmp)
         acc.wait_for_everyone()
-        if parts.is_main:
+        if t.is_main:
             files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
             (tmp / MANIFEST).write_text(json.dumps({"step": progress.step, "files": files}, indent=1))
             _fsync(tmp / MANIFEST)
@@ -181,9 +182,9 @@ def save(parts: "RunParts", progress: Progress) -> Path:
             os.replace(tmp, final)
             _fsync(root)
             write_text_atomic(root / LATEST, final.name + "\n")
-            prune(root, parts.recipe.output.keep_last)
+            prune(root, recipe.output.keep_last)
     except Exception as exc:
-        if parts.is_main:
+        if t.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # never leave a part that could be taken for a checkpoint
         message = str(exc).lower()
         if isinstance(exc, OSError):
@@ -241,7 +242,7 @@ def _read_state(folder: Path) -> dict[str, Any]:
     return state
 
 
-def check_compatible(folder: Path, state: dict[str, Any], recipe: "Recipe", world_size: int) -> None:
+def check_compatible(folder: Path, state: dict[str, Any], recipe: Recipe, world_size: int) -> None:
     """Raise UserError when the checkpoint cannot continue with this recipe and launch."""
     if state["recipe_hash"] != recipe.content_hash():
         diffs = recipe_differences(state["recipe"], recipe.model_dump(mode="json"))
@@ -256,7 +257,7 @@ def check_compatible(folder: Path, state: dict[str, Any], recipe: "Recipe", worl
                         f"{world_size}; launch with {state['world_size']} to continue exactly")
 
 
-def check_resumable(run_dir: Path, recipe: "Recipe", world_size: int) -> None:
+def check_resumable(run_dir: Path, recipe: Recipe, world_size: int) -> None:
     """Before anything is loaded or written: refuse --resume early when it cannot work."""
     found = list_checkpoints(run_dir)
     if not found:
@@ -273,41 +274,41 @@ def check_resumable(run_dir: Path, recipe: "Recipe", world_size: int) -> None:
     # none verifies: `load` reports every reason
 
 
-def _load_one(parts: "RunParts", folder: Path) -> Progress:
-    """Restore everything from `folder` into `parts`; raises on any damage."""
-    rank = parts.world["rank"]
+def _load_one(t: Training, recorder: Recorder, recipe: Recipe, folder: Path) -> Progress:
+    """Restore everything from `folder` into the run's parts; raises on any damage."""
     state = _read_state(folder)
-    check_compatible(folder, state, parts.recipe, parts.world["world_size"])
-    per_rank = json.loads((folder / f"rank-{rank}.json").read_text(encoding="utf-8"))
-    parts.accelerator.load_state(str(folder))
-    if parts.router_optimizer is not None:
-        parts.router.load_state_dict(load_file(str(folder / "router.safetensors"), device=str(parts.accelerator.device)))
-        parts.router_optimizer.load_state_dict(torch.load(folder / "router_optimizer.pt", weights_only=True,
-                                                          map_location=parts.accelerator.device))
-    parts.stats.load_state_dict(per_rank["stats"])
+    check_compatible(folder, state, recipe, t.world_size)
+    per_rank = json.loads((folder / f"rank-{t.rank}.json").read_text(encoding="utf-8"))
+    t.accelerator.load_state(str(folder))
+    if t.router_optimizer is not None:
+        t.router.load_state_dict(load_file(str(folder / "router.safetensors"), device=str(t.accelerator.device)))
+        t.router_optimizer.load_state_dict(torch.load(folder / "router_optimizer.pt", weights_only=True,
+                                                      map_location=t.accelerator.device))
+    recorder.stats.load_state_dict(per_rank["stats"])
     set_rng_state(per_rank["rng"])  # last: loading must not leave a different RNG state behind
-    parts.facts["started_at"] = state.get("started_at") or parts.facts.get("started_at")
+    recorder.facts["started_at"] = state.get("started_at") or recorder.facts.get("started_at")
     return Progress(int(state["step"]), int(state["tokens_seen"]), int(state["skipped"]), float(state["elapsed_s"]))
 
 
-def resume(parts: "RunParts") -> Progress:
+def resume(t: Training, recorder: Recorder, recipe: Recipe, total_steps: int) -> Progress:
     """Load the newest complete checkpoint, say which broken ones were skipped, and make the run
     directory agree with it (metrics.jsonl cut to its step, `latest` pointing at it)."""
-    console, root = parts.console, checkpoint_root(parts.run_dir)
+    console, run_dir = recorder.console, recorder.run_dir
+    root = checkpoint_root(run_dir)
     broken: list[str] = []
     loaded: tuple[Path, Progress] | None = None
-    for _, folder in list_checkpoints(parts.run_dir):
+    for _, folder in list_checkpoints(run_dir):
         reason = verify(folder)
         if reason is None:
             try:
-                loaded = (folder, _load_one(parts, folder))
+                loaded = (folder, _load_one(t, recorder, recipe, folder))
             except UserError:
                 raise
             except Exception as exc:  # noqa: BLE001  damage the manifest cannot see (same size, bad bytes)
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 reason = f"cannot be loaded ({type(exc).__name__}: {first[:200]})"
         # Every process must take the same checkpoint: one failure anywhere rejects it everywhere.
-        failed = dist_mod.all_reduce_sum(parts.accelerator, torch.tensor([float(reason is not None)]))
+        failed = dist_mod.all_reduce_sum(t.accelerator, torch.tensor([float(reason is not None)]))
         if float(failed.sum()) == 0:
             break
         loaded = None
@@ -318,18 +319,18 @@ def resume(parts: "RunParts") -> Progress:
         tried = "; ".join(broken) or "none found"
         raise UserError(f"--resume: no complete checkpoint in {root} ({tried}); start again with --overwrite")
     folder, progress = loaded
-    if parts.is_main:
-        for step, other in list_checkpoints(parts.run_dir):
+    if t.is_main:
+        for step, other in list_checkpoints(run_dir):
             if step > progress.step:
                 shutil.rmtree(other, ignore_errors=True)  # broken, and from the abandoned future
-        prune(root, parts.recipe.output.keep_last)
+        prune(root, recipe.output.keep_last)
         write_text_atomic(root / LATEST, folder.name + "\n")
-        truncate_metrics(parts.run_dir / "metrics.jsonl", progress.step)
-        parts.facts.update(steps_done=progress.step, tokens_seen=progress.tokens_seen,
-                           skipped_steps=progress.skipped, wall_time_s=progress.elapsed_s, status="running")
-        parts.write_facts()
-    parts.accelerator.wait_for_everyone()
-    console.print(escape(f"resuming from {folder} (step {progress.step} of {parts.total_steps})"), soft_wrap=True)
+        truncate_metrics(run_dir / "metrics.jsonl", progress.step)
+        recorder.facts.update(steps_done=progress.step, tokens_seen=progress.tokens_seen,
+                              skipped_steps=progress.skipped, wall_time_s=progress.elapsed_s, status="running")
+        recorder.write_facts()
+    t.accelerator.wait_for_everyone()
+    console.print(escape(f"resuming from {folder} (step {progress.step} of {total_steps})"), soft_wrap=True)
     return progress
 
 
@@ -379,12 +380,12 @@ class StopSignals:
             raise KeyboardInterrupt
         self.signum = signum
 
-    def requested(self, parts: "RunParts") -> int | None:
+    def requested(self, accelerator: Accelerator) -> int | None:
         """The signal to stop for, agreed by all processes (one may have seen it a step later)."""
-        if parts.accelerator.num_processes == 1:
+        if accelerator.num_processes == 1:
             return None if self.signum is None else int(self.signum)
         seen = torch.tensor([float(self.signum == signal.SIGINT), float(self.signum == signal.SIGTERM)])
-        seen = dist_mod.all_reduce_sum(parts.accelerator, seen).cpu()
+        seen = dist_mod.all_reduce_sum(accelerator, seen).cpu()
         if seen[0] > 0:
             return int(signal.SIGINT)
         return int(signal.SIGTERM) if seen[1] > 0 else None

@@ -6,16 +6,34 @@ and exit with code 2, never a traceback.
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
+from transformers.utils import logging as hf_logging
 
-from merge_distill.errors import USER_ERROR_EXIT_CODE, UserError
+from merge_distill.cache.writer import write_cache
+from merge_distill.checkpoint import RunInterrupted
+from merge_distill.distributed import accelerator_for, build_launch_command
+from merge_distill.engine import run as run_engine
+from merge_distill.errors import USER_ERROR_EXIT_CODE, NonFiniteError, UserError
+from merge_distill.evaluate import evaluate_run
+from merge_distill.losses import DIVERGENCES
+from merge_distill.recipe import load_recipe, read_yaml
+from merge_distill.recipe_checks import preflight
+from merge_distill.report.command import report_command
+from merge_distill.report.render import render_eval_table
+from merge_distill.routing import ROUTERS
+from merge_distill.rundir import is_run_dir, write_json_atomic
+from merge_distill.sources import SOURCES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Per-token multi-teacher distillation of language models.")
@@ -33,14 +51,6 @@ def run(
     no_color: bool = typer.Option(False, "--no-color", help="Plain text output."),
 ) -> None:
     """Train the student described by RECIPE and print its blending report."""
-    import shlex
-
-    from merge_distill.checkpoint import RunInterrupted
-    from merge_distill.engine import run as run_engine
-    from merge_distill.recipe import load_recipe
-    from merge_distill.report.command import report_command
-    from merge_distill.teachers import NonFiniteError
-
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: --resume continues the run in output.dir, "
                         "--overwrite deletes it; pass one of them")
@@ -75,9 +85,6 @@ def cache(
 ) -> None:
     """Run RECIPE's teachers once over its training data and store their top-k log-probs in
     cache.dir (resumes after an interruption); then train with cache.use=true."""
-    from merge_distill.cache import write_cache
-    from merge_distill.recipe import load_recipe, read_yaml
-
     overrides = overrides or []
     if not read_yaml(recipe).get("cache") and not any(o.startswith("cache.") for o in overrides):
         raise UserError(f"{recipe}: the recipe has no cache section; add one, e.g. cache: {{dir: cache/teachers, k: 64}}")
@@ -86,8 +93,9 @@ def cache(
     console = Console(no_color=no_color, highlight=False)
     result = write_cache(loaded, console=console, overwrite=overwrite)
     manifest = result.root / "manifest.json"
-    console.print(f"cache complete: {result.root} ({result.shards_written} shards written, {result.shards_kept} kept "
-                  f"from before, {result.seconds:.1f} s); train from it with cache.use=true (manifest: {manifest})")
+    if int(os.environ.get("RANK", "0")) == 0:
+            console.print(f"cache complete: {result.root} ({result.shards_written} shards written, {result.shards_kept} kept "
+                      f"from before, {result.seconds:.1f} s); train from it with cache.use=true (manifest: {manifest})")
 
 
 @app.command()
@@ -95,14 +103,21 @@ def validate(
     recipe: Path = typer.Argument(..., help="The recipe YAML."),
     overrides: Optional[list[str]] = OVERRIDES,
     no_files: bool = typer.Option(False, "--no-files", help="Skip checks of model and data paths and tokenizers."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Check as `run --overwrite` would."),
+    resume: bool = typer.Option(False, "--resume", help="Check as `run --resume` would."),
 ) -> None:
-    """Check RECIPE (schema, cross-references, paths, tokenizers); report every problem at once."""
-    from merge_distill.recipe import load_recipe
-
+    """Check RECIPE (schema, cross-references, paths, tokenizers, data, output.dir, cache) as `run`
+    would before its first step; report every problem at once."""
     loaded = load_recipe(recipe, overrides or [], check_files=not no_files)
+    if not no_files:
+        problems = preflight(loaded, overwrite=overwrite, resume=resume, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+        if problems:
+            raise UserError(problems)
+    source = next(e for e in SOURCES.values() if e.selects(loaded))
     Console(highlight=False).print(
         f"[green]ok[/]: {recipe} — {len(loaded.teachers)} teachers ({', '.join(loaded.teacher_names)}), "
-        f"routing {loaded.routing.kind}, loss {loaded.loss.kind}, output {loaded.output.dir}"
+        f"routing {loaded.routing.kind}, loss {loaded.loss.kind}, output {loaded.output.dir}; "
+        f"teachers from the {source.name} source ({source.summary})"
     )
 
 
@@ -114,13 +129,6 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print the JSON instead of a table."),
 ) -> None:
     """Per-domain held-out perplexity of a student (and the recipe's teachers)."""
-    import json
-
-    from merge_distill.evaluate import evaluate_recipe
-    from merge_distill.recipe import load_recipe
-    from merge_distill.report.render import render_eval_table
-    from merge_distill.rundir import is_run_dir, write_json_atomic
-
     in_run = is_run_dir(target) and (target / "recipe.yaml").is_file()
     if recipe is None and not in_run:
         raise UserError(f"{target}: not a run directory (no recipe.yaml); give --recipe r.yaml to say what data to use")
@@ -128,7 +136,9 @@ def evaluate(
     model_dir = target / "student" if in_run else target
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir}: no saved model here (config.json missing); did the run finish?")
-    result = evaluate_recipe(loaded, model_dir, teachers=teachers)
+    result = evaluate_run(loaded, accelerator_for(loaded), model_dir, teachers=teachers)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     if in_run:
         write_json_atomic(target / "eval.json", result)
     if as_json:
@@ -148,22 +158,26 @@ def launch(
     node_rank: Optional[int] = typer.Option(None, "--node-rank", help="This node's rank (default NODE_RANK / SLURM_NODEID)."),
     master_addr: Optional[str] = typer.Option(None, "--master-addr", help="First node's address (default MASTER_ADDR)."),
     master_port: Optional[int] = typer.Option(None, "--master-port", help="Rendezvous port (default 29500)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in output.dir."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in output.dir (or cache)."),
+    command: str = typer.Option("run", "--command", help="What the processes run: run (train), cache (write the "
+                                "teacher cache) or eval (evaluate the run in output.dir)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the command without running it."),
 ) -> None:
     """Build the launcher command for N processes (x M nodes), print it, and run it."""
-    import shlex
-    import subprocess
-
-    from merge_distill.distributed import build_launch_command
-    from merge_distill.recipe import load_recipe
-
     if launcher not in ("accelerate", "deepspeed", "torchrun"):
         raise UserError(f"--launcher: {launcher!r} is not one of accelerate, deepspeed, torchrun")
-    load_recipe(recipe, overrides or [])  # fail here, once, rather than in every process
-    extra = [*(overrides or []), *(["--overwrite"] if overwrite else [])]
+    if command not in ("run", "cache", "eval"):
+        raise UserError(f"--command: {command!r} is not one of run, cache, eval")
+    loaded = load_recipe(recipe, [*(overrides or []), *(["cache.use=false"] if command == "cache" else [])])
+    if command == "eval":
+        if overrides or overwrite:
+            raise UserError("launch --command eval evaluates the run in output.dir as recorded; drop the overrides "
+                            "and --overwrite")
+        args = ["eval", loaded.output.dir, "--recipe", str(recipe)]
+    else:
+        args = [command, str(recipe), *(overrides or []), *(["--overwrite"] if overwrite else [])]
     try:
-        argv = build_launch_command(recipe, nproc, nnodes, hostfile, launcher, extra,  # type: ignore[arg-type]
+        argv = build_launch_command(args, nproc, nnodes, hostfile, launcher,  # type: ignore[arg-type]
                                     node_rank=node_rank, master_addr=master_addr, master_port=master_port)
     except ValueError as exc:
         raise UserError(f"launch: {exc}") from None
@@ -174,15 +188,15 @@ def launch(
 
 @app.command("ls")
 def list_plugins() -> None:
-    """List the registered routers and losses."""
-    from merge_distill.losses import DIVERGENCES
-    from merge_distill.routing import ROUTERS
-
+    """List the registered routers, losses and teacher sources."""
     console = Console(highlight=False)
     for registry in (ROUTERS, DIVERGENCES):
         console.print(f"[bold]{registry.what}s[/]")
         for entry in registry.entries():
             console.print(f"  {entry.name:<12} {entry.summary}")
+    console.print("[bold]teacher sources[/]")
+    for source in SOURCES.values():
+        console.print(f"  {source.name:<12} {source.summary} (provides {', '.join(sorted(source.provides))})")
 
 
 @app.command()
@@ -193,16 +207,12 @@ def report(
     width: Optional[int] = typer.Option(None, "--width", help="Render at this many columns."),
 ) -> None:
     """Render the blending report of a run (or compare two runs)."""
-    from merge_distill.report.command import report_command
-
     report_command(run_dirs, as_json=as_json, no_color=no_color, width=width)
 
 
 def quiet_libraries() -> None:
     """Library progress bars and advisory warnings would drown the run's own display."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
@@ -223,13 +233,9 @@ def main() -> None:
         err_console.print("interrupted")
         sys.exit(130)
     except Exception as exc:  # click usage errors carry their own exit code (2)
-        import click
-
         if isinstance(exc, click.ClickException):
             exc.show()
             sys.exit(exc.exit_code)
-        from merge_distill.teachers import NonFiniteError
-
         if isinstance(exc, NonFiniteError):
             err_console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
             sys.exit(1)

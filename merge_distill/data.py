@@ -7,11 +7,12 @@ targets (others -100). Each row keeps its source's domain tag through to the bat
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import datasets
 import torch
@@ -19,17 +20,24 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from merge_distill.errors import UserError
-from merge_distill.recipe_checks import source_files
 from merge_distill.signals import IGNORE_INDEX, TokenBatch
 
-if TYPE_CHECKING:
-    from merge_distill.recipe import DataSource
+from merge_distill.schema import DataSource
 
 datasets.disable_progress_bars()
 # datasets logs a parse error before raising it; the raised error is reported in the user's words.
 datasets.logging.set_verbosity(datasets.logging.CRITICAL)
 
 _BUILDERS = {"text": "text", "jsonl": "json", "parquet": "parquet"}
+
+
+def source_files(path: str) -> list[str]:
+    """Files named by a data source path: a file, a directory (all files inside) or a glob."""
+    p = Path(path)
+    if p.is_dir():
+        return sorted(str(f) for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+    return sorted(glob.glob(path)) if any(c in path for c in "*?[") else ([path] if p.is_file() else [])
+
 
 
 @dataclass

@@ -19,7 +19,6 @@ number of times: under ZeRO-3 a forward is a collective (parameter all-gather).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import sys
@@ -30,85 +29,16 @@ from typing import Any, Literal
 import torch
 from accelerate import Accelerator, DeepSpeedPlugin
 from accelerate.scheduler import AcceleratedScheduler
+from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import DistributedType
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
+from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+from merge_distill.schema import Recipe
+from merge_distill.schema.distributed import DistributedConfig, read_json
 
 Precision = Literal["fp32", "bf16", "fp16"]
 _MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-
-
-class DistributedConfig(BaseModel):
-    """The recipe's `distributed:` section."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    use_deepspeed: Literal["auto", "always", "never"] = Field(
-        "auto", description="auto: DeepSpeed when launched with more than one process (WORLD_SIZE > 1); "
-        "always: also in a single process (ZeRO-3 then only adds offload); never: plain DDP.")
-    teacher_zero_stage: Literal[0, 3] = Field(
-        3, description="3: partition each teacher's weights across processes (ZeRO-3 inference); "
-        "0: every process holds whole teachers. Only used under DeepSpeed.")
-    student_zero_stage: Literal[0, 1, 2, 3] = Field(
-        0, description="ZeRO stage of the student: 1 partitions optimizer state, 2 also gradients, "
-        "3 also weights. Only used under DeepSpeed.")
-    offload_teacher_params: bool = Field(
-        False, description="Keep the teachers' ZeRO-3 partitions in CPU memory (needs teacher_zero_stage 3).")
-    offload_optimizer: bool = Field(
-        False, description="Keep the student's optimizer state in CPU memory (needs student_zero_stage >= 1).")
-    zero3_param_persistence_threshold: int = Field(
-        100_000, ge=0, description="Under ZeRO-3, tensors with at most this many elements (norms, biases) "
-        "stay whole on every process instead of being partitioned.")
-    deepspeed_config: Path | None = Field(
-        None, description="A DeepSpeed JSON for the student, merged over the one built from these fields "
-        "and `train:` (its values win). Must not define `optimizer` or `scheduler`.")
-    teacher_deepspeed_config: Path | None = Field(
-        None, description="A DeepSpeed JSON merged over the built teacher config (e.g. offload to nvme).")
-
-    def check(self) -> list[str]:
-        """Cross-field problems, one line each, key path first."""
-        problems: list[str] = []
-        if self.offload_optimizer and self.student_zero_stage == 0:
-            problems.append("distributed.offload_optimizer needs student_zero_stage >= 1 (ZeRO-Offload moves the "
-                            "partitioned optimizer state); set student_zero_stage: 2 or offload_optimizer: false")
-        if self.offload_teacher_params and self.teacher_zero_stage != 3:
-            problems.append("distributed.offload_teacher_params needs teacher_zero_stage: 3 (only partitioned "
-                            "weights can be offloaded); set teacher_zero_stage: 3 or offload_teacher_params: false")
-        if self.use_deepspeed == "never":
-            used = [k for k in ("offload_teacher_params", "offload_optimizer") if getattr(self, k)]
-            used += [k for k in ("deepspeed_config", "teacher_deepspeed_config") if getattr(self, k) is not None]
-            used += ["student_zero_stage"] if self.student_zero_stage else []
-            if used:
-                problems.append(f"distributed.use_deepspeed is never, so {', '.join(used)} would be ignored; "
-                                "set use_deepspeed: auto or always, or remove them")
-        for key in ("deepspeed_config", "teacher_deepspeed_config"):
-            problems += _json_problems(f"distributed.{key}", getattr(self, key))
-        user = _read_json(self.deepspeed_config) if self.deepspeed_config and self.deepspeed_config.is_file() else {}
-        for section in ("optimizer", "scheduler"):
-            if section in user:
-                problems.append(f"distributed.deepspeed_config defines '{section}'; merge_distill builds it from "
-                                "the recipe's train: section; remove it from the JSON")
-        stage = user.get("zero_optimization", {}).get("stage") if isinstance(user, dict) else None
-        if stage is not None and stage != self.student_zero_stage:
-            problems.append(f"distributed.deepspeed_config sets zero_optimization.stage {stage} but "
-                            f"student_zero_stage is {self.student_zero_stage}; set the stage in one place")
-        return problems
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-def _json_problems(key: str, path: Path | None) -> list[str]:
-    if path is None:
-        return []
-    if not Path(path).is_file():
-        return [f"{key}: file {path} not found; give the path of a DeepSpeed JSON, relative to the recipe"]
-    try:
-        data = _read_json(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return [f"{key}: {path} is not valid JSON ({exc})"]
-    return [] if isinstance(data, dict) else [f"{key}: {path} must hold a JSON object, got {type(data).__name__}"]
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -189,7 +119,7 @@ def student_deepspeed_config(dist: DistributedConfig, precision: Precision, grad
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
-    return _merge(cfg, _read_json(dist.deepspeed_config)) if dist.deepspeed_config else cfg
+    return _merge(cfg, read_json(dist.deepspeed_config)) if dist.deepspeed_config else cfg
 
 
 def teacher_deepspeed_config(dist: DistributedConfig, dtype: torch.dtype, micro_batch_size: int) -> dict:
@@ -207,7 +137,7 @@ def teacher_deepspeed_config(dist: DistributedConfig, dtype: torch.dtype, micro_
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
-    return _merge(cfg, _read_json(dist.teacher_deepspeed_config)) if dist.teacher_deepspeed_config else cfg
+    return _merge(cfg, read_json(dist.teacher_deepspeed_config)) if dist.teacher_deepspeed_config else cfg
 
 
 # ---------------------------------------------------------------- accelerator and models
@@ -238,14 +168,19 @@ def make_accelerator(dist: DistributedConfig, precision: Precision, grad_accum: 
     return acc
 
 
+def accelerator_for(recipe: Recipe) -> Accelerator:
+    """An Accelerator placed as the recipe's training would be, for the phases that only run
+    teachers (`merge-distill cache`, `merge-distill eval`): same DeepSpeed decision, same precision."""
+    r = recipe.train
+    return make_accelerator(recipe.distributed, r.precision, 1, None, r.micro_batch_size)
+
+
 def _fix_cpu_world(acc: Accelerator) -> None:
     """accelerate knows DeepSpeed only on accelerators: on CPU it records one process of rank 0
     on every rank (so is_main_process is True everywhere). DeepSpeed itself runs over gloo
     correctly; copy the true world from torch.distributed into accelerate's shared state."""
     if acc.device.type != "cpu" or not torch.distributed.is_initialized():
         return
-    from accelerate.state import AcceleratorState, PartialState
-
     true_world = {"num_processes": torch.distributed.get_world_size(),
                   "process_index": torch.distributed.get_rank(),
                   "local_process_index": int(os.environ.get("LOCAL_RANK", 0))}
@@ -254,22 +189,16 @@ def _fix_cpu_world(acc: Accelerator) -> None:
 
 
 def _reset_accelerate_state() -> None:
-    from accelerate.state import AcceleratorState, GradientState
-
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
 
 
 def _unset_hf_deepspeed_config() -> None:
-    from transformers.integrations import unset_hf_deepspeed_config
-
     unset_hf_deepspeed_config()
 
 
 @contextlib.contextmanager
 def _zero_init(config: dict) -> Iterator[None]:
-    from transformers.integrations import HfDeepSpeedConfig
-
     keep_alive = HfDeepSpeedConfig(config)  # transformers holds only a weakref to it
     try:
         yield
@@ -325,7 +254,7 @@ def prepare_teacher(accelerator: Accelerator, dist: DistributedConfig, model: to
     model.eval()
     if not (uses_deepspeed(accelerator) and dist.teacher_zero_stage == 3):
         return model.to(accelerator.device)
-    import deepspeed
+    import deepspeed  # noqa: PLC0415  heavy and optional until a teacher is sharded
 
     dtype = next(iter(model.parameters())).dtype
     micro = accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"]
@@ -383,6 +312,23 @@ def all_reduce_sum(accelerator: Accelerator, t: Tensor) -> Tensor:
     return out
 
 
+def global_sum(accelerator: Accelerator, value: float) -> float:
+    """value summed over processes; alone, value itself (no device round trip on the step's path)."""
+    if accelerator.num_processes == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=accelerator.device)
+    return float(all_reduce_sum(accelerator, t).item())
+
+
+def global_max(accelerator: Accelerator, value: int) -> int:
+    """The largest `value` over processes (e.g. how many forwards the busiest process runs)."""
+    if accelerator.num_processes == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=accelerator.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
 # ---------------------------------------------------------------- launching
 
 
@@ -427,11 +373,10 @@ def launcher_prefix(nproc: int, nnodes: int = 1, hostfile: Path | None = None,
     return cmd
 
 
-def build_launch_command(recipe_path: Path, nproc: int, nnodes: int = 1, hostfile: Path | None = None,
-                         launcher: Launcher = "accelerate", extra_args: Sequence[str] = (), *,
-                         node_rank: int | None = None, master_addr: str | None = None,
-                         master_port: int | None = None) -> list[str]:
-    """The argv that runs `merge-distill run RECIPE` on nproc processes per node."""
+def build_launch_command(args: Sequence[str], nproc: int, nnodes: int = 1, hostfile: Path | None = None,
+                         launcher: Launcher = "accelerate", *, node_rank: int | None = None,
+                         master_addr: str | None = None, master_port: int | None = None) -> list[str]:
+    """The argv that runs `merge-distill ARGS` (e.g. ["run", "r.yaml"]) on nproc processes per node."""
     prefix = launcher_prefix(nproc, nnodes, hostfile, launcher, node_rank, master_addr, master_port)
     module = ["--module", "merge_distill.cli"] if launcher == "deepspeed" else ["-m", "merge_distill.cli"]
-    return prefix + module + ["run", str(recipe_path), *extra_args]
+    return prefix + module + [str(a) for a in args]

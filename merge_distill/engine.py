@@ -1,6 +1,6 @@
 """The training loop: the only place that knows the order of a step.
 
-    batch -> teachers (inference) -> router weights -> chunked blend + divergence -> backward -> step
+    batch -> teacher source (signals) -> router weights -> signals.loss (blend + divergence) -> backward -> step
 
 Loss normalisation: every micro-batch's summed loss is divided by the number of valid target
 tokens of the whole optimizer step, over all micro-batches and all processes, so the gradient
@@ -15,25 +15,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from rich.console import Console
 from rich.markup import escape
 from torch import Tensor
 
 from merge_distill import checkpoint as ckpt
 from merge_distill import distributed as dist_mod
-from merge_distill.cache import SparseTeacherSignals, sparse_agreement
-from merge_distill.losses.chunked import distill_loss
-from merge_distill.losses.sparse import sparse_distill_loss
-from merge_distill.recipe import Recipe
+from merge_distill.errors import NonFiniteError
+from merge_distill.evaluate import evaluate_run
+from merge_distill.guard import StepGuard
+from merge_distill.models import load_tokenizer, tokenizer_source
+from merge_distill.plan import DataPlan, build_plan, training_rows
+from merge_distill.recorder import Recorder
 from merge_distill.report.stats import BlendStats
 from merge_distill.routing.base import RouterInputs
-from merge_distill.run_setup import RunParts, setup_run
+from merge_distill.rundir import prepare_run_dir
+from merge_distill.schema import Recipe
 from merge_distill.signals import IGNORE_INDEX, TokenBatch
-from merge_distill.teachers import NonFiniteError
-
+from merge_distill.training import Training, build_training
 
 # Teacher agreement (report only: pairwise JS over full distributions) is estimated on this many
 # evenly spaced valid tokens per micro-batch; over a run that is thousands of tokens.
 AGREEMENT_TOKENS = 64
+
+
+@dataclass
+class MicroResult:
+    """One micro-batch: the loss to backpropagate (already normalised) and its parts as sums."""
+
+    loss: Tensor
+    loss_sum: float
+    divergence_sum: float
+    ce_sum: float
+    share_sum: Tensor            # [K] float64: routing weights summed over valid tokens
+    router_loss: Tensor | None   # the learned gate's objective (a sum over valid tokens), or None
 
 
 @dataclass
@@ -43,74 +58,48 @@ class StepResult:
     ce: float
     tokens: int
     share: dict[str, float]
+    router_nll: float | None = None  # the learned gate's objective per valid token of this process
+    stats: BlendStats | None = None  # the step's routing statistics (None when skipped)
     skipped: bool = False
     problems: list[str] = field(default_factory=list)  # what was NaN/inf, and the batch's sources
     fatal: bool = False  # the update already happened (DeepSpeed steps inside backward): cannot skip
     overflow: bool = False  # fp16 loss scaling skipped the update: routine, never a reason to stop
 
 
-def global_sum(parts: RunParts, value: float) -> float:
-    """value summed over processes; alone, value itself (no device round trip on the step's path)."""
-    if parts.accelerator.num_processes == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=parts.accelerator.device)
-    return float(dist_mod.all_reduce_sum(parts.accelerator, t).item())
-
-
-def average_gradients(parts: RunParts, module: torch.nn.Module) -> None:
-    """Average a small replicated module's gradients over processes (the learned gate)."""
-    world = parts.world["world_size"]
-    if world == 1:
+def sum_gradients(t: Training, module: torch.nn.Module) -> None:
+    """Sum a small replicated module's gradients over processes (the learned gate). Each process's
+    gradient is already its share of the global mean (its sum / the global token count), so the
+    sum, not the average, is the gradient of the global objective."""
+    if t.world_size == 1:
         return
     for p in module.parameters():
         if p.grad is not None:
-            p.grad = dist_mod.all_reduce_sum(parts.accelerator, p.grad) / world
+            p.grad = dist_mod.all_reduce_sum(t.accelerator, p.grad)
 
 
-def micro_batches(parts: RunParts, step: int) -> list[TokenBatch]:
-    """This process's micro-batches of optimizer step `step` (a pure function of the step)."""
-    r = parts.recipe.train
-    world, rank = parts.world["world_size"], parts.world["rank"]
-    rows_per_micro = r.micro_batch_size * world
-    out = []
-    for micro in range(r.grad_accum):
-        start = (step * r.grad_accum + micro) * rows_per_micro + rank * r.micro_batch_size
-        out.append(parts.stream.rows(start, r.micro_batch_size).to(parts.accelerator.device))
-    return out
-
-
-def forward_micro(parts: RunParts, batch: TokenBatch, n_global: float, stats: BlendStats) -> tuple[Tensor, dict]:
-    """One micro-batch: returns the loss to backpropagate (already normalised) and its parts;
-    adds the micro-batch's routing statistics to `stats`."""
-    recipe, router = parts.recipe, parts.router
+def forward_micro(t: Training, batch: TokenBatch, n_global: float, stats: BlendStats) -> MicroResult:
+    """One micro-batch; adds its routing statistics to `stats`."""
+    router, setup = t.router, t.loss
     targets = batch.targets
     mask = targets != IGNORE_INDEX
-    w_ce = recipe.loss.hard_label_weight
-    out = parts.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                        output_hidden_states=router.needs_hidden, use_cache=False)
-    student_logits = out.logits[..., : parts.vocab_size]
-    info: dict = {"share_sum": torch.zeros(len(parts.teacher_names), dtype=torch.float64)}
+    w_ce = setup.config.hard_label_weight
+    out = t.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    output_hidden_states=router.needs_hidden, use_cache=False)
+    student_logits = out.logits[..., : t.vocab_size]
+    share_sum = torch.zeros(len(t.teacher_names), dtype=torch.float64)
+    router_loss = None
     if w_ce < 1.0:
-        signals = parts.ensemble.signals(batch, targets)
+        signals = t.source.signals(batch)
         hidden = out.hidden_states[-1].detach().float() if router.needs_hidden else None
         inputs = RouterInputs(signals.gold_nll.clone(), signals.entropy.clone(), mask, batch.domains, hidden)
-        weights = router(inputs)
-        aux = router.aux_loss(inputs)
-        if isinstance(signals, SparseTeacherSignals):  # from the offline cache: top-k + tail targets
-            result = sparse_distill_loss(student_logits, signals.topk_ids, signals.topk_logprobs, signals.tail_logprobs,
-                                         weights.detach(), targets, parts.divergence, recipe.loss,
-                                         recipe.routing.blend, recipe.train.chunk_tokens, compute_ce=True)
-            stats.add_agreement(*sparse_agreement(signals, mask, parts.vocab_size, max_tokens=AGREEMENT_TOKENS))
-        else:
-            result = distill_loss(student_logits, signals.logits, weights.detach(), targets,
-                                  parts.divergence, recipe.loss, recipe.routing.blend,
-                                  recipe.train.chunk_tokens, compute_ce=True, teachers_normalized=signals.normalized)
-            stats.update_agreement(signals.logits, mask, max_tokens=AGREEMENT_TOKENS)
-        stats.update(weights.detach(), signals.gold_nll, signals.entropy, mask, batch.domains,
-                           result.target_entropy_sum)
-        info["share_sum"] = weights.detach().double().sum(dim=(0, 1)).cpu()
+        weights = router(inputs).detach()
+        router_loss = router.aux_loss(inputs)
+        result = signals.loss(student_logits, weights, targets, setup)
+        agreement = signals.agreement(mask, t.vocab_size, AGREEMENT_TOKENS)
+        stats.add_agreement(agreement.top1, agreement.js, agreement.tokens)
+        stats.update(weights, signals.gold_nll, signals.entropy, mask, batch.domains, result.target_entropy_sum)
+        share_sum = weights.double().sum(dim=(0, 1)).cpu()
         div_sum, ce_sum = result.divergence_sum, result.ce_sum
-        info["aux"] = aux
     else:
         ce_sum = torch.nn.functional.cross_entropy(
             student_logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
@@ -121,109 +110,155 @@ def forward_micro(parts: RunParts, batch: TokenBatch, n_global: float, stats: Bl
     # Each process holds its share of the global sum; DDP/DeepSpeed average gradients over
     # processes and accelerate divides by the accumulation steps: undo both so the result is
     # sum over all tokens / n_global.
-    scale = parts.world["world_size"] * parts.accelerator.gradient_accumulation_steps / max(n_global, 1.0)
-    info.update(loss=float(loss_sum.detach()), div=float(div_sum.detach()), ce=float(ce_sum.detach()))
-    return loss_sum * scale, info
+    scale = t.world_size * t.accelerator.gradient_accumulation_steps / max(n_global, 1.0)
+    return MicroResult(loss_sum * scale, float(loss_sum.detach()), float(div_sum.detach()), float(ce_sum.detach()),
+                       share_sum, router_loss)
 
 
-def train_step(parts: RunParts, step: int) -> StepResult:
-    """One optimizer step over grad_accum micro-batches.
+def _not_finite(micro: MicroResult) -> str | None:
+    if not torch.isfinite(micro.loss):
+        return "the loss is NaN/inf"
+    if micro.router_loss is not None and not torch.isfinite(micro.router_loss):
+        return "the router's loss is NaN/inf"
+    return None
 
-    NaN/inf in a teacher's log-probs, the loss or the gradients is caught on the step it appears:
-    the step is skipped (no update of student or router, no statistics) and `problems` says what
-    and from which sources. Every process takes the same decision, so they stay in lockstep.
-    """
-    recipe, acc = parts.recipe, parts.accelerator
-    batches = micro_batches(parts, step)
+
+def train_step(t: Training, plan: DataPlan, step: int) -> StepResult:
+    """One optimizer step over grad_accum micro-batches (the non-finite policy: guard.py)."""
+    acc = t.accelerator
+    batches = plan.micro_batches(step, acc.device)
     n_local = sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches)
-    n_global = global_sum(parts, n_local)
-    totals = {"loss": 0.0, "div": 0.0, "ce": 0.0}
-    share = torch.zeros(len(parts.teacher_names), dtype=torch.float64)
-    aux_total = None
-    stats = BlendStats(parts.teacher_names)  # joins the run's statistics only if the step counts
-    problems: list[str] = []
+    n_global = dist_mod.global_sum(acc, n_local)
+    all_sources = [s for b in batches for s in b.sources]
+    guard = StepGuard(acc)
+    stats = BlendStats(t.teacher_names)
+    sums = {"loss": 0.0, "div": 0.0, "ce": 0.0}
+    share = torch.zeros(len(t.teacher_names), dtype=torch.float64)
+    router_sum: float | None = None
     overflow = False
     for batch in batches:
         # After a problem the remaining micro-batches still pass through accumulate(): accelerate
         # counts them to find the window's end, so the next step starts a fresh window.
-        with acc.accumulate(parts.student):
-            if problems:
+        with acc.accumulate(t.student):
+            if guard.failed:
                 continue
-            sources = f"(sources: {', '.join(sorted(set(batch.sources)))})"
-            try:
-                loss, info = forward_micro(parts, batch, n_global, stats)
-                aux = info.get("aux")
-                problem = None
-                if not torch.isfinite(loss):
-                    problem = f"the loss is NaN/inf {sources}"
-                elif aux is not None and not torch.isfinite(aux):
-                    problem = f"the router's loss is NaN/inf {sources}"
-            except NonFiniteError as exc:
-                problem = f"{exc} {sources}"
-            if global_sum(parts, float(problem is not None)) > 0:
-                problems.append(problem or "NaN/inf on another process")
+            micro = guard.forward(lambda: forward_micro(t, batch, n_global, stats), _not_finite, batch.sources)
+            if micro is None:
                 continue
-            acc.backward(loss)
-            if aux is not None:
-                (aux / max(n_global, 1.0)).backward()
-                aux_total = float(aux.detach()) + (aux_total or 0.0)
-            for k in totals:
-                totals[k] += info[k]
-            share += info["share_sum"]
+            acc.backward(micro.loss)
+            if micro.router_loss is not None:
+                (micro.router_loss / max(n_global, 1.0)).backward()
+                router_sum = (router_sum or 0.0) + float(micro.router_loss.detach())
+            sums["loss"] += micro.loss_sum
+            sums["div"] += micro.divergence_sum
+            sums["ce"] += micro.ce_sum
+            share += micro.share_sum
             if acc.sync_gradients:
                 # Without clipping, max_norm=inf only measures: the gradients are scaled by exactly 1.
-                norm = acc.clip_grad_norm_(parts.student.parameters(), recipe.train.max_grad_norm or math.inf)
-                if norm is not None and not math.isfinite(float(norm)) and acc.scaler is None:
-                    all_sources = sorted({s for b in batches for s in b.sources})
-                    problems.append(f"the gradient norm is NaN/inf (sources: {', '.join(all_sources)})")
+                norm = acc.clip_grad_norm_(t.student.parameters(), t.max_grad_norm or math.inf)
+                if not guard.gradients_ok(norm, all_sources):
                     continue
-                parts.optimizer.step()
-                overflow = bool(getattr(parts.optimizer, "step_was_skipped", False))
-                parts.scheduler.step()
-                parts.optimizer.zero_grad(set_to_none=True)
-    if parts.router_optimizer is not None:
-        if not (problems or overflow):
-            average_gradients(parts, parts.router)
-            parts.router_optimizer.step()
-        parts.router_optimizer.zero_grad(set_to_none=True)
-    if problems or overflow:
-        parts.optimizer.zero_grad(set_to_none=True)
+                t.optimizer.step()
+                overflow = bool(getattr(t.optimizer, "step_was_skipped", False))
+                t.scheduler.step()
+                t.optimizer.zero_grad(set_to_none=True)
+    if t.router_optimizer is not None:
+        if not (guard.failed or overflow):
+            sum_gradients(t, t.router)
+            t.router_optimizer.step()
+        t.router_optimizer.zero_grad(set_to_none=True)
+    if guard.failed or overflow:
+        t.optimizer.zero_grad(set_to_none=True)
+        problems = guard.problems
         if overflow:
             problems = ["fp16 gradient overflow: the loss scaler skipped the update and lowered its scale"]
         return StepResult(math.nan, math.nan, math.nan, int(n_global), {}, skipped=True, problems=problems,
-                          fatal=dist_mod.uses_deepspeed(acc) and not overflow, overflow=overflow)
-    parts.stats.merge(stats)
-    loss, div, ce = (global_sum(parts, totals[k]) / max(n_global, 1.0) for k in ("loss", "div", "ce"))
+                          fatal=guard.fatal() and not overflow, overflow=overflow)
+    loss, div, ce = (dist_mod.global_sum(acc, sums[k]) / max(n_global, 1.0) for k in ("loss", "div", "ce"))
     shares = dist_mod.all_reduce_sum(acc, share.to(acc.device)).cpu() / max(n_global, 1.0)
-    result = StepResult(loss, div, ce, int(n_global), dict(zip(parts.teacher_names, shares.tolist())))
-    if aux_total is not None:
-        result.share["_router_nll"] = aux_total / max(n_local, 1)
-    return result
+    router_nll = router_sum / max(n_local, 1) if router_sum is not None else None
+    return StepResult(loss, div, ce, int(n_global), dict(zip(t.teacher_names, shares.tolist())), router_nll, stats)
 
 
-def metrics_row(parts: RunParts, step: int, result: StepResult, seconds: float, elapsed: float) -> dict:
+def metrics_row(t: Training, step: int, result: StepResult, seconds: float, elapsed: float) -> dict:
     """The metrics.jsonl line of a finished step (1-based `step`)."""
-    router_nll = result.share.pop("_router_nll", None)
     row = {
         "step": step, "loss": result.loss, "divergence": result.divergence, "ce": result.ce,
-        "lr": parts.scheduler.get_last_lr()[0], "tokens": result.tokens,
+        "lr": t.scheduler.get_last_lr()[0], "tokens": result.tokens,
         "tokens_per_s": result.tokens / max(seconds, 1e-9), "elapsed_s": elapsed, "share": result.share,
-        "world_size": parts.world["world_size"],
+        "world_size": t.world_size,
     }
-    if router_nll is not None:
-        row["router_nll"] = router_nll
+    if result.router_nll is not None:
+        row["router_nll"] = result.router_nll
     return row
 
 
-def run(recipe: Recipe, overwrite: bool = False, console=None, resume: bool = False) -> Path:
+@dataclass
+class Run:
+    """A set-up run: its three parts, each handed alone to what needs it."""
+
+    recipe: Recipe
+    training: Training
+    plan: DataPlan
+    recorder: Recorder
+    tokenizer: object
+
+    @property
+    def run_dir(self) -> Path:
+        return self.recorder.run_dir
+
+
+def setup_run(recipe: Recipe, overwrite: bool = False, console: Console | None = None, resume: bool = False) -> Run:
+    """Everything a run needs before its first step. Every check here is also made by
+    `merge-distill validate` (recipe_checks.preflight), so a recipe that validates starts."""
+    r, dist = recipe.train, recipe.distributed
+    accelerator = dist_mod.make_accelerator(dist, r.precision, r.grad_accum, r.max_grad_norm or 0.0, r.micro_batch_size)
+    world = dist_mod.world_info()
+    is_main = world["rank"] == 0
+    console = console or Console()
+    run_dir = Path(recipe.output.dir)
+    if is_main:
+        prepare_run_dir(run_dir, overwrite, resume)
+    if resume:  # refuse before anything is loaded or written (a changed recipe, no checkpoint)
+        ckpt.check_resumable(run_dir, recipe, world["world_size"])
+    accelerator.wait_for_everyone()
+    torch.manual_seed(r.seed)
+    tokenizer = load_tokenizer(*tokenizer_source(recipe))
+    rows = training_rows(recipe, tokenizer)
+    plan = build_plan(recipe, rows, world["world_size"], world["rank"])
+    training = build_training(recipe, accelerator, world["world_size"], world["rank"], tokenizer, rows, plan.total_steps)
+    recorder = Recorder.start(recipe, run_dir, console, plan.total_steps, world["world_size"], is_main, resume)
+    return Run(recipe, training, plan, recorder, tokenizer)
+
+
+def finish(run: Run, status: str, progress: ckpt.Progress, wall: float) -> None:
+    """Save the student (when training completed), sum the statistics over processes, evaluate,
+    and write the run's files. Every process calls this (saving and evaluation are collective)."""
+    t, recorder, recipe = run.training, run.recorder, run.recipe
+    evaluation = None
+    if status == "complete":
+        student_dir = t.save_student(run.run_dir / "student", run.tokenizer)
+        if recipe.data.eval and recipe.report.eval_at_end:
+            if t.is_main:
+                recorder.console.print("evaluating student and teachers on held-out data ...")
+            evaluation = evaluate_run(recipe, t.accelerator, student_dir, t.student,
+                                      teachers=recipe.report.eval_teachers)
+    if t.world_size > 1:
+        recorder.stats = recorder.stats.all_reduce(
+            lambda x: dist_mod.all_reduce_sum(t.accelerator, x.to(t.accelerator.device)).cpu(), recipe.train_domains)
+    recorder.finish(status, progress.tokens_seen, progress.skipped, wall, t.accelerator.device, evaluation)
+
+
+def run(recipe: Recipe, overwrite: bool = False, console: Console | None = None, resume: bool = False) -> Path:
     """Train the student described by `recipe`; returns the run directory.
 
     resume: continue from the newest complete checkpoint in output.dir, exactly as if the run had
     never stopped. SIGINT/SIGTERM stop at the next step boundary with a checkpoint and raise
     checkpoint.RunInterrupted; NaN/inf with train.on_nonfinite: stop raises NonFiniteError.
     """
-    parts = setup_run(recipe, overwrite=overwrite, console=console, resume=resume)
-    progress = ckpt.resume(parts) if resume else ckpt.Progress()
+    current = setup_run(recipe, overwrite=overwrite, console=console, resume=resume)
+    t, plan, recorder = current.training, current.plan, current.recorder
+    progress = ckpt.resume(t, recorder, recipe, plan.total_steps) if resume else ckpt.Progress()
     saved_at = progress.step if resume else None  # the step the newest checkpoint holds
     clock = time.perf_counter() - progress.elapsed_s  # wall time continues across resumes
     save_every = recipe.output.save_every
@@ -234,18 +269,18 @@ def run(recipe: Recipe, overwrite: bool = False, console=None, resume: bool = Fa
         nonlocal saved_at
         if saved_at != progress.step:
             progress.elapsed_s = time.perf_counter() - clock
-            ckpt.save(parts, progress)
+            ckpt.save(t, recorder, recipe, progress)
             saved_at = progress.step
-        return ckpt.checkpoint_root(parts.run_dir) / ckpt.step_name(progress.step)
+        return ckpt.checkpoint_root(recorder.run_dir) / ckpt.step_name(progress.step)
 
     try:
-        with parts.live as live, ckpt.StopSignals() as signals:
-            for step in range(progress.step, parts.total_steps):
-                signum = signals.requested(parts)
+        with recorder.live as live, ckpt.StopSignals() as signals:
+            for step in range(progress.step, plan.total_steps):
+                signum = signals.requested(t.accelerator)
                 if signum is not None:
                     raise ckpt.RunInterrupted(signum, progress.step, checkpoint())
                 t0 = time.perf_counter()
-                result = train_step(parts, step)
+                result = train_step(t, plan, step)
                 message = f"step {step + 1}: " + "; ".join(result.problems)
                 if result.skipped and not result.overflow:
                     if recipe.train.on_nonfinite == "stop" or result.fatal:
@@ -255,14 +290,15 @@ def run(recipe: Recipe, overwrite: bool = False, console=None, resume: bool = Fa
                                "train.on_nonfinite: stop; set it to skip to skip such steps")
                         raise NonFiniteError(f"{message} ({why})")
                 progress.step = step + 1
-                parts.facts["steps_done"] = progress.step  # skipped steps included: the data position
+                recorder.facts["steps_done"] = progress.step  # skipped steps included: the data position
                 if result.skipped:
                     progress.skipped += 1
-                    parts.console.print(f"[yellow]skipped {escape(message)}[/]")
+                    recorder.console.print(f"[yellow]skipped {escape(message)}[/]")
                 else:
+                    recorder.stats.merge(result.stats)
                     progress.tokens_seen += result.tokens
-                    row = metrics_row(parts, step + 1, result, time.perf_counter() - t0, time.perf_counter() - clock)
-                    parts.record_step(row, progress.tokens_seen, progress.skipped)
+                    row = metrics_row(t, step + 1, result, time.perf_counter() - t0, time.perf_counter() - clock)
+                    recorder.record_step(row, progress.tokens_seen, progress.skipped)
                     live.update(step + 1, row)
                 if save_every and progress.step % save_every == 0:
                     checkpoint()
@@ -274,9 +310,9 @@ def run(recipe: Recipe, overwrite: bool = False, console=None, resume: bool = Fa
     finally:
         wall = time.perf_counter() - clock
         try:
-            parts.finish(status, progress.tokens_seen, progress.skipped, wall)
+            finish(current, status, progress, wall)
         except Exception as exc:  # noqa: BLE001  never hide the error that ended the run
             if status == "complete":
                 raise
-            parts.console.print(f"[yellow]could not record the end of the run: {exc}[/]")
-    return parts.run_dir
+            recorder.console.print(f"[yellow]could not record the end of the run: {exc}[/]")
+    return recorder.run_dir

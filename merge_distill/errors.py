@@ -15,3 +15,8 @@ class UserError(Exception):
     def __init__(self, problems: str | list[str]):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class NonFiniteError(RuntimeError):
+    """NaN or inf in a tensor of a training step, cache write or evaluation; the message names
+    the step, tensor and source. Not a user error: the CLI exits with code 1."""

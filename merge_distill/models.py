@@ -7,17 +7,21 @@ import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from merge_distill.errors import UserError
-
-if TYPE_CHECKING:
-    from merge_distill.recipe import Recipe, TeacherSpec
+from merge_distill.schema import SELF_TEACHER, Recipe, TeacherSpec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -95,11 +99,11 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def teacher_dtype(spec: "TeacherSpec", precision: str) -> torch.dtype:
+def teacher_dtype(spec: TeacherSpec, precision: str) -> torch.dtype:
     return DTYPES[spec.dtype or precision]
 
 
-def load_teacher(spec: "TeacherSpec", precision: str) -> PreTrainedModel:
+def load_teacher(spec: TeacherSpec, precision: str) -> PreTrainedModel:
     return freeze(load_model(spec.model, spec.revision, teacher_dtype(spec, precision), spec.trust_remote_code,
                              f"teachers[{spec.name}]"))
 
@@ -109,16 +113,14 @@ def self_teacher(student: PreTrainedModel, dtype: torch.dtype) -> PreTrainedMode
     return freeze(copy.deepcopy(student).to(dtype))
 
 
-def load_teachers(recipe: "Recipe", student: PreTrainedModel | None,
+def load_teachers(recipe: Recipe, specs: list[TeacherSpec], student: PreTrainedModel | None,
                   init_context: Callable[[torch.dtype], AbstractContextManager] = lambda dtype: nullcontext()
                   ) -> list[PreTrainedModel]:
-    """The recipe's teachers, in order: `model: self` is a frozen copy of `student` (its initial
-    weights; needed only then), any other is loaded inside init_context(its dtype) (ZeRO-3
-    partitioning during training)."""
-    from merge_distill.recipe import SELF_TEACHER
-
+    """The teachers `specs` (from the recipe), in order: `model: self` is a frozen copy of
+    `student` (its initial weights; needed only then), any other is loaded inside
+    init_context(its dtype) (ZeRO-3 partitioning as it loads)."""
     models = []
-    for spec in recipe.teachers:
+    for spec in specs:
         dtype = teacher_dtype(spec, recipe.train.precision)
         if spec.model == SELF_TEACHER:
             assert student is not None, "a self teacher needs the student"
@@ -138,14 +140,29 @@ def _decoder_layers(model: PreTrainedModel) -> tuple[nn.Module, str]:
                     "use student.from_config instead")
 
 
+def layer_problems(layers: list[int], num_layers: int) -> list[str]:
+    """student.from_teacher.layers that a teacher with num_layers decoder layers does not have."""
+    bad = [i for i in layers if not -num_layers <= i < num_layers]
+    return [f"student.from_teacher.layers: {bad} out of range; the teacher has layers 0..{num_layers - 1}"] if bad else []
+
+
+def override_problems(config: PretrainedConfig, overrides: dict) -> list[str]:
+    """student.from_config.overrides that are not fields of `config`."""
+    unknown = [k for k in overrides if not hasattr(config, k)]
+    if not unknown:
+        return []
+    return [f"student.from_config.overrides: {unknown} are not fields of {type(config).__name__}; "
+            "check the spelling against the base model's config.json"]
+
+
 def student_from_teacher(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
     """A copy of the teacher keeping only `layers` (in that order); embeddings, norm and head kept."""
     student = copy.deepcopy(teacher).float()
     base, attr = _decoder_layers(student)
     old = getattr(base, attr)
-    bad = [i for i in layers if not -len(old) <= i < len(old)]
-    if bad:
-        raise UserError(f"student.from_teacher.layers: {bad} out of range; the teacher has layers 0..{len(old) - 1}")
+    problems = layer_problems(layers, len(old))
+    if problems:
+        raise UserError(problems)
     kept = nn.ModuleList(old[i] for i in layers)
     for new_index, layer in enumerate(kept):
         attn = getattr(layer, "self_attn", None)
@@ -165,10 +182,9 @@ def student_from_config(base: str, overrides: dict, dtype: torch.dtype, seed: in
         config = AutoConfig.from_pretrained(base)
     except (OSError, ValueError) as exc:
         raise UserError(f"student.from_config.base: cannot read a config from {base!r}: {exc}") from None
-    unknown = [k for k in overrides if not hasattr(config, k)]
-    if unknown:
-        raise UserError(f"student.from_config.overrides: {unknown} are not fields of {type(config).__name__}; "
-                        "check the spelling against the base model's config.json")
+    problems = override_problems(config, overrides)
+    if problems:
+        raise UserError(problems)
     for key, value in overrides.items():
         setattr(config, key, value)
     torch.manual_seed(seed)
@@ -178,7 +194,7 @@ def student_from_config(base: str, overrides: dict, dtype: torch.dtype, seed: in
         raise UserError(f"student.from_config.overrides: the resulting config is invalid: {exc}") from None
 
 
-def load_student(recipe: "Recipe") -> PreTrainedModel:
+def load_student(recipe: Recipe) -> PreTrainedModel:
     """The student in float32 master weights (mixed precision is applied by accelerate).
 
     `from_teacher` loads that teacher once more, whole and unpartitioned, to copy its layers
@@ -203,7 +219,7 @@ def load_student(recipe: "Recipe") -> PreTrainedModel:
     return model
 
 
-def tokenizer_source(recipe: "Recipe") -> tuple[str, str | None, bool]:
+def tokenizer_source(recipe: Recipe) -> tuple[str, str | None, bool]:
     """Where the run's tokenizer comes from: the student model, or the first loadable teacher."""
     if recipe.student.model:
         return recipe.student.model, recipe.student.revision, recipe.student.trust_remote_code

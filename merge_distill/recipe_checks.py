@@ -1,23 +1,33 @@
-"""Checks across recipe sections, and against the files a recipe names.
+"""Checks across recipe sections, against the files a recipe names, and before a run starts.
 
 Each check returns one-line problems that start with the key path; `load_recipe` reports them
-all at once.
+all at once (`cross_checks`). `preflight` adds every check `run` makes before its first step
+(the run directory, --resume, the tokenized data, the student's initialisation, the teacher
+cache), without loading a model: `merge-distill validate` runs it, so a recipe that validates
+never fails at start for a reason validate could have seen.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from merge_distill.recipe import SELF_TEACHER, looks_local
+from transformers import AutoConfig
 
-if TYPE_CHECKING:
-    from merge_distill.recipe import Recipe
+from merge_distill.cache.manifest import full_manifest, recipe_problems
+from merge_distill.checkpoint import check_resumable
+from merge_distill.data import source_files
+from merge_distill.errors import UserError
+from merge_distill.evaluate import eval_rows
+from merge_distill.models import compare_vocabs, layer_problems, load_tokenizer, override_problems, tokenizer_source
+from merge_distill.plan import training_rows
+from merge_distill.routing import ROUTERS
+from merge_distill.rundir import run_dir_problems
+from merge_distill.schema import SELF_TEACHER, Recipe, looks_local
+from merge_distill.sources import needs_problems
 
 
-def cross_checks(recipe: "Recipe", check_files: bool = True) -> list[str]:
+def cross_checks(recipe: Recipe, check_files: bool = True) -> list[str]:
     problems = _names(recipe)
     problems += recipe.routing.check(recipe.teacher_names, recipe.train_domains)
     problems += recipe.distributed.check()
@@ -32,13 +42,57 @@ def cross_checks(recipe: "Recipe", check_files: bool = True) -> list[str]:
         if not problems:
             problems += _context_lengths(recipe)
             problems += tokenizer_problems(recipe)
-    from merge_distill.cache import recipe_problems  # cache.use: router needs, manifest (cheap fields)
-
-    problems += recipe_problems(recipe, check_files and not problems)
+    problems += needs_problems(recipe, recipe.routing.kind, ROUTERS.get(recipe.routing.kind).impl.needs)
+    problems += recipe_problems(recipe, check_files and not problems)  # cache.use: manifest (cheap fields)
     return problems
 
 
-def _names(recipe: "Recipe") -> list[str]:
+def _collect(check, *args) -> tuple[object, list[str]]:
+    """(result, []) or (None, the UserError's problems)."""
+    try:
+        return check(*args), []
+    except UserError as exc:
+        return None, exc.problems
+
+
+def student_problems(recipe: Recipe) -> list[str]:
+    """What `load_student` would refuse, read from configs alone (no weights loaded)."""
+    spec = recipe.student
+    if spec.from_teacher is not None:
+        source = next(t for t in recipe.teachers if t.name == spec.from_teacher.teacher)
+        layers = getattr(AutoConfig.from_pretrained(source.model, revision=source.revision), "num_hidden_layers", None)
+        if layers is not None and layer_problems(spec.from_teacher.layers, layers):
+            return layer_problems(spec.from_teacher.layers, layers)
+    if spec.from_config is not None:
+        base = next((t.model for t in recipe.teachers if t.name == spec.from_config.base), spec.from_config.base)
+        try:
+            config = AutoConfig.from_pretrained(base)
+        except (OSError, ValueError) as exc:
+            return [f"student.from_config.base: cannot read a config from {base!r}: {exc}"]
+        return override_problems(config, spec.from_config.overrides)
+    return []
+
+
+def preflight(recipe: Recipe, overwrite: bool = False, resume: bool = False, world_size: int = 1) -> list[str]:
+    """Every check `run` makes before its first step, for a recipe that passed `load_recipe`."""
+    problems = run_dir_problems(Path(recipe.output.dir), overwrite, resume)
+    if resume and not problems:
+        problems += _collect(check_resumable, Path(recipe.output.dir), recipe, world_size)[1]
+    problems += student_problems(recipe)
+    tokenizer = load_tokenizer(*tokenizer_source(recipe))
+    rows, found = _collect(training_rows, recipe, tokenizer)
+    problems += found
+    if recipe.data.eval and recipe.report.eval_at_end:
+        problems += _collect(eval_rows, recipe, tokenizer)[1]
+    if recipe.cache is not None and recipe.cache.k > len(tokenizer):
+        problems.append(f"cache.k is {recipe.cache.k} but the vocabulary has {len(tokenizer)} tokens; "
+                        f"use at most {len(tokenizer)}")
+    if rows is not None and recipe.cache is not None and recipe.cache.use:
+        problems += recipe_problems(recipe, True, expected=full_manifest(recipe, tokenizer, rows))  # type: ignore[arg-type]
+    return problems
+
+
+def _names(recipe: Recipe) -> list[str]:
     problems: list[str] = []
     seen: dict[str, int] = {}
     for i, teacher in enumerate(recipe.teachers):
@@ -69,7 +123,7 @@ def _is_local(model: str) -> bool:
     return model != SELF_TEACHER and (looks_local(model) or Path(model).exists())
 
 
-def _model_paths(recipe: "Recipe") -> list[str]:
+def _model_paths(recipe: Recipe) -> list[str]:
     problems: list[str] = []
     refs = [(f"teachers[{i}].model", t.model) for i, t in enumerate(recipe.teachers)]
     if recipe.student.model:
@@ -93,15 +147,7 @@ def _model_paths(recipe: "Recipe") -> list[str]:
     return problems
 
 
-def source_files(path: str) -> list[str]:
-    """Files named by a data source path: a file, a directory (all files inside) or a glob."""
-    p = Path(path)
-    if p.is_dir():
-        return sorted(str(f) for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-    return sorted(glob.glob(path)) if any(c in path for c in "*?[") else ([path] if p.is_file() else [])
-
-
-def _data_paths(recipe: "Recipe") -> list[str]:
+def _data_paths(recipe: Recipe) -> list[str]:
     problems: list[str] = []
     for section in ("train", "eval"):
         for i, source in enumerate(getattr(recipe.data, section)):
@@ -113,7 +159,7 @@ def _data_paths(recipe: "Recipe") -> list[str]:
     return problems
 
 
-def model_dirs(recipe: "Recipe") -> list[tuple[str, str]]:
+def model_dirs(recipe: Recipe) -> list[tuple[str, str]]:
     """(label, local dir) of every model whose tokenizer the run uses."""
     dirs = [(f"teacher {t.name!r}", t.model) for t in recipe.teachers if _is_local(t.model)]
     if recipe.student.model and _is_local(recipe.student.model):
@@ -121,7 +167,7 @@ def model_dirs(recipe: "Recipe") -> list[tuple[str, str]]:
     return dirs
 
 
-def _context_lengths(recipe: "Recipe") -> list[str]:
+def _context_lengths(recipe: Recipe) -> list[str]:
     problems = []
     for label, path in model_dirs(recipe):
         config = json.loads((Path(path) / "config.json").read_text())
@@ -138,10 +184,8 @@ def _context_lengths(recipe: "Recipe") -> list[str]:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 
 
-def tokenizer_problems(recipe: "Recipe") -> list[str]:
+def tokenizer_problems(recipe: Recipe) -> list[str]:
     """All local models must share one tokenizer; say which tokens differ."""
-    from merge_distill.models import compare_vocabs, load_tokenizer
-
     loaded = []
     for label, path in model_dirs(recipe):
         if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):

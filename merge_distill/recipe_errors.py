@@ -12,6 +12,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from merge_distill.losses.registry import DIVERGENCES
+from merge_distill.routing.registry import ROUTERS
+
 _UNION_TAGS_MARK = "kind"
 
 
@@ -101,9 +104,6 @@ def _has(node: Any, part: Any) -> bool:
 
 def _model_at(root: type[BaseModel], loc: tuple[Any, ...], raw: Any) -> type[BaseModel] | None:
     """The pydantic model class that holds the key at `loc` (its parent), or None."""
-    from merge_distill.losses import DIVERGENCES
-    from merge_distill.routing import ROUTERS
-
     unions = {"routing": ROUTERS, "loss": DIVERGENCES}
     model: type[BaseModel] | None = root
     node = raw
@@ -135,9 +135,6 @@ def _inner_model(annotation: Any) -> type[BaseModel] | None:
 
 
 def format_validation_error(exc: ValidationError, raw: dict[str, Any], root: type[BaseModel]) -> list[str]:
-    from merge_distill.losses import DIVERGENCES
-    from merge_distill.routing import ROUTERS
-
     problems: list[str] = []
     seen: set[str] = set()
     for err in exc.errors():

@@ -15,12 +15,14 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from safetensors.torch import save_file
+
 from merge_distill.errors import UserError
 
 if TYPE_CHECKING:
     import torch
 
-    from merge_distill.recipe import Recipe
+    from merge_distill.schema import Recipe
 
 CHECKPOINTS = "checkpoints"  # the run directory's checkpoint folder (merge_distill/checkpoint.py)
 
@@ -66,44 +68,52 @@ def is_run_dir(path: Path) -> bool:
     return (path / "run.json").is_file() or (path / "metrics.jsonl").is_file()
 
 
+def run_dir_problems(run_dir: Path, overwrite: bool, resume: bool = False) -> list[str]:
+    """Why output.dir cannot take this run (empty when it can); `validate` and `run` both ask."""
+    if overwrite and resume:
+        return ["--resume and --overwrite contradict each other: --resume continues the run in "
+                "output.dir, --overwrite deletes it; pass one of them"]
+    if run_dir.exists() and not run_dir.is_dir():
+        return [f"output.dir: {run_dir} is a file, not a folder; choose another output.dir"]
+    if resume:
+        return [] if is_run_dir(run_dir) else [f"--resume: {run_dir} holds no run to resume; run without --resume to start one"]
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not is_run_dir(run_dir):
+            if overwrite:
+                return [f"output.dir: {run_dir} holds files that are not a merge-distill run; "
+                        "refusing to delete them even with --overwrite; choose another folder"]
+            return [f"output.dir: {run_dir} already holds files; pass --overwrite to replace it, "
+                    f"or choose a new folder (e.g. output.dir={run_dir.name}-2 on the command line)"]
+        if not overwrite:
+            if (run_dir / CHECKPOINTS).is_dir():
+                return [f"output.dir: {run_dir} already holds a run with checkpoints; pass --resume to continue it, "
+                        "or --overwrite to delete it and start again"]
+            return [f"output.dir: {run_dir} already holds a run; pass --overwrite to replace it, "
+                    f"or choose a new folder (e.g. output.dir={run_dir.name}-2 on the command line)"]
+    existing = next((q for q in [run_dir, *run_dir.parents] if q.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return [f"output.dir: cannot create {run_dir}: {existing} is a file, not a folder; choose another output.dir"]
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        return [f"output.dir: cannot write to {run_dir}: {existing} is not writable; choose a writable folder"]
+    return []
+
+
 def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False) -> None:
     """Create the run directory; an existing run is replaced only with an explicit overwrite,
     continued only with an explicit resume."""
-    if overwrite and resume:
-        raise UserError("--resume and --overwrite contradict each other: --resume continues the run in "
-                        "output.dir, --overwrite deletes it; pass one of them")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"output.dir: {run_dir} is a file, not a folder; choose another output.dir")
+    problems = run_dir_problems(run_dir, overwrite, resume)
+    if problems:
+        raise UserError(problems)
     if resume:
-        if not is_run_dir(run_dir):
-            raise UserError(f"--resume: {run_dir} holds no run to resume; run without --resume to start one")
         return
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        if not overwrite:
-            if (run_dir / CHECKPOINTS).is_dir():
-                raise UserError(
-                    f"output.dir: {run_dir} already holds a run with checkpoints; pass --resume to continue it, "
-                    f"or --overwrite to delete it and start again"
-                )
-            what = "a run" if is_run_dir(run_dir) else "files"
-            raise UserError(
-                f"output.dir: {run_dir} already holds {what}; pass --overwrite to replace it, "
-                f"or choose a new folder (e.g. output.dir={run_dir.name}-2 on the command line)"
-            )
-        if not is_run_dir(run_dir):
-            raise UserError(f"output.dir: {run_dir} holds files that are not a merge-distill run; "
-                            "refusing to delete them even with --overwrite; choose another folder")
-        shutil.rmtree(run_dir)
+        shutil.rmtree(run_dir)  # an existing run, with --overwrite (run_dir_problems refused the rest)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
-        blocker = next((p for p in run_dir.parents if p.exists()), None)
-        if blocker is not None and not blocker.is_dir():
-            raise UserError(f"output.dir: cannot create {run_dir}: {blocker} is a file, not a folder; "
-                            "choose another output.dir") from None
         raise UserError(f"output.dir: cannot write to {run_dir}: {exc.strerror}; choose a writable folder") from None
 
 
@@ -152,6 +162,4 @@ Load it with `AutoModelForCausalLM.from_pretrained("<this folder>")`.
 
 def save_router(router: "torch.nn.Module", path: Path) -> None:
     """A router's learned weights as safetensors (router.safetensors, in a run or a checkpoint)."""
-    from safetensors.torch import save_file
-
     save_file({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}, str(path))

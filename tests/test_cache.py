@@ -13,13 +13,17 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import run_cli
-from merge_distill.cache import writer as cache_writer
-from merge_distill.cache import TeacherCache, bytes_per_token, read_manifest, router_problems, write_cache
+import merge_distill.cache.writer as cache_writer
+from merge_distill.cache.manifest import bytes_per_token, read_manifest
+from merge_distill.cache.reader import TeacherCache
+from merge_distill.cache.writer import write_cache
+from merge_distill.sources import CachedTeachers, SparseSignals, needs_problems
+from merge_distill.sources.signals import DenseSignals
 from merge_distill.engine import run, train_step
 from merge_distill.errors import UserError
 from merge_distill.recipe import load_recipe
 from merge_distill.routing import LearnedRouter
-from merge_distill.run_setup import setup_run
+from merge_distill.engine import setup_run
 from merge_distill.signals import per_token_stats
 
 
@@ -54,14 +58,14 @@ def test_round_trip_equals_the_dense_teacher(cached_recipe, dtype: str, toleranc
     assert manifest["complete"] and manifest["bytes_per_token_per_teacher"] == bytes_per_token(8, dtype)
     parts = setup_run(load_recipe(path, ["loss.temperature=2.0", "train.steps=1"]), overwrite=True)
     store = TeacherCache(result.root, manifest)
-    source = parts.stream.sources[1]
+    source = parts.plan.stream.sources[1]
     rows = [0, 2, 1]
     got = store.read([source.label] * 3, rows)
     batch_ids = source.input_ids[rows]
     targets = torch.cat([source.labels[rows][:, 1:], torch.full((3, 1), -100)], dim=1)
-    for j, model in enumerate(parts.ensemble.models):
+    for j, model in enumerate(parts.training.source.models):
         with torch.no_grad():
-            logits = model(input_ids=batch_ids, attention_mask=source.attention_mask[rows]).logits[..., : parts.vocab_size]
+            logits = model(input_ids=batch_ids, attention_mask=source.attention_mask[rows]).logits[..., : parts.training.vocab_size]
         nll, entropy, top1 = per_token_stats(logits, targets)
         torch.testing.assert_close(got["nll"][j], nll, rtol=0, atol=0)  # exact: the function routers get online
         torch.testing.assert_close(got["entropy"][j], entropy, rtol=0, atol=0)
@@ -197,23 +201,24 @@ def test_cache_at_k_equal_vocab_gives_the_online_loss(cached_recipe, dtype: str,
     losses = {}
     for use in ("false", "true"):
         parts = setup_run(load_recipe(path, [f"cache.use={use}", "routing.kind=ce", "loss.temperature=1.5"]), overwrite=True)
-        assert (parts.ensemble.models == []) == (use == "true")  # no teacher loaded from the cache
-        losses[use] = [train_step(parts, step).loss for step in range(3)]
+        assert isinstance(parts.training.source, CachedTeachers) == (use == "true")  # no teacher loaded from the cache
+        losses[use] = [train_step(parts.training, parts.plan, step).loss for step in range(3)]
     for online, cached in zip(losses["false"], losses["true"]):
         assert cached == pytest.approx(online, rel=rel)
 
 
-def test_routers_needing_full_distributions_are_refused() -> None:
-    class NeedsLogits(LearnedRouter):
-        needs_signals = {"logits", "gold_nll"}
-
-    assert router_problems("learned", LearnedRouter) == []  # hidden comes from the student
-    (problem,) = router_problems("fancy", NeedsLogits)
-    assert problem.startswith("routing.kind: 'fancy' needs logits from the teachers") and "cache.use: false" in problem
+def test_routers_needing_full_distributions_are_refused_by_the_cache_source(cached_recipe) -> None:
+    cached = load_recipe(cached_recipe(k=8), ["cache.use=false"]).model_copy(deep=True)
+    cached.cache.use = True
+    online = load_recipe(cached_recipe(k=8), ["cache.use=false"])
+    assert needs_problems(cached, "learned", LearnedRouter.needs) == []  # hidden comes from the student
+    (problem,) = needs_problems(cached, "fancy", frozenset({"logits", "gold_nll"}))
+    assert problem.startswith("routing.kind: 'fancy' needs logits, which the cache teacher source does not provide")
+    assert "cache.use: false" in problem
+    assert needs_problems(online, "fancy", frozenset({"logits", "gold_nll"})) == []  # online teachers give logits
 
 
 def test_agreement_from_the_cache_equals_the_dense_one_at_k_equal_vocab() -> None:
-    from merge_distill.cache import SparseTeacherSignals, sparse_agreement
     from merge_distill.report.stats import BlendStats
 
     g = torch.Generator().manual_seed(0)
@@ -221,13 +226,15 @@ def test_agreement_from_the_cache_equals_the_dense_one_at_k_equal_vocab() -> Non
     logits = [3 * torch.randn(B, T, V, generator=g) for _ in range(K)]
     mask = torch.rand(B, T, generator=g) > 0.3
     values, ids = zip(*(torch.log_softmax(x, -1).topk(V, -1) for x in logits))
-    signals = SparseTeacherSignals(["a", "b", "c"], [i.int() for i in ids], list(values),
+    signals = SparseSignals(["a", "b", "c"], [i.int() for i in ids], list(values),
                                    [torch.full((B, T), -math.inf) for _ in range(K)],
                                    torch.zeros(B, T, K), torch.zeros(B, T, K))
     assert torch.equal(signals.top1, torch.stack([x.argmax(-1) for x in logits], -1))
     dense, sparse = BlendStats(["a", "b", "c"]), BlendStats(["a", "b", "c"])
-    dense.update_agreement(logits, mask, max_tokens=8)
-    sparse.add_agreement(*sparse_agreement(signals, mask, V, max_tokens=8))
+    online = DenseSignals(["a", "b", "c"], logits, torch.zeros(B, T, K), torch.zeros(B, T, K)).agreement(mask, V, 8)
+    cached = signals.agreement(mask, V, max_tokens=8)
+    dense.add_agreement(online.top1, online.js, online.tokens)
+    sparse.add_agreement(cached.top1, cached.js, cached.tokens)
     for d, s in zip(dense.summary()["agreement"], sparse.summary()["agreement"]):
         assert s["top1_agreement"] == d["top1_agreement"]
         assert s["js"] == pytest.approx(d["js"], rel=1e-5)

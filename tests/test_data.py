@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from merge_distill.data import MixedStream, SourceRows, build_rows, chat_tokens
 from merge_distill.models import compare_vocabs, cut_vocab
-from merge_distill.recipe import DataSource
+from merge_distill.schema import DataSource
 from merge_distill.signals import IGNORE_INDEX, shift_targets
 
 
@@ -85,17 +85,17 @@ def test_padded_vocab_rows_never_reach_the_softmax(make_recipe):
     """Pico models have 8 padded embedding rows: huge logits there must not change the loss."""
     from merge_distill.engine import train_step
     from merge_distill.recipe import load_recipe
-    from merge_distill.run_setup import setup_run
+    from merge_distill.engine import setup_run
 
     parts = setup_run(load_recipe(make_recipe()))
-    teacher = parts.ensemble.models[0]
-    assert teacher.lm_head.weight.shape[0] == parts.vocab_size + 8
-    before = train_step(parts, 0).loss
+    teacher = parts.training.source.models[0]
+    assert teacher.lm_head.weight.shape[0] == parts.training.vocab_size + 8
+    before = train_step(parts.training, parts.plan, 0).loss
     parts2 = setup_run(load_recipe(make_recipe(name="r2.yaml", output={"dir": str(parts.run_dir) + "-b"})))
     with torch.no_grad():
-        for model in parts2.ensemble.models:
-            model.lm_head.weight[parts2.vocab_size:] = 1e3  # padded rows: enormous logits
-    assert abs(train_step(parts2, 0).loss - before) < 1e-6
+        for model in parts2.training.source.models:
+            model.lm_head.weight[parts2.training.vocab_size:] = 1e3  # padded rows: enormous logits
+    assert abs(train_step(parts2.training, parts2.plan, 0).loss - before) < 1e-6
 
 
 def test_compare_vocabs_is_empty_for_same_tokenizer(pico):

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from merge_distill import distributed as dist_mod
 from merge_distill.engine import run, train_step
 from merge_distill.recipe import load_recipe
-from merge_distill.run_setup import setup_run
+from merge_distill.engine import setup_run
 
 
 def test_two_teacher_run_writes_loadable_student(make_recipe, tmp_path):
@@ -32,11 +32,11 @@ def test_two_teacher_run_writes_loadable_student(make_recipe, tmp_path):
 def test_saved_student_gives_same_logits(make_recipe):
     parts = setup_run(load_recipe(make_recipe()))
     for step in range(2):
-        train_step(parts, step)
-    out = parts.save_student()
-    model = dist_mod.unwrap(parts.accelerator, parts.student).eval()
+        train_step(parts.training, parts.plan, step)
+    out = parts.training.save_student(parts.run_dir / "student", parts.tokenizer)
+    model = dist_mod.unwrap(parts.training.accelerator, parts.training.student).eval()
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
-    ids = torch.randint(0, parts.vocab_size, (2, 16))
+    ids = torch.randint(0, parts.training.vocab_size, (2, 16))
     with torch.no_grad():
         a, b = model(ids).logits, reloaded(ids).logits
     assert torch.equal(a, b)
@@ -51,17 +51,17 @@ def test_loss_falls_on_fixed_batch(pico, make_recipe):
     recipe = load_recipe(make_recipe(data=data, train={"steps": 20, "micro_batch_size": 2, "lr": 1e-2,
                                                      "schedule": "constant", "seed": 0}))
     parts = setup_run(recipe)
-    assert len(parts.stream.sources[0]) <= 200
-    batch_rows = parts.stream.sources[0].input_ids[:2]
-    parts.stream.rows = lambda start, count: _fixed(parts, batch_rows)  # the same batch every step
-    losses = [train_step(parts, step).loss for step in range(20)]
+    assert len(parts.plan.stream.sources[0]) <= 200
+    batch_rows = parts.plan.stream.sources[0].input_ids[:2]
+    parts.plan.stream.rows = lambda start, count: _fixed(parts, batch_rows)  # the same batch every step
+    losses = [train_step(parts.training, parts.plan, step).loss for step in range(20)]
     assert losses[-1] < 0.3 * losses[0], losses
 
 
 def _fixed(parts, rows):
     from merge_distill.signals import TokenBatch
 
-    src = parts.stream.sources[0]
+    src = parts.plan.stream.sources[0]
     return TokenBatch(rows, torch.ones_like(rows), rows.clone(), [src.domain] * len(rows), [src.label] * len(rows))
 
 
@@ -73,10 +73,10 @@ def test_gradient_normalisation_is_independent_of_accumulation(make_recipe):
                                                 "lr": 1e-2, "seed": 3, "max_grad_norm": None}))
         parts = setup_run(recipe, overwrite=True)
         grads = []
-        inner = getattr(parts.optimizer, "optimizer", parts.optimizer)
+        inner = getattr(parts.training.optimizer, "optimizer", parts.training.optimizer)
         inner.register_step_pre_hook(lambda opt, args, kwargs: grads.append(
             torch.cat([p.grad.flatten() for g in opt.param_groups for p in g["params"]]).clone()))
-        loss = train_step(parts, 0).loss
+        loss = train_step(parts.training, parts.plan, 0).loss
         assert len(grads) == 1, "exactly one optimizer step per train step"
         results.append((loss, grads[0]))
     assert abs(results[0][0] - results[1][0]) < 1e-6
@@ -127,15 +127,15 @@ def test_eval_perplexity_is_token_weighted_and_feeds_the_report(pico, make_recip
 def test_student_from_teacher_layers_copies_chosen_layers(make_recipe, pico):
     recipe = load_recipe(make_recipe(student={"from_teacher": {"teacher": "code", "layers": [1]}}))
     parts = setup_run(recipe)
-    student = dist_mod.unwrap(parts.accelerator, parts.student)
+    student = dist_mod.unwrap(parts.training.accelerator, parts.training.student)
     teacher = AutoModelForCausalLM.from_pretrained(pico["teacher_a"])
     assert student.config.num_hidden_layers == 1
     s_state, t_state = student.state_dict(), teacher.state_dict()
     for key, value in s_state.items():
         source = key.replace("layers.0.", "layers.1.")
         assert torch.equal(value, t_state[source]), key
-    result = train_step(parts, 0)
+    result = train_step(parts.training, parts.plan, 0)
     assert result.loss > 0 and not result.skipped
     # the teachers were not modified by building the student from one of them
-    assert torch.equal(parts.ensemble.models[0].model.layers[1].mlp.up_proj.weight,
+    assert torch.equal(parts.training.source.models[0].model.layers[1].mlp.up_proj.weight,
                        t_state["model.layers.1.mlp.up_proj.weight"])

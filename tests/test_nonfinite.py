@@ -20,8 +20,8 @@ from conftest import run_cli
 from merge_distill import engine
 from merge_distill.engine import run, train_step
 from merge_distill.recipe import load_recipe
-from merge_distill.run_setup import setup_run
-from merge_distill.teachers import NonFiniteError
+from merge_distill.engine import setup_run
+from merge_distill.errors import NonFiniteError
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def nan_teacher(pico, tmp_path) -> Path:
 
 
 def params(parts) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in engine.dist_mod.unwrap(parts.accelerator, parts.student).state_dict().items()}
+    return {k: v.detach().clone() for k, v in engine.dist_mod.unwrap(parts.training.accelerator, parts.training.student).state_dict().items()}
 
 
 def test_nan_teacher_stop_exits_1_with_step_teacher_and_sources(make_recipe, nan_teacher, monkeypatch, capsys, tmp_path):
@@ -70,16 +70,16 @@ def test_nan_teacher_skip_counts_steps_and_changes_nothing(pico, make_recipe, na
 
 def test_nan_loss_from_the_student_is_caught(make_recipe):
     parts = setup_run(load_recipe(make_recipe()))
-    student = engine.dist_mod.unwrap(parts.accelerator, parts.student)
+    student = engine.dist_mod.unwrap(parts.training.accelerator, parts.training.student)
     with torch.no_grad():
         student.lm_head.weight[3, 0] = float("nan")
-    before, stats_before = params(parts), parts.stats.state_dict()
-    result = train_step(parts, 0)
+    before, stats_before = params(parts), parts.recorder.stats.state_dict()
+    result = train_step(parts.training, parts.plan, 0)
     assert result.skipped and result.problems[0].startswith("the loss is NaN/inf (sources: ")
-    assert parts.stats.state_dict() == stats_before, "a skipped step adds nothing to the statistics"
+    assert parts.recorder.stats.state_dict() == stats_before, "a skipped step adds nothing to the statistics"
     after = params(parts)
     assert all(torch.equal(before[k], after[k]) or torch.isnan(before[k]).any() for k in before)
-    assert parts.scheduler.scheduler.last_epoch == 0, "the learning-rate schedule does not advance"
+    assert parts.training.scheduler.scheduler.last_epoch == 0, "the learning-rate schedule does not advance"
 
 
 @pytest.mark.parametrize("max_grad_norm", [1.0, None], ids=["clipped", "unclipped"])
@@ -87,15 +87,15 @@ def test_nan_gradient_is_caught_with_or_without_clipping(make_recipe, max_grad_n
     recipe = load_recipe(make_recipe(train={"steps": 3, "micro_batch_size": 2, "lr": 1e-3,
                                             "max_grad_norm": max_grad_norm}))
     parts = setup_run(recipe)
-    student = engine.dist_mod.unwrap(parts.accelerator, parts.student)
+    student = engine.dist_mod.unwrap(parts.training.accelerator, parts.training.student)
     hook = student.model.norm.weight.register_hook(lambda grad: grad * float("nan"))
     before = params(parts)
-    result = train_step(parts, 0)
+    result = train_step(parts.training, parts.plan, 0)
     assert result.skipped and result.problems[0].startswith("the gradient norm is NaN/inf (sources: ")
     assert all(torch.equal(before[k], v) for k, v in params(parts).items())
     assert all(p.grad is None for p in student.parameters()), "the bad gradients are dropped"
     hook.remove()
-    assert not train_step(parts, 1).skipped
+    assert not train_step(parts.training, parts.plan, 1).skipped
     assert not all(torch.equal(before[k], v) for k, v in params(parts).items())
 
 
@@ -115,11 +115,11 @@ def test_skip_keeps_accumulation_windows_aligned(make_recipe, monkeypatch):
 
     monkeypatch.setattr(engine, "forward_micro", flaky)
     updates = []
-    inner = getattr(parts.optimizer, "optimizer", parts.optimizer)
-    inner.register_step_pre_hook(lambda *a: updates.append(parts.accelerator.step))
-    assert train_step(parts, 0).skipped and len(calls) == 1 and updates == []
-    assert parts.accelerator.step == 2, "both micro-batches of the skipped step were counted"
-    assert not train_step(parts, 1).skipped
+    inner = getattr(parts.training.optimizer, "optimizer", parts.training.optimizer)
+    inner.register_step_pre_hook(lambda *a: updates.append(parts.training.accelerator.step))
+    assert train_step(parts.training, parts.plan, 0).skipped and len(calls) == 1 and updates == []
+    assert parts.training.accelerator.step == 2, "both micro-batches of the skipped step were counted"
+    assert not train_step(parts.training, parts.plan, 1).skipped
     assert updates == [4] and len(calls) == 3
 
 
@@ -127,13 +127,13 @@ def test_run_skips_one_bad_step_in_the_middle(make_recipe, monkeypatch):
     recipe = load_recipe(make_recipe(train={"steps": 3, "micro_batch_size": 2, "lr": 1e-3, "on_nonfinite": "skip"}))
     real = engine.train_step
 
-    def nan_at_step_2(parts, step):
+    def nan_at_step_2(training, plan, step):
         if step != 1:
-            return real(parts, step)
-        student = engine.dist_mod.unwrap(parts.accelerator, parts.student)
+            return real(training, plan, step)
+        student = engine.dist_mod.unwrap(training.accelerator, training.student)
         hook = student.model.norm.weight.register_hook(lambda grad: grad * float("inf"))
         try:
-            return real(parts, step)
+            return real(training, plan, step)
         finally:
             hook.remove()
 

@@ -14,7 +14,7 @@ import torch
 
 from merge_distill.engine import run, train_step
 from merge_distill.recipe import load_recipe, read_yaml
-from merge_distill.run_setup import setup_run
+from merge_distill.engine import setup_run
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
 NEEDS_REAL_MODEL = {"support_chatbot"}  # a pretrained 135M model: covered by a slow test
@@ -58,7 +58,7 @@ def test_recipe_runs_end_to_end_on_pico(path, pico, tmp_path):
 def test_lone_self_teacher_gives_zero_loss_at_step_zero(make_recipe):
     recipe = load_recipe(make_recipe(teachers=[{"name": "me", "model": "self"}]))
     parts = setup_run(recipe)
-    result = train_step(parts, 0)
+    result = train_step(parts.training, parts.plan, 0)
     # the blend of one teacher is that teacher; the copy's logits equal the student's, so the
     # divergence is zero up to float32 rounding in the two forwards (grad vs inference mode)
     assert abs(result.divergence) < 1e-6

@@ -16,7 +16,8 @@ from rich.console import Console
 from conftest import pico_recipe_dict, run_cli, write_recipe
 from merge_distill import models
 from merge_distill.engine import run
-from merge_distill.recipe import TeacherSpec, load_recipe
+from merge_distill.recipe import load_recipe
+from merge_distill.schema import TeacherSpec
 
 PACKAGE = Path(__file__).parents[1] / "merge_distill"
 

@@ -85,7 +85,7 @@ def build_assets(work: Path, args: argparse.Namespace) -> dict:
     import torch
     import yaml
 
-    from merge_distill.cache import write_cache
+    from merge_distill.cache.writer import write_cache
     from merge_distill.data import build_rows
     from merge_distill.pico import build_bpe_tokenizer, stdlib_texts
     from merge_distill.recipe import load_recipe
@@ -136,19 +136,18 @@ def worker_engine(work: Path, k: int, cached: bool, args: argparse.Namespace) ->
     import torch
     from rich.console import Console
 
-    from merge_distill.engine import train_step
+    from merge_distill.engine import setup_run, train_step
     from merge_distill.recipe import load_recipe
-    from merge_distill.run_setup import setup_run
 
     parts = setup_run(load_recipe(work / f"k{k}.yaml", [f"cache.use={str(cached).lower()}"]), overwrite=True,
                       console=Console(file=io.StringIO()))
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     for step in range(args.warmup):
-        train_step(parts, step)
+        train_step(parts.training, parts.plan, step)
     sync()
     start = time.perf_counter()
     for step in range(args.warmup, args.warmup + args.steps):
-        result = train_step(parts, step)
+        result = train_step(parts.training, parts.plan, step)
     sync()
     seconds = time.perf_counter() - start
     return {"tokens_per_s": args.steps * args.batch * SEQ_LEN / seconds, "peak_bytes": peak_bytes(args.device),

@@ -55,32 +55,31 @@ def main() -> None:
     from rich.console import Console
 
     import merge_distill.engine as engine
+    import merge_distill.sources.signals as signals
+    from merge_distill.engine import setup_run
     from merge_distill.recipe import load_recipe
-    from merge_distill.report.stats import BlendStats
-    from merge_distill.run_setup import setup_run
 
     torch.set_num_threads(args.threads)
     recipe = load_recipe(args.work / f"k{args.k}.yaml", [f"cache.use={str(args.cache).lower()}"])
     parts = setup_run(recipe, overwrite=True, console=Console(file=io.StringIO()))
     totals: dict[str, float] = collections.defaultdict(float)
-    timed(parts.student, "forward", "student forward", totals)
-    timed(parts.ensemble, "signals", "teacher signals", totals)
+    timed(parts.training.student, "forward", "student forward", totals)
+    timed(parts.training.source, "signals", "teacher signals", totals)
     timed(engine, "forward_micro", "forward_micro", totals)
-    timed(engine, "sparse_distill_loss" if args.cache else "distill_loss", "loss driver", totals)
-    timed(engine, "sparse_agreement", "agreement", totals)  # from the cache
-    timed(BlendStats, "update_agreement", "agreement", totals)  # online
-    timed(parts.accelerator, "backward", "backward", totals)
-    timed(parts.accelerator, "clip_grad_norm_", "clip", totals)
-    timed(parts.optimizer, "step", "optimizer step", totals)
+    timed(signals, "sparse_distill_loss" if args.cache else "distill_loss", "loss driver", totals)
+    timed(signals.SparseSignals if args.cache else signals.DenseSignals, "agreement", "agreement", totals)
+    timed(parts.training.accelerator, "backward", "backward", totals)
+    timed(parts.training.accelerator, "clip_grad_norm_", "clip", totals)
+    timed(parts.training.optimizer, "step", "optimizer step", totals)
     for step in range(2):
-        engine.train_step(parts, step)
+        engine.train_step(parts.training, parts.plan, step)
     totals.clear()
     profiler = torch.profiler.profile() if args.torch_profile else None
     if profiler is not None:
         profiler.__enter__()
     start = time.perf_counter()
     for step in range(2, 2 + args.steps):
-        engine.train_step(parts, step)
+        engine.train_step(parts.training, parts.plan, step)
     seconds = time.perf_counter() - start
     if profiler is not None:
         profiler.__exit__(None, None, None)

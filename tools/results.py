@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from merge_distill.engine import run  # noqa: E402
-from merge_distill.evaluate import evaluate_recipe  # noqa: E402
+from merge_distill.distributed import accelerator_for  # noqa: E402
+from merge_distill.evaluate import evaluate_run  # noqa: E402
 from merge_distill.recipe import load_recipe  # noqa: E402
 
 ROUTED = {
@@ -80,7 +81,7 @@ def main() -> None:
     if args.steps:
         base["train"]["steps"] = args.steps
     started = time.time()
-    teacher_eval = evaluate_recipe(base_recipe, None, teachers=True)
+    teacher_eval = evaluate_run(base_recipe, accelerator_for(base_recipe), None, teachers=True)
     domains = teacher_eval["domains"]
     results: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:

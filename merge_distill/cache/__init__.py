@@ -4,8 +4,11 @@
 stores, per token and teacher: the top-k log-probs at the loss temperature with their token
 ids, the log of the remaining mass (tail), and the gold token's NLL and the entropy at
 temperature 1 (exact, from the full distribution: what routers and reports read). A run with
-`cache.use: true` loads no teacher: `CachedTeacherEnsemble.signals` reads the rows of the
+`cache.use: true` loads no teacher: `CachedTeachers.signals` (sources/cached.py) reads the rows of the
 micro-batch and the loss runs on the sparse targets (losses/sparse.py).
+
+Modules: manifest (what must match), writer (`write_cache`), reader (`TeacherCache`); the
+training-time source is merge_distill/sources/cached.py.
 
 Layout of cache.dir:
     manifest.json                       what the cache was computed from (checked before use)
@@ -19,26 +22,3 @@ is 0). 16-bit values are stored as their int16 bit patterns. Shards are read mem
 Resume: a shard is written to `shard-N.partial/` and renamed when complete, so after a kill the
 complete shards are kept and a half-written one is removed and redone.
 """
-
-from merge_distill.cache.manifest import (
-    CACHE_FORMAT,
-    CACHE_PROVIDES,
-    CacheSection,
-    bytes_per_token,
-    cheap_manifest,
-    full_manifest,
-    manifest_differences,
-    model_fingerprint,
-    read_manifest,
-    recipe_problems,
-    router_problems,
-)
-from merge_distill.cache.reader import CachedTeacherEnsemble, SparseTeacherSignals, TeacherCache, open_cache, sparse_agreement
-from merge_distill.cache.writer import CacheWriteResult, teacher_targets, write_cache
-
-__all__ = [
-    "CACHE_FORMAT", "CACHE_PROVIDES", "CacheSection", "CacheWriteResult", "CachedTeacherEnsemble",
-    "SparseTeacherSignals", "TeacherCache", "bytes_per_token", "cheap_manifest", "full_manifest",
-    "manifest_differences", "model_fingerprint", "open_cache", "read_manifest", "recipe_problems",
-    "router_problems", "sparse_agreement", "teacher_targets", "write_cache",
-]

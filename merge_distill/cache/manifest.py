@@ -13,37 +13,20 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+
+from merge_distill.schema import SELF_TEACHER, Recipe
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from merge_distill.data import SourceRows
-    from merge_distill.recipe import Recipe
 
 CACHE_FORMAT = 1
 VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-# What the cache gives a router (`hidden` comes from the student, which still runs). A router
-# class may declare `needs_signals = {...}`; default: gold_nll and entropy. "logits" (full
-# distributions) is never available from the cache.
-CACHE_PROVIDES = frozenset({"gold_nll", "entropy", "top1", "hidden"})
 REWRITE = "rewrite it with `merge-distill cache RECIPE --overwrite` (or point cache.dir elsewhere)"
-
-
-class CacheSection(BaseModel):
-    """The recipe's `cache:` section."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dir: str = Field(description="Cache folder (relative to the recipe); `merge-distill cache` writes it.")
-    use: bool = Field(False, description="Train from the cache: no teacher is loaded or run. Write the cache first.")
-    k: int = Field(64, ge=1, description="Top-k log-probs stored per token and teacher (at most the vocabulary size).")
-    dtype: Literal["float16", "bfloat16", "float32"] = Field(
-        "float16", description="Storage dtype of the top-k log-probs (ids are int32; tail, NLL and entropy float32).")
-    rows_per_shard: int = Field(256, ge=1, description="Source rows per Arrow shard (the unit of resume).")
 
 
 def bytes_per_token(k: int, dtype: str) -> int:
@@ -86,10 +69,8 @@ def model_fingerprint(model: str) -> str:
     return _sha(*parts)
 
 
-def teacher_fingerprint(recipe: "Recipe", index: int) -> str:
+def teacher_fingerprint(recipe: Recipe, index: int) -> str:
     """A teacher's fingerprint; `self` is the student's initial weights: its spec, seed and source."""
-    from merge_distill.recipe import SELF_TEACHER
-
     spec = recipe.teachers[index]
     if spec.model != SELF_TEACHER:
         return model_fingerprint(spec.model)
@@ -116,7 +97,7 @@ def _folder_name(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", label) + "-" + _sha(label)[:8]
 
 
-def cheap_manifest(recipe: "Recipe") -> dict[str, Any]:
+def cheap_manifest(recipe: Recipe) -> dict[str, Any]:
     """The manifest fields known without loading tokenizer or data."""
     section = recipe.cache
     assert section is not None
@@ -129,7 +110,7 @@ def cheap_manifest(recipe: "Recipe") -> dict[str, Any]:
     }
 
 
-def full_manifest(recipe: "Recipe", tokenizer: "PreTrainedTokenizerBase", sources: list["SourceRows"]) -> dict[str, Any]:
+def full_manifest(recipe: Recipe, tokenizer: "PreTrainedTokenizerBase", sources: list["SourceRows"]) -> dict[str, Any]:
     section = recipe.cache
     assert section is not None
     return {
@@ -191,27 +172,13 @@ def manifest_differences(cached: dict[str, Any], expected: dict[str, Any], root:
     return out
 
 
-def router_problems(kind: str, router_cls: type) -> list[str]:
-    needs = set(getattr(router_cls, "needs_signals", {"gold_nll", "entropy"}))
-    if getattr(router_cls, "needs_hidden", False):
-        needs.add("hidden")
-    missing = sorted(needs - CACHE_PROVIDES)
-    if not missing:
-        return []
-    return [f"routing.kind: {kind!r} needs {', '.join(missing)} from the teachers, which the cache does not store "
-            "(it holds top-k log-probs, gold NLL and entropy); set cache.use: false to run the teachers, or choose "
-            "another router"]
-
-
-def recipe_problems(recipe: "Recipe", check_files: bool, expected: dict[str, Any] | None = None) -> list[str]:
+def recipe_problems(recipe: Recipe, check_files: bool, expected: dict[str, Any] | None = None) -> list[str]:
     """Checks of the cache section: at load time against the cheap manifest fields; at run start
     against `expected`, the full manifest (tokenizer and data too)."""
     section = recipe.cache
     if section is None or not section.use:
         return []
-    from merge_distill.routing import ROUTERS
-
-    problems = router_problems(recipe.routing.kind, ROUTERS.get(recipe.routing.kind).impl)
+    problems: list[str] = []
     if check_files:
         root = Path(section.dir)
         cached = read_manifest(root)

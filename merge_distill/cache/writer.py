@@ -1,5 +1,6 @@
 """Writing the cache: teacher forwards over every training row, top-k + tail + NLL + entropy,
-one `datasets` Arrow folder per shard, written atomically (resume keeps complete shards)."""
+one `datasets` Arrow folder per shard, written atomically (resume keeps complete shards).
+Teachers come from the online teacher source, placed as in training."""
 
 from __future__ import annotations
 
@@ -8,20 +9,26 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import datasets
 import numpy as np
+import pyarrow as pa
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor
 
+from merge_distill import distributed as dist_mod
 from merge_distill.cache.manifest import VALUE_DTYPES, full_manifest, manifest_differences, read_manifest
-from merge_distill.errors import UserError
-from merge_distill.signals import IGNORE_INDEX, per_token_stats
-
-if TYPE_CHECKING:
-    from rich.console import Console
-
-    from merge_distill.recipe import Recipe
+from merge_distill.data import SourceRows
+from merge_distill.errors import NonFiniteError, UserError
+from merge_distill.models import load_student, load_tokenizer, tokenizer_source
+from merge_distill.plan import training_rows
+from merge_distill.rundir import write_json_atomic
+from merge_distill.schema import SELF_TEACHER, Recipe
+from merge_distill.signals import TokenBatch, per_token_stats
+from merge_distill.sources import OnlineTeachers
 
 
 @dataclass
@@ -34,13 +41,12 @@ class CacheWriteResult:
 
 
 @torch.inference_mode()
-def teacher_targets(logits: Tensor, targets: Tensor, k: int, temperature: float, chunk_tokens: int) -> dict[str, Tensor]:
-    """One teacher's logits [B, T, V] -> what the cache stores for it: ids [B, T, k] int32 and
-    values [B, T, k] float32 (top-k log-probs at `temperature`, largest first), tail [B, T]
-    (log of the mass outside the top k, at `temperature`), nll / entropy [B, T] at temperature 1
-    (per_token_stats: exactly what the online path gives routers)."""
+def topk_targets(logits: Tensor, k: int, temperature: float, chunk_tokens: int) -> dict[str, Tensor]:
+    """One teacher's logits (or log-probs) [B, T, V] -> ids [B, T, k] int32, values [B, T, k]
+    float32 (top-k log-probs at `temperature`, largest first) and tail [B, T] (log of the mass
+    outside the top k, at `temperature`). Log-probs at temperature 1 give the same result as the
+    logits they came from: log_softmax removes the per-row constant either way."""
     B, T, V = logits.shape
-    nll, entropy, _ = per_token_stats(logits, targets, chunk_tokens, with_top1=False)
     flat = logits.reshape(B * T, V)
     ids = torch.empty(B * T, k, dtype=torch.int32, device=logits.device)
     values = torch.empty(B * T, k, dtype=torch.float32, device=logits.device)
@@ -55,7 +61,14 @@ def teacher_targets(logits: Tensor, targets: Tensor, k: int, temperature: float,
         tail[sl] = (torch.logsumexp(x.scatter_(-1, top_ids, -math.inf), dim=-1, keepdim=True) - lse).squeeze(-1)
         values[sl] = top_values - lse
         ids[sl] = top_ids.to(torch.int32)
-    return {"ids": ids.view(B, T, k), "values": values.view(B, T, k), "tail": tail.view(B, T), "nll": nll, "entropy": entropy}
+    return {"ids": ids.view(B, T, k), "values": values.view(B, T, k), "tail": tail.view(B, T)}
+
+
+def teacher_targets(logits: Tensor, targets: Tensor, k: int, temperature: float, chunk_tokens: int) -> dict[str, Tensor]:
+    """What the cache stores for one teacher: topk_targets plus nll / entropy [B, T] at
+    temperature 1 (per_token_stats: exactly what the online path gives routers)."""
+    nll, entropy, _ = per_token_stats(logits, targets, chunk_tokens, with_top1=False)
+    return {**topk_targets(logits, k, temperature, chunk_tokens), "nll": nll, "entropy": entropy}
 
 
 def _to_storage(values: Tensor, dtype: str) -> np.ndarray:
@@ -65,8 +78,6 @@ def _to_storage(values: Tensor, dtype: str) -> np.ndarray:
 
 
 def _shard_table(columns: dict[str, np.ndarray]) -> Any:
-    import pyarrow as pa
-
     arrays = {}
     for name, array in columns.items():
         flat = pa.array(array.reshape(-1))
@@ -76,38 +87,58 @@ def _shard_table(columns: dict[str, np.ndarray]) -> Any:
 
 def _save_shard(columns: dict[str, np.ndarray], final: Path) -> None:
     """Write a shard as a `datasets` folder, atomically: into `<final>.partial`, then rename."""
-    import datasets
-
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     datasets.Dataset(datasets.table.InMemoryTable(_shard_table(columns))).save_to_disk(str(partial))
     partial.replace(final)
 
 
-def _load_teachers(recipe: "Recipe", device: torch.device) -> list[Any]:
-    from merge_distill.models import load_student, load_teachers
-    from merge_distill.recipe import SELF_TEACHER
+def _prepare_root(root: Path, manifest: dict[str, Any], overwrite: bool, is_main: bool) -> None:
+    """Check cache.dir on every process (the same read-only decision everywhere, so a refusal
+    never leaves a process waiting); only the main process deletes and writes."""
+    cached = read_manifest(root)
+    replace = False
+    if cached is not None:
+        problems = manifest_differences(cached, manifest, root, writing=True)
+        if problems and not overwrite:
+            raise UserError([*problems, f"cache.dir: {root} holds a cache for other settings; pass --overwrite to replace it"])
+        replace = bool(problems)
+    elif root.is_dir() and any(root.iterdir()):
+        if not overwrite:
+            raise UserError(f"cache.dir: {root} exists and is not a cache (no manifest.json); choose an empty or new "
+                            "folder, or pass --overwrite to replace it")
+        replace = True
+    if is_main:
+        if replace:
+            shutil.rmtree(root)
+        root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(root / "manifest.json", manifest)
 
-    student = load_student(recipe) if any(spec.model == SELF_TEACHER for spec in recipe.teachers) else None
-    return [m.to(device) for m in load_teachers(recipe, student)]
+
+def _pending_shards(root: Path, rows: list[SourceRows], manifest: dict[str, Any]) -> tuple[list[tuple[SourceRows, int, Path]], int]:
+    """(shards still to write, shards kept from an earlier call), in a fixed order."""
+    todo, kept = [], 0
+    for source_rows, entry in zip(rows, manifest["sources"]):
+        folder = root / "sources" / entry["folder"]
+        for shard in range(entry["shards"]):
+            final = folder / f"shard-{shard:05d}"
+            if final.is_dir():
+                kept += 1
+            else:
+                todo.append((source_rows, shard, final))
+    return todo, kept
 
 
-def write_cache(recipe: "Recipe", console: "Console | None" = None, overwrite: bool = False,
+def write_cache(recipe: Recipe, console: Console | None = None, overwrite: bool = False,
                 show_progress: bool = True) -> CacheWriteResult:
     """Run the recipe's teachers over all its training rows and store their top-k targets.
 
-    Resumable: complete shards of an earlier call with the same manifest are kept. Raises
-    UserError when cache.dir holds a different cache (or something else) and not `overwrite`.
+    Data-parallel over the launch's processes, teachers placed as in training (ZeRO-3 sharded
+    under DeepSpeed): the pending shards are dealt round-robin, each process writes its own
+    (disjoint) shards, and the main process writes the one manifest. Resumable: complete
+    shards of an earlier call with the same manifest are kept. Raises UserError when cache.dir
+    holds a different cache (or something else) and not `overwrite`.
     """
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from merge_distill.data import build_rows
-    from merge_distill.models import cut_vocab, load_tokenizer, tokenizer_source
-    from merge_distill.rundir import write_json_atomic
-    from merge_distill.signals import shift_targets
-    from merge_distill.teachers import NonFiniteError
-
     section = recipe.cache
     if section is None:
         raise UserError("cache: the recipe has no cache section; add one, e.g. cache: {dir: cache/teachers, k: 64}")
@@ -117,70 +148,72 @@ def write_cache(recipe: "Recipe", console: "Console | None" = None, overwrite: b
     vocab_size = len(tokenizer)
     if section.k > vocab_size:
         raise UserError(f"cache.k is {section.k} but the vocabulary has {vocab_size} tokens; use at most {vocab_size}")
-    sources = [build_rows(s, f"data.train[{i}]", tokenizer, recipe.data.seq_len, recipe.data.packing)
-               for i, s in enumerate(recipe.data.train)]
-    manifest = full_manifest(recipe, tokenizer, sources)
+    rows = training_rows(recipe, tokenizer)
+    manifest = full_manifest(recipe, tokenizer, rows)
     root = Path(section.dir)
-    cached = read_manifest(root)
-    if cached is not None:
-        problems = manifest_differences(cached, manifest, root, writing=True)
-        if problems and not overwrite:
-            raise UserError([*problems, f"cache.dir: {root} holds a cache for other settings; pass --overwrite to replace it"])
-        if problems:
-            shutil.rmtree(root)
-    elif root.is_dir() and any(root.iterdir()):
-        if not overwrite:
-            raise UserError(f"cache.dir: {root} exists and is not a cache (no manifest.json); choose an empty or new "
-                            "folder, or pass --overwrite to replace it")
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(root / "manifest.json", manifest)
-
-    todo, kept = [], 0
-    for rows, entry in zip(sources, manifest["sources"]):
-        folder = root / "sources" / entry["folder"]
-        folder.mkdir(parents=True, exist_ok=True)
-        for shard in range(entry["shards"]):
-            final = folder / f"shard-{shard:05d}"
-            if final.is_dir():
-                kept += 1
-            else:
-                todo.append((rows, shard, final))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    models = _load_teachers(recipe, device) if todo else []
-    names = recipe.teacher_names
-    batch_rows, per_shard, chunk = recipe.train.micro_batch_size, section.rows_per_shard, recipe.train.chunk_tokens
-    total = sum(len(s) for s in sources)
-    done_rows = total - sum(min(per_shard, len(rows) - shard * per_shard) for rows, shard, _ in todo)
-    written = 0
+    accelerator = dist_mod.accelerator_for(recipe)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    is_main = rank == 0
+    _prepare_root(root, manifest, overwrite, is_main)
+    accelerator.wait_for_everyone()
+    todo, kept = _pending_shards(root, rows, manifest)
+    accelerator.wait_for_everyone()  # every process has listed the shards before any is written
+    mine = todo[rank::world]
+    per_shard, batch_rows = section.rows_per_shard, recipe.train.micro_batch_size
+    batches = [(shard_index, slice(b, min(stop, b + batch_rows)))
+               for shard_index, (source_rows, shard, _) in enumerate(mine)
+               for stop in [min(len(source_rows), (shard + 1) * per_shard)]
+               for b in range(shard * per_shard, stop, batch_rows)]
+    rounds = dist_mod.global_max(accelerator, len(batches))  # teacher forwards are collective under ZeRO-3
+    teachers = None
+    if rounds:
+        student = load_student(recipe) if any(t.model == SELF_TEACHER for t in recipe.teachers) else None
+        teachers = OnlineTeachers.open(recipe, accelerator, vocab_size, student)
+    device = accelerator.device
+    my_rows = sum(sl.stop - sl.start for _, sl in batches)
     columns_bar = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
                    TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns_bar, console=console, disable=not show_progress) as progress:
-        task = progress.add_task(f"caching {len(names)} teachers (top-{section.k})", total=total, completed=done_rows)
-        for rows, shard, final in todo:
-            start, stop = shard * per_shard, min(len(rows), (shard + 1) * per_shard)
-            parts: dict[str, list[np.ndarray]] = {}
-            for b in range(start, stop, batch_rows):
-                sl = slice(b, min(stop, b + batch_rows))
-                input_ids, attention = rows.input_ids[sl].to(device), rows.attention_mask[sl].to(device)
-                targets = shift_targets(rows.labels[sl]).to(device)
-                for j, (name, model) in enumerate(zip(names, models)):
-                    with torch.inference_mode():
-                        logits = cut_vocab(model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits, vocab_size)
-                    out = teacher_targets(logits, targets, section.k, recipe.loss.temperature, chunk)
-                    valid = targets != IGNORE_INDEX
-                    if not (torch.isfinite(out["nll"][valid]).all() and torch.isfinite(out["values"]).all()):
-                        raise NonFiniteError(f"teacher {name!r} produced NaN/inf log-probabilities on rows {sl.start}.."
-                                             f"{sl.stop - 1} of {rows.label}")
-                    parts.setdefault(f"t{j}_ids", []).append(out["ids"].cpu().numpy())
-                    parts.setdefault(f"t{j}_values", []).append(_to_storage(out["values"], section.dtype))
-                    for field in ("tail", "nll", "entropy"):
-                        parts.setdefault(f"t{j}_{field}", []).append(out[field].float().cpu().numpy())
-                progress.advance(task, sl.stop - sl.start)
-            columns = {"row": np.arange(start, stop, dtype=np.int64)}
-            columns.update({name: np.concatenate(chunks) for name, chunks in parts.items()})
-            _save_shard(columns, final)
-            written += stop - start
-    manifest["complete"] = True
-    write_json_atomic(root / "manifest.json", manifest)
+    written = 0
+    with Progress(*columns_bar, console=console, disable=not (show_progress and is_main)) as progress:
+        task = progress.add_task(f"caching {len(recipe.teachers)} teachers (top-{section.k}, process {rank + 1} of {world})",
+                                 total=my_rows)
+        parts: dict[str, list[np.ndarray]] = {}
+        for i in range(rounds):
+            shard_index, sl = batches[min(i, len(batches) - 1)] if batches else (-1, slice(0, min(batch_rows, len(rows[0]))))
+            source_rows = mine[shard_index][0] if batches else rows[0]
+            batch = TokenBatch(source_rows.input_ids[sl].to(device), source_rows.attention_mask[sl].to(device),
+                               source_rows.labels[sl].to(device), [], [])
+            try:
+                signals = teachers.signals(batch)  # type: ignore[union-attr]
+            except NonFiniteError as exc:
+                raise NonFiniteError(f"{exc} on rows {sl.start}..{sl.stop - 1} of {source_rows.label}") from None
+            if i >= len(batches):
+                continue  # a repeated batch only keeps the collectives in step
+            for j, logits in enumerate(signals.logits):
+                out = topk_targets(logits, section.k, recipe.loss.temperature, recipe.train.chunk_tokens)
+                if not torch.isfinite(out["values"]).all():
+                    raise NonFiniteError(f"teacher {signals.names[j]!r} produced NaN/inf log-probabilities on rows "
+                                         f"{sl.start}..{sl.stop - 1} of {source_rows.label}")
+                parts.setdefault(f"t{j}_ids", []).append(out["ids"].cpu().numpy())
+                parts.setdefault(f"t{j}_values", []).append(_to_storage(out["values"], section.dtype))
+                parts.setdefault(f"t{j}_tail", []).append(out["tail"].float().cpu().numpy())
+                parts.setdefault(f"t{j}_nll", []).append(signals.gold_nll[..., j].float().cpu().numpy())
+                parts.setdefault(f"t{j}_entropy", []).append(signals.entropy[..., j].float().cpu().numpy())
+            progress.advance(task, sl.stop - sl.start)
+            last_of_shard = i + 1 == len(batches) or batches[i + 1][0] != shard_index
+            if last_of_shard:
+                _, shard, final = mine[shard_index]
+                start = shard * per_shard
+                columns = {"row": np.arange(start, sl.stop, dtype=np.int64)}
+                columns.update({name: np.concatenate(chunks) for name, chunks in parts.items()})
+                final.parent.mkdir(parents=True, exist_ok=True)
+                _save_shard(columns, final)
+                written += sl.stop - start
+                parts = {}
+    accelerator.wait_for_everyone()
+    written = int(dist_mod.global_sum(accelerator, written))
+    if is_main:
+        manifest["complete"] = True
+        write_json_atomic(root / "manifest.json", manifest)
+    accelerator.wait_for_everyone()
     return CacheWriteResult(root, len(todo), kept, written, time.perf_counter() - started)

@@ -74,6 +74,33 @@ def agreement_positions(mask: Tensor, max_tokens: int) -> Tensor:
     return positions
 
 
+@torch.no_grad()
+def logit_agreement(teacher_logits: list[Tensor], mask: Tensor, max_tokens: int = 512,
+                    chunk_tokens: int = 64) -> tuple[Tensor, Tensor, int]:
+    """Pairwise top-1 agreement and JS divergence on up to max_tokens valid positions.
+
+    teacher_logits: K tensors [B, T, V] (any float dtype, logits or log-probs); mask [B, T] bool.
+    Returns (top1 counts [P], JS sums [P], tokens) with pairs in combinations(range(K), 2) order.
+    The positions are evenly spaced over the valid ones (deterministic). Log-softmax runs in
+    float32 on chunk_tokens rows at a time, so extra memory is about K x chunk_tokens x V floats.
+    """
+    pairs = list(combinations(range(len(teacher_logits)), 2))
+    positions = agreement_positions(mask, max_tokens)
+    top1_sum = torch.zeros(len(pairs), dtype=torch.float64, device=positions.device)
+    js_sum = torch.zeros_like(top1_sum)
+    if not pairs or positions.numel() == 0:
+        return top1_sum.cpu(), js_sum.cpu(), 0
+    flat = [logits.reshape(-1, logits.shape[-1]) for logits in teacher_logits]
+    for start in range(0, positions.numel(), chunk_tokens):
+        rows = positions[start : start + chunk_tokens]
+        logps = [torch.log_softmax(f.index_select(0, rows).float(), dim=-1) for f in flat]  # K x [n, V]
+        argmax = [lp.argmax(-1) for lp in logps]
+        for i, (a, b) in enumerate(pairs):
+            top1_sum[i] += (argmax[a] == argmax[b]).sum()
+            js_sum[i] += pairwise_js(logps[a], logps[b]).double().sum()
+    return top1_sum.cpu(), js_sum.cpu(), int(positions.numel())
+
+
 class BlendStats:
     """Running sums of routing weights and teacher signals over a run. See the module docstring."""
 
@@ -140,35 +167,6 @@ class BlendStats:
             self._domain_sums[domain] += per_row[row]
             self._domain_tokens[domain] += int(row_tokens[row])
         self._blend_entropy_sum += float(target_entropy_sum)
-
-    @torch.no_grad()
-    def update_agreement(
-        self, teacher_logits: list[Tensor], mask: Tensor, max_tokens: int = 512, chunk_tokens: int = 64
-    ) -> None:
-        """Add pairwise top-1 agreement and JS divergence on up to max_tokens valid positions.
-
-        teacher_logits: K tensors [B, T, V] (any float dtype); mask [B, T] bool. The positions
-        are evenly spaced over the valid ones (deterministic). Log-softmax runs in float32 on
-        chunk_tokens rows at a time, so extra memory is about K x chunk_tokens x V floats.
-        """
-        if self.num_teachers < 2:
-            return
-        if len(teacher_logits) != self.num_teachers:
-            raise ValueError(f"got {len(teacher_logits)} teachers' logits, stats were built for {self.num_teachers}")
-        positions = agreement_positions(mask, max_tokens)
-        if positions.numel() == 0:
-            return
-        flat = [logits.reshape(-1, logits.shape[-1]) for logits in teacher_logits]
-        top1_sum = torch.zeros(len(self.pairs), dtype=torch.float64, device=positions.device)
-        js_sum = torch.zeros_like(top1_sum)
-        for start in range(0, positions.numel(), chunk_tokens):
-            rows = positions[start : start + chunk_tokens]
-            logps = [torch.log_softmax(f.index_select(0, rows).float(), dim=-1) for f in flat]  # K x [n, V]
-            argmax = [lp.argmax(-1) for lp in logps]
-            for i, (a, b) in enumerate(self.pairs):
-                top1_sum[i] += (argmax[a] == argmax[b]).sum()
-                js_sum[i] += pairwise_js(logps[a], logps[b]).double().sum()
-        self.add_agreement(top1_sum, js_sum, int(positions.numel()))
 
     def add_agreement(self, top1_counts: Tensor, js_sums: Tensor, tokens: int) -> None:
         """Add agreement sums computed elsewhere (e.g. from the teacher cache's top-k):

@@ -127,7 +127,13 @@ def keep_top_k(weights: Tensor, k: int) -> Tensor:
 class Router(nn.Module):
     """Base class. Subclasses implement `raw_weights`; `forward` applies top_k, floor and the mask."""
 
-    needs_hidden: bool = False
+    # What the router reads from RouterInputs (a subset of sources.SIGNALS); `validate` checks it
+    # against what the recipe's teacher source provides. Each router states its own.
+    needs: frozenset[str] = frozenset({"gold_nll", "entropy"})
+
+    @property
+    def needs_hidden(self) -> bool:
+        return "hidden" in self.needs
 
     def __init__(self, config: RouterConfigBase, teacher_names: list[str], hidden_size: int):
         super().__init__()

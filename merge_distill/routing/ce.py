@@ -45,6 +45,8 @@ def hard_argmin(nll: Tensor) -> Tensor:
 
 @ROUTERS.register("ce", CERouterConfig, "w ∝ exp(-NLL_k / tau), tau=0 picks the argmin: trust teachers that knew the gold token")
 class CERouter(Router):
+    needs = frozenset({"gold_nll"})
+
     def raw_weights(self, inputs: RouterInputs) -> Tensor:
         """gold_nll [B, T, K], mask [B, T] -> [B, T, K] float32."""
         config: CERouterConfig = self.config  # type: ignore[assignment]

@@ -68,6 +68,8 @@ class DomainRouterConfig(RouterConfigBase):
 
 @ROUTERS.register("domain", DomainRouterConfig, "w = c[domain]: per-domain teacher weights from the recipe")
 class DomainRouter(Router):
+    needs = frozenset()
+
     def __init__(self, config: DomainRouterConfig, teacher_names: list[str], hidden_size: int):
         super().__init__(config, teacher_names, hidden_size)
         self.domain_index = {domain: i for i, domain in enumerate(config.weights)}

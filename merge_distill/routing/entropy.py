@@ -28,6 +28,8 @@ class EntropyRouterConfig(RouterConfigBase):
 
 @ROUTERS.register("entropy", EntropyRouterConfig, "w ∝ exp(-H_k / tau): trust confident (low-entropy) teachers")
 class EntropyRouter(Router):
+    needs = frozenset({"entropy"})
+
     def raw_weights(self, inputs: RouterInputs) -> Tensor:
         """entropy [B, T, K] -> [B, T, K] float32; softmax subtracts the max, so any tau is stable."""
         tau = self.config.tau  # type: ignore[attr-defined]

@@ -46,6 +46,8 @@ class FixedRouterConfig(RouterConfigBase):
 
 @ROUTERS.register("fixed", FixedRouterConfig, "w_k = c_k / sum c: constant per-teacher weights from the recipe")
 class FixedRouter(Router):
+    needs = frozenset()
+
     def __init__(self, config: FixedRouterConfig, teacher_names: list[str], hidden_size: int):
         super().__init__(config, teacher_names, hidden_size)
         self.register_buffer("table", weight_vector(config.weights, self.teacher_names), persistent=False)

@@ -42,7 +42,7 @@ class LearnedRouterConfig(RouterConfigBase):
 
 @ROUTERS.register("learned", LearnedRouterConfig, "w = softmax(gate(student hidden)), gate trained to maximise the mixture likelihood of the gold token")
 class LearnedRouter(Router):
-    needs_hidden = True
+    needs = frozenset({"gold_nll", "hidden"})
 
     def __init__(self, config: LearnedRouterConfig, teacher_names: list[str], hidden_size: int):
         super().__init__(config, teacher_names, hidden_size)

@@ -21,6 +21,8 @@ class UniformRouterConfig(RouterConfigBase):
 
 @ROUTERS.register("uniform", UniformRouterConfig, "w_k = 1/K: plain average of the teachers")
 class UniformRouter(Router):
+    needs = frozenset()
+
     def raw_weights(self, inputs: RouterInputs) -> Tensor:
         """-> [B, T, K] float32, all entries 1/K."""
         B, T = inputs.mask.shape

@@ -70,23 +70,23 @@ def test_teacher_config_follows_the_teacher_dtype() -> None:
 
 
 def test_launch_commands() -> None:
-    cmd = d.build_launch_command(Path("r.yaml"), 8, 2, master_addr="node0", node_rank=1, master_port=1234)
+    cmd = d.build_launch_command(["run", "r.yaml"], 8, 2, master_addr="node0", node_rank=1, master_port=1234)
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
     assert cmd[cmd.index("--num_processes") + 1] == "16" and cmd[cmd.index("--machine_rank") + 1] == "1"
     assert "--multi_gpu" in cmd and cmd[-4:] == ["-m", "merge_distill.cli", "run", "r.yaml"]
-    tr = d.build_launch_command(Path("r.yaml"), 4, launcher="torchrun", extra_args=["--overwrite"])
+    tr = d.build_launch_command(["run", "r.yaml", "--overwrite"], 4, launcher="torchrun")
     assert tr[tr.index("--nproc_per_node") + 1] == "4" and tr[-2:] == ["r.yaml", "--overwrite"]
-    ds = d.build_launch_command(Path("r.yaml"), 8, 2, hostfile=Path("hosts"), launcher="deepspeed")
+    ds = d.build_launch_command(["run", "r.yaml"], 8, 2, hostfile=Path("hosts"), launcher="deepspeed")
     assert ds[ds.index("--hostfile") + 1] == "hosts" and ds[ds.index("--num_nodes") + 1] == "2"
     assert ds[-4:] == ["--module", "merge_distill.cli", "run", "r.yaml"]
-    assert "--multi_gpu" not in d.build_launch_command(Path("r.yaml"), 1)
+    assert "--multi_gpu" not in d.build_launch_command(["run", "r.yaml"], 1)
     with pytest.raises(ValueError, match="hostfile"):
-        d.build_launch_command(Path("r.yaml"), 8, 2, launcher="deepspeed")
+        d.build_launch_command(["run", "r.yaml"], 8, 2, launcher="deepspeed")
     env = {k: v for k, v in os.environ.items() if k != "MASTER_ADDR"}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(os, "environ", env)
         with pytest.raises(ValueError, match="master_addr"):
-            d.build_launch_command(Path("r.yaml"), 8, 2, launcher="torchrun")
+            d.build_launch_command(["run", "r.yaml"], 8, 2, launcher="torchrun")
 
 
 def test_world_info_from_launcher_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from merge_distill.report.schema import Routing
-from merge_distill.report.stats import BlendStats, pairwise_js
+from merge_distill.report.stats import BlendStats, logit_agreement, pairwise_js
 
 
 def small_batch() -> dict:
@@ -118,7 +118,7 @@ def test_agreement_matches_dense_reference_over_all_valid_tokens():
     logits[1] = logits[0] + 0.3 * torch.randn(B, T, V, generator=gen)  # a and b mostly agree
     mask = torch.rand(B, T, generator=gen) > 0.25
     stats = BlendStats(names)
-    stats.update_agreement(logits, mask, max_tokens=512, chunk_tokens=4)
+    stats.add_agreement(*logit_agreement(logits, mask, max_tokens=512, chunk_tokens=4))
     agreement = stats.summary()["agreement"]
     assert [(e["a"], e["b"]) for e in agreement] == [("a", "b"), ("a", "c"), ("b", "c")]
     for entry in agreement:
@@ -137,7 +137,7 @@ def test_agreement_subsample_is_deterministic_and_chunk_independent():
     results = []
     for chunk in (2, 64, 64):
         stats = BlendStats(["p", "q"])
-        stats.update_agreement(logits, mask, max_tokens=10, chunk_tokens=chunk)
+        stats.add_agreement(*logit_agreement(logits, mask, max_tokens=10, chunk_tokens=chunk))
         assert stats.state_dict()["agreement"]["tokens"] == 10
         results.append(stats.summary()["agreement"][0])
     assert results[0] == pytest.approx(results[1]) and results[1] == results[2]
@@ -146,11 +146,11 @@ def test_agreement_subsample_is_deterministic_and_chunk_independent():
 def test_identical_teachers_agree_fully_and_single_teacher_has_no_pairs():
     logits = torch.randn(2, 5, 9)
     stats = BlendStats(["a", "b"])
-    stats.update_agreement([logits, logits.clone()], torch.ones(2, 5, dtype=torch.bool))
+    stats.add_agreement(*logit_agreement([logits, logits.clone()], torch.ones(2, 5, dtype=torch.bool)))
     (entry,) = stats.summary()["agreement"]
     assert entry["top1_agreement"] == 1.0 and entry["js"] == 0.0
     single = BlendStats(["only"])
-    single.update_agreement([logits], torch.ones(2, 5, dtype=torch.bool))
+    single.add_agreement(*logit_agreement([logits], torch.ones(2, 5, dtype=torch.bool)))
     single.update(torch.ones(2, 5, 1), torch.ones(2, 5, 1), torch.ones(2, 5, 1), torch.ones(2, 5, dtype=torch.bool), ["d", "d"], 0.0)
     assert single.summary()["agreement"] == []
     assert single.summary()["overall"]["only"]["share"] == 1.0
@@ -160,7 +160,7 @@ def filled_stats(seed: int, domains: list[str]) -> BlendStats:
     gen = torch.Generator().manual_seed(seed)
     stats = BlendStats(["a", "b", "c"])
     stats.update(**random_batch(gen, 3, domains))
-    stats.update_agreement([torch.randn(2, 7, 5, generator=gen) for _ in range(3)], torch.rand(2, 7, generator=gen) > 0.5)
+    stats.add_agreement(*logit_agreement([torch.randn(2, 7, 5, generator=gen) for _ in range(3)], torch.rand(2, 7, generator=gen) > 0.5))
     return stats
 
 
@@ -187,7 +187,7 @@ def test_all_reduce_and_merge_equal_one_process_seeing_everything():
     gen5, gen6 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)
     for gen, domains in ((gen5, ["code", "prose"]), (gen6, ["chat", "code"])):
         expected.update(**random_batch(gen, 3, domains))
-        expected.update_agreement([torch.randn(2, 7, 5, generator=gen) for _ in range(3)], torch.rand(2, 7, generator=gen) > 0.5)
+        expected.add_agreement(*logit_agreement([torch.randn(2, 7, 5, generator=gen) for _ in range(3)], torch.rand(2, 7, generator=gen) > 0.5))
     for got in (reduced, merged):
         assert got.domains() == expected.domains() == all_domains
         torch.testing.assert_close(got.to_tensor(all_domains), expected.to_tensor(all_domains), rtol=1e-12, atol=1e-12)

@@ -14,9 +14,9 @@ from rich.console import Console
 from transformers import AutoModelForCausalLM
 
 from conftest import pico_recipe_dict, write_recipe
-from merge_distill.engine import micro_batches, train_step
+from merge_distill.engine import train_step
 from merge_distill.recipe import load_recipe
-from merge_distill.run_setup import setup_run
+from merge_distill.engine import setup_run
 from merge_distill.signals import IGNORE_INDEX
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 from bench_floor import floor_step  # noqa: E402
@@ -33,16 +33,16 @@ def test_floor_step_matches_the_engine(pico, tmp_path) -> None:
     initial = {name: param.detach().clone() for name, param in student.named_parameters()}
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.0)
     for step in range(2):
-        (batch,) = micro_batches(parts, step)
+        (batch,) = parts.plan.micro_batches(step, parts.training.accelerator.device)
         B, T = batch.input_ids.shape
         # The floor normalises by B * (T - 1): packed rows, every position but the last has a target.
         assert int((batch.targets != IGNORE_INDEX).sum()) == B * (T - 1)
-        floor_loss = floor_step(teachers, student, optimizer, batch.input_ids, parts.vocab_size)
-        engine_loss = train_step(parts, step).loss
+        floor_loss = floor_step(teachers, student, optimizer, batch.input_ids, parts.training.vocab_size)
+        engine_loss = train_step(parts.training, parts.plan, step).loss
         assert float(floor_loss) == pytest.approx(engine_loss, rel=1e-5)
     # Adam divides each gradient by its running RMS, so a parameter whose gradient is nearly 0
     # turns a rounding difference into a visible one; lr = 1e-3 bounds any step's move.
-    engine_params = dict(parts.student.named_parameters())
+    engine_params = dict(parts.training.student.named_parameters())
     differ = total = 0
     moved = 0.0
     for name, param in student.named_parameters():

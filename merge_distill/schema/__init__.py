@@ -1,0 +1,25 @@
+"""The recipe schema: pydantic sections and constants, importing nothing from the runtime."""
+
+from merge_distill.schema.cache import CacheSection
+from merge_distill.schema.distributed import DistributedConfig
+from merge_distill.schema.recipe import (
+    NAME_PATTERN,
+    SELF_TEACHER,
+    DataSection,
+    DataSource,
+    OutputSection,
+    Recipe,
+    ReportSection,
+    StudentFromConfig,
+    StudentFromTeacher,
+    StudentSpec,
+    TeacherSpec,
+    TrainSection,
+    looks_local,
+)
+
+__all__ = [
+    "NAME_PATTERN", "SELF_TEACHER", "CacheSection", "DataSection", "DataSource", "DistributedConfig", "OutputSection",
+    "Recipe", "ReportSection", "StudentFromConfig", "StudentFromTeacher", "StudentSpec", "TeacherSpec", "TrainSection",
+    "looks_local",
+]

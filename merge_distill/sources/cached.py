@@ -1,0 +1,67 @@
+"""Cached teachers: the offline cache answers for the models (`cache.use: true`); none is loaded.
+
+`merge-distill cache` wrote each teacher's top-k log-probs, tail mass, gold NLL and entropy per
+source row (merge_distill/cache); a batch reads its rows by (source label, row index).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from merge_distill.cache.manifest import full_manifest, read_manifest, recipe_problems
+from merge_distill.cache.reader import TeacherCache
+from merge_distill.data import SourceRows
+from merge_distill.errors import NonFiniteError, UserError
+from merge_distill.schema import Recipe
+from merge_distill.signals import IGNORE_INDEX, TokenBatch
+from merge_distill.sources.base import register_source
+from merge_distill.sources.signals import SparseSignals
+
+
+def _uses_cache(recipe: Recipe) -> bool:
+    return recipe.cache is not None and recipe.cache.use
+
+
+@register_source("cache", {"gold_nll", "entropy", "top1", "hidden"}, _uses_cache,
+                 "top-k + tail targets read from the offline cache (`merge-distill cache`); no teacher is loaded")
+class CachedTeachers:
+    """The teachers, answered from the cache."""
+
+    def __init__(self, names: list[str], cache: TeacherCache):
+        self.names = names
+        self.cache = cache
+
+    @classmethod
+    def open(cls, recipe: Recipe, tokenizer: PreTrainedTokenizerBase, rows: list[SourceRows]) -> "CachedTeachers":
+        """The run's cached teachers, after checking every manifest field (UserError naming each difference)."""
+        assert recipe.cache is not None and recipe.cache.use
+        root = Path(recipe.cache.dir)
+        problems = recipe_problems(recipe, check_files=True, expected=full_manifest(recipe, tokenizer, rows))
+        if problems:
+            raise UserError(problems)
+        return cls(recipe.teacher_names, TeacherCache(root, read_manifest(root)))  # type: ignore[arg-type]
+
+    def held_bytes(self) -> list[tuple[int, int]]:
+        return [(0, 0) for _ in self.names]  # no teacher weights in memory
+
+    def signals(self, batch: TokenBatch) -> SparseSignals:
+        if batch.row_index is None:
+            raise ValueError("a cached run needs batches that carry their source rows (TokenBatch.row_index)")
+        data = self.cache.read(batch.sources, batch.row_index)
+        # Checked on the CPU tensors as read, before they move: no device sync per teacher.
+        bad = [n for j, n in enumerate(self.names)
+               if not (torch.isfinite(data["nll"][j]).all() and torch.isfinite(data["entropy"][j]).all())]
+        if bad:
+            raise NonFiniteError(f"teacher {', '.join(repr(n) for n in bad)} has NaN/inf in the cache")
+        targets = batch.targets
+        device = targets.device
+        valid = targets != IGNORE_INDEX
+        # The stored NLL/entropy are 0 where the source row has no target; the batch's targets decide.
+        nll = torch.stack([torch.where(valid, t.to(device), 0.0) for t in data["nll"]], -1)
+        entropy = torch.stack([torch.where(valid, t.to(device), 0.0) for t in data["entropy"]], -1)
+        return SparseSignals(
+            self.names, [t.to(device) for t in data["ids"]], [t.to(device) for t in data["values"]],
+            [t.to(device) for t in data["tail"]], nll, entropy)

@@ -1,0 +1,83 @@
+"""Online teachers: the models run on every batch, whole or ZeRO-3 sharded.
+
+Placement follows the recipe's `distributed:` section through the run's Accelerator: under
+DeepSpeed with teacher_zero_stage 3 every teacher is partitioned as it loads (no process ever
+holds a whole teacher) and becomes an inference-only engine; elsewhere it sits whole on the
+device. The same source serves training, `merge-distill cache` and evaluation, so all three
+phases place teachers alike.
+
+Every process must call `signals` the same number of times: under ZeRO-3 a forward is a
+collective (each layer's parameters are all-gathered from every rank).
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from merge_distill import distributed as dist_mod
+from merge_distill.errors import NonFiniteError
+from merge_distill.models import cut_vocab, load_teachers
+from merge_distill.schema import SELF_TEACHER, Recipe
+from merge_distill.signals import TokenBatch, normalizes_in_place, per_token_stats
+from merge_distill.sources.base import register_source
+from merge_distill.sources.signals import DenseSignals
+
+
+def _uses_models(recipe: Recipe) -> bool:
+    return recipe.cache is None or not recipe.cache.use
+
+
+@register_source("online", {"gold_nll", "entropy", "top1", "logits", "hidden"}, _uses_models,
+                 "the teacher models run on every batch (whole, or ZeRO-3 sharded under DeepSpeed)")
+class OnlineTeachers:
+    """K frozen teachers that share the student's tokenizer."""
+
+    def __init__(self, names: list[str], models: list[nn.Module], vocab_size: int, chunk_tokens: int = 1024):
+        self.names = names
+        self.models = models
+        self.vocab_size = vocab_size
+        self.chunk_tokens = chunk_tokens
+
+    @classmethod
+    def open(cls, recipe: Recipe, accelerator: Accelerator, vocab_size: int, student: nn.Module | None = None,
+             names: list[str] | None = None) -> "OnlineTeachers":
+        """Load and place the recipe's teachers (those in `names`, default all). A `self` teacher is a
+        frozen copy of `student`, which must then be given (its initial weights, before training)."""
+        wanted = [t for t in recipe.teachers if names is None or t.name in names]
+        if any(t.model == SELF_TEACHER for t in wanted) and student is None:
+            raise ValueError("a `self` teacher needs the student's initial weights")
+        dist = recipe.distributed
+        models = load_teachers(recipe, wanted, student,
+                               lambda dtype: dist_mod.teacher_init_context(accelerator, dist, dtype))
+        placed = [dist_mod.prepare_teacher(accelerator, dist, m) for m in models]
+        return cls([t.name for t in wanted], placed, vocab_size, recipe.train.chunk_tokens)
+
+    def held_bytes(self) -> list[tuple[int, int]]:
+        return [dist_mod.held_parameter_bytes(m) for m in self.models]
+
+    @torch.inference_mode()
+    def signals(self, batch: TokenBatch) -> DenseSignals:
+        """batch [B, T] -> per-teacher log-probs (or logits) [B, T, V] plus gold NLL / entropy [B, T, K].
+
+        Raises NonFiniteError naming every teacher whose log-probabilities hold NaN/inf at a
+        target position, after all teachers ran (under ZeRO-3 each forward is a collective that
+        every process must join, so no process may leave the loop early)."""
+        targets = batch.targets
+        logits, nll, ent, bad = [], [], [], []
+        normalized = True
+        for name, model in zip(self.names, self.models):
+            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            teacher_logits = cut_vocab(out.logits, self.vocab_size)
+            # float32 logits become log-probs in place: the loss then skips that log-softmax.
+            normalized = normalized and normalizes_in_place(teacher_logits)
+            n, e, _ = per_token_stats(teacher_logits, targets, self.chunk_tokens, in_place=True, with_top1=False)
+            if not (torch.isfinite(n).all() and torch.isfinite(e).all()):
+                bad.append(name)
+            logits.append(teacher_logits)
+            nll.append(n)
+            ent.append(e)
+        if bad:
+            raise NonFiniteError(f"teacher {', '.join(repr(n) for n in bad)} produced NaN/inf log-probabilities")
+        return DenseSignals(self.names, logits, torch.stack(nll, -1), torch.stack(ent, -1), normalized=normalized)

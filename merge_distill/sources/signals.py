@@ -1,0 +1,145 @@
+"""What a teacher source says about one micro-batch: dense or sparse signals.
+
+Both kinds carry the per-token statistics routers read (gold NLL and entropy at temperature 1,
+[B, T, K] float32, 0 where the target is -100) and own the two calls that depend on how the
+distributions are held, so the engine never asks which kind it has:
+
+    signals.loss(student_logits, weights, targets, setup) -> DistillOutput
+    signals.agreement(mask, vocab_size, max_tokens)       -> Agreement (pairwise, report only)
+
+DenseSignals hold every teacher's full distribution [B, T, V] (online teachers); SparseSignals
+hold each teacher's top-k log-probs at the loss temperature plus the log of the remaining mass
+(the offline cache). A new kind (cross-tokenizer, served teachers) is one more class here with
+the same two methods.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import combinations
+
+import torch
+from torch import Tensor
+
+from merge_distill.losses.base import LossConfigBase
+from merge_distill.losses.chunked import DistillOutput, distill_loss
+from merge_distill.losses.registry import DivergenceFn
+from merge_distill.losses.sparse import bucket_layout, sparse_distill_loss, teacher_table
+from merge_distill.report.stats import agreement_positions, logit_agreement, pairwise_js
+
+
+@dataclass(frozen=True)
+class LossSetup:
+    """The recipe's loss settings, resolved once per run: the divergence function, its config
+    (temperature, hard-label weight, beta/alpha), the blend mode and the chunk size."""
+
+    divergence: DivergenceFn
+    config: LossConfigBase
+    blend: str
+    chunk_tokens: int
+
+
+@dataclass
+class Agreement:
+    """Pairwise teacher agreement on `tokens` sampled positions: top-1 matches and summed JS
+    divergence per teacher pair (pairs in `itertools.combinations(range(K), 2)` order), [P] float64."""
+
+    top1: Tensor
+    js: Tensor
+    tokens: int
+
+
+@dataclass
+class DenseSignals:
+    """Full distributions from teachers that ran on the batch.
+
+    logits: K tensors [B, T, V] (one per teacher, not stacked, so no K-sized copy is made), cut
+        to the tokenizer's vocabulary, in the teacher's compute dtype; when `normalized` they hold
+        log-probs at temperature 1 (log_softmax applied in place).
+    gold_nll, entropy [B, T, K] float32 at temperature 1 (0 where target is -100).
+    """
+
+    names: list[str]
+    logits: list[Tensor]
+    gold_nll: Tensor
+    entropy: Tensor
+    normalized: bool = False
+
+    @property
+    def top1(self) -> Tensor:
+        """[B, T, K] long: each teacher's argmax token."""
+        return torch.stack([logits.argmax(-1) for logits in self.logits], -1)
+
+    def loss(self, student_logits: Tensor, weights: Tensor, targets: Tensor, setup: LossSetup) -> DistillOutput:
+        """student_logits [B, T, V], weights [B, T, K] (detached), targets [B, T] -> summed loss parts."""
+        return distill_loss(student_logits, self.logits, weights, targets, setup.divergence, setup.config,
+                            setup.blend, setup.chunk_tokens, compute_ce=True, teachers_normalized=self.normalized)
+
+    @torch.no_grad()
+    def agreement(self, mask: Tensor, vocab_size: int, max_tokens: int) -> Agreement:
+        """Exact top-1 agreement and JS over full distributions on up to max_tokens valid positions."""
+        top1, js, tokens = logit_agreement(self.logits, mask, max_tokens)
+        return Agreement(top1, js, tokens)
+
+
+@dataclass
+class SparseSignals:
+    """Top-k targets read from the offline cache.
+
+    topk_ids: K tensors [B, T, k] int32, ordered by log-prob (the first is the argmax);
+    topk_logprobs: K tensors [B, T, k] (storage dtype) at the loss temperature;
+    tail_logprobs: K tensors [B, T] float32, log of the mass outside the top k;
+    gold_nll, entropy [B, T, K] float32 at temperature 1 (exact: stored from the full distribution).
+    """
+
+    names: list[str]
+    topk_ids: list[Tensor]
+    topk_logprobs: list[Tensor]
+    tail_logprobs: list[Tensor]
+    gold_nll: Tensor
+    entropy: Tensor
+
+    @property
+    def top1(self) -> Tensor:
+        return torch.stack([ids[..., 0].long() for ids in self.topk_ids], -1)
+
+    def loss(self, student_logits: Tensor, weights: Tensor, targets: Tensor, setup: LossSetup) -> DistillOutput:
+        """The same sums as DenseSignals.loss, on buckets (top-k union + rest), losses/sparse.py."""
+        return sparse_distill_loss(student_logits, self.topk_ids, self.topk_logprobs, self.tail_logprobs, weights,
+                                   targets, setup.divergence, setup.config, setup.blend, setup.chunk_tokens,
+                                   compute_ce=True)
+
+    @torch.no_grad()
+    def agreement(self, mask: Tensor, vocab_size: int, max_tokens: int) -> Agreement:
+        """Pairwise agreement from the cache on up to max_tokens evenly spaced valid tokens.
+
+        top-1 agreement is exact. JS is an approximation: it is taken on the buckets of the pair's
+        top-k union + one bucket for all other tokens, each teacher's unlisted tokens at its even
+        tail share (losses/sparse.py); exact when k = V.
+        """
+        K = len(self.names)
+        pairs = list(combinations(range(K), 2))
+        top1 = torch.zeros(len(pairs), dtype=torch.float64)
+        js = torch.zeros_like(top1)
+        positions = agreement_positions(mask, max_tokens)
+        if not pairs or positions.numel() == 0:
+            return Agreement(top1, js, 0)
+        k = self.topk_ids[0].shape[-1]
+        ids = [t.reshape(-1, k)[positions].long() for t in self.topk_ids]
+        values = [t.reshape(-1, k)[positions].float() for t in self.topk_logprobs]
+        tails = [t.reshape(-1)[positions].float() for t in self.tail_logprobs]
+        # All pairs at once: pair p's tokens are rows p * n ... (p + 1) * n - 1 of one layout.
+        first, second = zip(*pairs)
+        buckets = bucket_layout([torch.cat([ids[a] for a in first]), torch.cat([ids[b] for b in second])], vocab_size)
+        table = teacher_table(buckets, [torch.cat([values[a] for a in first]), torch.cat([values[b] for b in second])],
+                              [torch.cat([tails[a] for a in first]), torch.cat([tails[b] for b in second])], vocab_size)
+        table[:, :, -1] += buckets.log_rest_count.float()  # rest holds V - |U| tokens
+        table[:, :, :-1].masked_fill_(buckets.empty, -math.inf)  # [2, P * n, M + 1]
+        top1 = (torch.cat([ids[a][:, 0] for a in first]) == torch.cat([ids[b][:, 0] for b in second])
+                ).view(len(pairs), -1).sum(dim=-1).double().cpu()
+        js = pairwise_js(table[0], table[1]).view(len(pairs), -1).double().sum(dim=-1).cpu()
+        return Agreement(top1, js, int(positions.numel()))
+
+
+TeacherSignals = DenseSignals | SparseSignals

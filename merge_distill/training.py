@@ -1,0 +1,100 @@
+"""The model side of a run: accelerator, student, optimizers, router and teacher source."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from merge_distill import distributed as dist_mod
+from merge_distill.data import SourceRows
+from merge_distill.losses import DIVERGENCES
+from merge_distill.models import load_student
+from merge_distill.routing import build_router
+from merge_distill.routing.base import Router
+from merge_distill.rundir import save_router
+from merge_distill.schema import Recipe
+from merge_distill.sources import CachedTeachers, LossSetup, OnlineTeachers, TeacherSource, training_source
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+@dataclass
+class Training:
+    """Everything that computes or updates: what `train_step` needs, and checkpoints save."""
+
+    accelerator: Accelerator
+    world_size: int
+    rank: int
+    student: Any  # the prepared student (DDP or DeepSpeed engine, or the plain model)
+    optimizer: Any
+    scheduler: Any
+    router: Router
+    router_optimizer: torch.optim.Optimizer | None
+    source: TeacherSource
+    loss: LossSetup
+    vocab_size: int
+    max_grad_norm: float | None
+    teacher_names: list[str]
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def save_student(self, out: Path, tokenizer: PreTrainedTokenizerBase) -> Path:
+        """The student (and a learned router) as plain files; collective under ZeRO-3."""
+        state = dist_mod.gather_student_state_dict(self.accelerator, self.student)
+        if self.is_main:
+            model: PreTrainedModel = dist_mod.unwrap(self.accelerator, self.student)
+            model.save_pretrained(out, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(out)
+            if any(True for _ in self.router.parameters()):
+                save_router(self.router, out.parent / "router.safetensors")
+        return out
+
+
+def open_source(recipe: Recipe, accelerator: Accelerator, vocab_size: int, tokenizer: PreTrainedTokenizerBase,
+                rows: list[SourceRows], student: PreTrainedModel | None) -> TeacherSource:
+    """The training phase's teacher source (registered in merge_distill.sources)."""
+    if training_source(recipe).build is CachedTeachers:
+        return CachedTeachers.open(recipe, tokenizer, rows)  # UserError if its manifest differs
+    return OnlineTeachers.open(recipe, accelerator, vocab_size, student)
+
+
+def build_training(recipe: Recipe, accelerator: Accelerator, world_size: int, rank: int,
+                   tokenizer: PreTrainedTokenizerBase, rows: list[SourceRows], total_steps: int) -> Training:
+    r, dist = recipe.train, recipe.distributed
+    vocab_size = len(tokenizer)
+    # A pretrained student is partitioned as it loads under ZeRO-3; a derived one is built whole.
+    init = dist_mod.student_init_context(accelerator, dist) if recipe.student.model is not None else nullcontext()
+    with init:
+        student = load_student(recipe)
+    # Teachers first: a `self` teacher copies the student's initial weights before it is wrapped.
+    source = open_source(recipe, accelerator, vocab_size, tokenizer, rows, student)
+    router = build_router(recipe.routing, recipe.teacher_names, student.config.hidden_size).to(accelerator.device)
+    router_params = list(router.parameters())
+    router_optimizer = torch.optim.AdamW(router_params, lr=recipe.routing.lr) if router_params else None
+    optimizer = torch.optim.AdamW(student.parameters(), lr=r.lr, weight_decay=r.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(r.schedule, r.warmup_steps, total_steps))
+    student, optimizer, scheduler = dist_mod.prepare_student(accelerator, dist, student, optimizer, scheduler)
+    loss = LossSetup(DIVERGENCES.get(recipe.loss.kind).impl, recipe.loss, recipe.routing.blend, r.chunk_tokens)
+    return Training(accelerator, world_size, rank, student, optimizer, scheduler, router, router_optimizer, source,
+                    loss, vocab_size, r.max_grad_norm, recipe.teacher_names)
