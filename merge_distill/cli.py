@@ -25,7 +25,7 @@ from merge_distill.checkpoint import RunInterrupted
 from merge_distill.distributed import accelerator_for, build_launch_command
 from merge_distill.engine import run as run_engine
 from merge_distill.errors import USER_ERROR_EXIT_CODE, NonFiniteError, UserError
-from merge_distill.evaluate import evaluate_run
+from merge_distill.evaluate import evaluate_run, load_saved_student
 from merge_distill.losses import DIVERGENCES
 from merge_distill.recipe import load_recipe, read_yaml
 from merge_distill.recipe_checks import preflight
@@ -136,7 +136,9 @@ def evaluate(
     model_dir = target / "student" if in_run else target
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir}: no saved model here (config.json missing); did the run finish?")
-    result = evaluate_run(loaded, accelerator_for(loaded), model_dir, teachers=teachers)
+    accelerator = accelerator_for(loaded)
+    student, tokenizer = load_saved_student(loaded, accelerator, model_dir)
+    result = evaluate_run(loaded, accelerator, student, tokenizer, teachers=teachers)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if in_run:

@@ -155,6 +155,11 @@ def make_accelerator(dist: DistributedConfig, precision: Precision, grad_accum: 
         return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_MIXED[precision],
                            gradient_accumulation_steps=grad_accum)
     _single_process_env()
+    if AcceleratorState._shared_state:
+        # A later phase in the same process (cache or evaluation after training): accelerate
+        # refuses a second set of DeepSpeed plugins, so the state is rebuilt on the same process group.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
     cfg = student_deepspeed_config(dist, precision, grad_accum, max_grad_norm, micro_batch_size,
                                    int(os.environ["WORLD_SIZE"]))
     plugin = DeepSpeedPlugin(hf_ds_config=cfg, zero3_init_flag=False)

@@ -237,12 +237,11 @@ def finish(run: Run, status: str, progress: ckpt.Progress, wall: float) -> None:
     t, recorder, recipe = run.training, run.recorder, run.recipe
     evaluation = None
     if status == "complete":
-        student_dir = t.save_student(run.run_dir / "student", run.tokenizer)
+        t.save_student(run.run_dir / "student", run.tokenizer)
         if recipe.data.eval and recipe.report.eval_at_end:
             if t.is_main:
                 recorder.console.print("evaluating student and teachers on held-out data ...")
-            evaluation = evaluate_run(recipe, t.accelerator, student_dir, t.student,
-                                      teachers=recipe.report.eval_teachers)
+            evaluation = evaluate_run(recipe, t.accelerator, t.student, run.tokenizer, teachers=recipe.report.eval_teachers)
     if t.world_size > 1:
         recorder.stats = recorder.stats.all_reduce(
             lambda x: dist_mod.all_reduce_sum(t.accelerator, x.to(t.accelerator.device)).cpu(), recipe.train_domains)
@@ -314,5 +313,5 @@ def run(recipe: Recipe, overwrite: bool = False, console: Console | None = None,
         except Exception as exc:  # noqa: BLE001  never hide the error that ended the run
             if status == "complete":
                 raise
-            recorder.console.print(f"[yellow]could not record the end of the run: {exc}[/]")
+            recorder.console.print(f"[yellow]could not record the end of the run: {escape(str(exc))}[/]")
     return recorder.run_dir

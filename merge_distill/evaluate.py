@@ -114,18 +114,21 @@ def _self_weights(recipe: Recipe, names: list[str]) -> nn.Module | None:
     return load_model(spec.model, spec.revision, torch.float32, spec.trust_remote_code, "student.model")  # type: ignore[arg-type]
 
 
-def evaluate_run(recipe: Recipe, accelerator: Accelerator, student_dir: Path | None, student: nn.Module | None = None,
-                 teachers: bool = True) -> dict[str, Any]:
-    """Evaluate a student and the recipe's teachers on data.eval, on every process of the launch.
+def load_saved_student(recipe: Recipe, accelerator: Accelerator, student_dir: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """A saved student and its tokenizer, whole on this process (students are the small model)."""
+    dtype = torch.float32 if accelerator.device.type == "cpu" else DTYPES[recipe.train.precision]
+    model = load_model(str(student_dir), None, dtype, False, "student").to(accelerator.device)
+    return model, load_tokenizer(str(student_dir))
 
-    student: the in-memory (prepared) student, e.g. at the end of training; else the model saved
-    in `student_dir` is loaded whole on every process. Teachers load through the online source."""
-    tokenizer = load_tokenizer(str(student_dir)) if student_dir else load_tokenizer(*tokenizer_source(recipe))
+
+def evaluate_run(recipe: Recipe, accelerator: Accelerator, student: nn.Module | None,
+                 tokenizer: PreTrainedTokenizerBase | None = None, teachers: bool = True) -> dict[str, Any]:
+    """Evaluate a student (if given: the in-memory one at the end of training, or one from
+    load_saved_student) and the recipe's teachers on data.eval, on every process of the launch.
+    Teachers load through the online source; the result is the same on every process."""
+    tokenizer = tokenizer or load_tokenizer(*tokenizer_source(recipe))
     rows = eval_rows(recipe, tokenizer)
     vocab_size = len(tokenizer)
-    if student is None and student_dir is not None:
-        dtype = torch.float32 if accelerator.device.type == "cpu" else DTYPES[recipe.train.precision]
-        student = load_model(str(student_dir), None, dtype, False, "student").to(accelerator.device)
     names = eval_teacher_names(recipe) if teachers else []
     source = OnlineTeachers.open(recipe, accelerator, vocab_size, _self_weights(recipe, names), names) if names else None
     return evaluate_models(accelerator, student, source, rows, vocab_size, recipe.train.micro_batch_size)

@@ -19,7 +19,7 @@ from merge_distill.checkpoint import check_resumable
 from merge_distill.data import source_files
 from merge_distill.errors import UserError
 from merge_distill.evaluate import eval_rows
-from merge_distill.models import compare_vocabs, layer_problems, load_tokenizer, override_problems, tokenizer_source
+from merge_distill.models import compare_vocabs, damaged_weights, layer_problems, load_tokenizer, override_problems, tokenizer_source
 from merge_distill.plan import training_rows
 from merge_distill.routing import ROUTERS
 from merge_distill.rundir import run_dir_problems
@@ -73,12 +73,27 @@ def student_problems(recipe: Recipe) -> list[str]:
     return []
 
 
+def weight_problems(recipe: Recipe) -> list[str]:
+    """Local model folders whose safetensors files are corrupt or truncated (headers and slices
+    read, no tensor loaded), in the words load_model uses."""
+    models = [(f"teachers[{t.name}]", t.model) for t in recipe.teachers if _is_local(t.model)]
+    if recipe.student.model and _is_local(recipe.student.model):
+        models.append(("student.model", recipe.student.model))
+    problems = []
+    for label, folder in models:
+        damaged = damaged_weights(Path(folder))
+        if damaged:
+            problems.append(f"{label}: {damaged}; copy or download the model again")
+    return problems
+
+
 def preflight(recipe: Recipe, overwrite: bool = False, resume: bool = False, world_size: int = 1) -> list[str]:
     """Every check `run` makes before its first step, for a recipe that passed `load_recipe`."""
     problems = run_dir_problems(Path(recipe.output.dir), overwrite, resume)
     if resume and not problems:
         problems += _collect(check_resumable, Path(recipe.output.dir), recipe, world_size)[1]
     problems += student_problems(recipe)
+    problems += weight_problems(recipe)
     tokenizer = load_tokenizer(*tokenizer_source(recipe))
     rows, found = _collect(training_rows, recipe, tokenizer)
     problems += found

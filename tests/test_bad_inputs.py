@@ -27,7 +27,16 @@ def assert_nothing_looks_complete(run_dir: Path) -> None:
         assert json.loads((run_dir / "run.json").read_text())["status"] != "complete"
 
 
-def expect_exit_2(args: list[str], fragments: list[str], monkeypatch, capsys, run_dir: Path | None = None) -> str:
+def expect_exit_2(args: list[str], fragments: list[str], monkeypatch, capsys, run_dir: Path | None = None,
+                  validate_sees: bool = True) -> str:
+    """`args` exits with code 2 and prints every fragment. For a `run` that fails before its first
+    step (validate_sees), `validate` with the same arguments must fail first, with the same words:
+    a recipe that validates never fails at start for a reason validate could have seen."""
+    if args[0] == "run" and validate_sees:
+        code, text = run_cli(["validate", *args[1:]], monkeypatch, capsys)
+        assert code == 2, f"validate passed a recipe that run refuses:\n{text}"
+        for fragment in fragments:
+            assert fragment in text, f"validate: {fragment!r} not in:\n{text}"
     code, text = run_cli(args, monkeypatch, capsys)
     assert code == 2, text
     assert "Traceback" not in text
@@ -184,7 +193,7 @@ def test_disk_full_while_writing_a_checkpoint(make_recipe, tmp_path, monkeypatch
     path = make_recipe(output={"dir": "run", "save_every": 1})
     run_dir = tmp_path / "run"
     expect_exit_2(["run", str(path)], [f"{run_dir / 'checkpoints' / 'step-000001'}: the disk is full",
-                                       "free some space", "--resume"], monkeypatch, capsys, run_dir)
+                                       "free some space", "--resume"], monkeypatch, capsys, run_dir, validate_sees=False)
     assert not (run_dir / "checkpoints" / "step-000001").exists()
     assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
 
@@ -200,7 +209,7 @@ def test_disk_full_while_writing_metrics(make_recipe, tmp_path, monkeypatch, cap
     monkeypatch.setattr(rundir, "open", full_disk_open, raising=False)
     path = make_recipe()
     expect_exit_2(["run", str(path)], [f"{tmp_path / 'run' / 'metrics.jsonl'}: the disk is full"],
-                  monkeypatch, capsys, tmp_path / "run")
+                  monkeypatch, capsys, tmp_path / "run", validate_sees=False)
 
 
 # -- recipe files and overrides ----------------------------------------------------------------
@@ -224,3 +233,32 @@ def test_unusable_recipe_file(content, fragment, tmp_path, monkeypatch, capsys):
 ], ids=["index-out-of-range", "into-a-plain-value", "empty-key"])
 def test_malformed_override(override, fragment, make_recipe, monkeypatch, capsys):
     expect_exit_2(["validate", str(make_recipe()), override], [fragment], monkeypatch, capsys)
+
+
+# -- what only the run's start used to see ---------------------------------------------------
+
+
+def test_output_dir_that_is_a_file(make_recipe, tmp_path, monkeypatch, capsys):
+    (tmp_path / "run").write_text("a file where the run folder should be")
+    expect_exit_2(["run", str(make_recipe())], [f"output.dir: {tmp_path / 'run'} is a file, not a folder"],
+                  monkeypatch, capsys)
+    assert (tmp_path / "run").read_text() == "a file where the run folder should be"
+
+
+def test_existing_run_without_overwrite_or_resume(make_recipe, tmp_path, monkeypatch, capsys):
+    path = make_recipe(train={"steps": 1, "micro_batch_size": 2})
+    assert run_cli(["run", str(path)], monkeypatch, capsys)[0] == 0
+    expect_exit_2(["run", str(path)], ["already holds a run with checkpoints; pass --resume to continue it, or --overwrite"], monkeypatch, capsys)
+    code, text = run_cli(["validate", str(path), "--overwrite"], monkeypatch, capsys)
+    assert code == 0 and "online source" in text, text
+
+
+def test_cache_whose_data_changed_since_it_was_written(make_recipe, pico, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "code.jsonl"
+    data.write_text(pico["code"].read_text())
+    train = [{"type": "jsonl", "path": str(data), "domain": "code", "max_examples": 3}]
+    path = make_recipe(data={"seq_len": 32, "train": train}, cache={"dir": str(tmp_path / "cache"), "k": 8})
+    assert run_cli(["cache", str(path)], monkeypatch, capsys)[0] == 0
+    data.write_text(pico["prose"].read_text())  # same file, other text: only the tokenized rows show it
+    expect_exit_2(["run", str(path), "cache.use=true"], ["data.train", "rewrite it with `merge-distill cache"],
+                  monkeypatch, capsys, tmp_path / "run")

@@ -3,7 +3,8 @@
 Run as `python -m torch.distributed.run --nproc_per_node N tests/distributed/_phases_worker.py
 RECIPE OUT` (or plainly for one process). Each phase gets its teachers from the teacher source;
 the worker records, per phase and teacher, the fraction of the teacher's parameter bytes this
-process holds, plus the learned gate's weights after training and the evaluation result.
+process holds, the learned gate's gradient at every step (after the sum over processes) and its
+weights after training, and the evaluation result.
 Writes OUT/rank<r>.json.
 """
 
@@ -19,6 +20,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 import merge_distill.cache.writer as writer
+import merge_distill.engine as engine
 import merge_distill.evaluate as evaluate
 from merge_distill import distributed as d
 from merge_distill.engine import run
@@ -37,11 +39,21 @@ def recording_open(cls, *args, **kwargs):
     return source
 
 
+gate_grads: list[dict[str, list]] = []  # the learned gate's gradient of each step, as the optimizer sees it
+real_sum_gradients = engine.sum_gradients
+
+
+def recording_sum_gradients(training, module) -> None:
+    real_sum_gradients(training, module)
+    gate_grads.append({name: p.grad.tolist() for name, p in module.named_parameters()})
+
+
 def main() -> None:
     global phase
     recipe_path, out = Path(sys.argv[1]), Path(sys.argv[2])
     torch.set_num_threads(1)
     OnlineTeachers.open = classmethod(recording_open)  # type: ignore[method-assign]
+    engine.sum_gradients = recording_sum_gradients
     quiet = Console(file=io.StringIO())
     recipe = load_recipe(recipe_path, [f"output.dir={out / 'run'}", f"cache.dir={out / 'cache'}", "cache.use=false"])
     run_dir = run(recipe, overwrite=True, console=quiet)  # training, then the end-of-run evaluation
@@ -49,9 +61,11 @@ def main() -> None:
     phase = "cache"
     writer.write_cache(recipe, console=quiet, show_progress=False)
     phase = "eval"
-    result = evaluate.evaluate_run(recipe, d.accelerator_for(recipe), run_dir / "student")
+    accelerator = d.accelerator_for(recipe)
+    student, tokenizer = evaluate.load_saved_student(recipe, accelerator, run_dir / "student")
+    result = evaluate.evaluate_run(recipe, accelerator, student, tokenizer)
     rank = d.world_info()["rank"]
-    (out / f"rank{rank}.json").write_text(json.dumps({"held": held, "gate": gate, "eval": result,
+    (out / f"rank{rank}.json").write_text(json.dumps({"held": held, "gate": gate, "gate_grads": gate_grads, "eval": result,
                                                        "world": d.world_info()}))
 
 

@@ -6,8 +6,8 @@ cache and evaluates; the same worker in one process is the reference. Checked:
   every teacher's parameter bytes (zero3_param_persistence_threshold 0: nothing kept whole);
 - evaluation NLL equals one process within 1e-6 relative (sums reduced over processes);
 - the cache holds the same rows: every source row, every teacher, ids equal, values within 1e-5;
-- the learned gate after 3 steps equals one process with the same global batch (its gradient is
-  summed over processes exactly once).
+- the learned gate's gradient at each of 3 steps, and its weights after them, equal one process
+  with the same global batch (its gradient is summed over processes exactly once).
 """
 
 from __future__ import annotations
@@ -109,6 +109,16 @@ def test_cache_rows_equal_one_process(phases) -> None:
 
 
 def test_learned_gate_equals_one_process_with_the_same_global_batch(phases) -> None:
+    # The gradient itself: Adam is nearly blind to a constant factor, so a gradient divided by
+    # the world size twice (the old bug) would still train to almost the same weights.
+    grads = {n: phases[n][0]["gate_grads"] for n in (1, 2)}
+    assert len(grads[1]) == len(grads[2]) == 3
+    assert phases[2][1]["gate_grads"] == grads[2]  # every process steps with the same summed gradient
+    for step_one, step_two in zip(grads[1], grads[2]):
+        for key in step_one:
+            a, b = torch.tensor(step_one[key]), torch.tensor(step_two[key])
+            assert a.abs().max() > 1e-4
+            assert torch.allclose(b, a, rtol=1e-4, atol=1e-7), (key, (b / a).nanmean())
     one, two = phases[1][0]["gate"], phases[2][0]["gate"]
     moved = max(abs(v) for row in one["gate.weight"] for v in row)
     assert moved > 1e-3, "the gate trained"
