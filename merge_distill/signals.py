@@ -1,4 +1,6 @@
-"""The tensors that flow between data, teachers, router, blend and loss.
+"""The batch that flows from data to teachers, router and loss, and per-token teacher statistics.
+
+What the teachers say about a batch (DenseSignals, SparseSignals) lives in sources/signals.py.
 
 Conventions used everywhere:
 - B batch, T sequence, V vocabulary (cut to the tokenizer's size), K teachers, H hidden size.
@@ -53,29 +55,6 @@ class TokenBatch:
             self.sources,
             self.row_index,
         )
-
-
-@dataclass
-class TeacherSignals:
-    """What the teachers said about one micro-batch.
-
-    logits: K tensors [B, T, V] (one per teacher, not stacked, so no K-sized copy is made),
-        already cut to the tokenizer's vocabulary, in the teacher's compute dtype; when
-        `normalized`, they hold log-probs at temperature 1 (log_softmax applied in place).
-    gold_nll [B, T, K] float32: -log p_k(target) at temperature 1 (0 where target is -100).
-    entropy [B, T, K] float32: entropy of p_k at temperature 1 (0 where target is -100).
-    top1 [B, T, K] long: each teacher's argmax token (computed when asked: the step needs none).
-    """
-
-    names: list[str]
-    logits: list[Tensor]
-    gold_nll: Tensor
-    entropy: Tensor
-    normalized: bool = False
-
-    @property
-    def top1(self) -> Tensor:
-        return torch.stack([logits.argmax(-1) for logits in self.logits], -1)
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ STEADY_MALLOC (below) unless --default-malloc.
     python tools/bench.py --reps 5 --steps 16   # CPU, 1 thread: the table in docs/PERFORMANCE.md (~25 min)
     python tools/bench.py --device cuda --threads 4
     python tools/bench.py --quick               # a smoke run: 1 rep, 2 steps
+    python tools/bench.py --variants online --baseline ../old-checkout   # before/after a change
 
 The online variant is the real engine: `setup_run` + `train_step` (data, teachers, per-token
 signals, router, chunked loss, statistics, checks, backward, step). The cached variant is the
@@ -201,6 +202,9 @@ def run_worker(variant: str, k: int, args: argparse.Namespace) -> dict:
         cmd = [sys.executable, str(ROOT / "tools" / "bench_floor.py"), "--teachers",
                *(str(args.work / f"teacher{i}") for i in range(k)), "--student", str(args.work / "student"),
                "--rows", str(args.work / "rows.pt"), "--vocab-size", str(VOCAB), *common]
+    elif variant == "baseline":  # the online engine of another checkout (--baseline), on the same assets
+        cmd = [sys.executable, str(args.baseline / "tools" / "bench.py"), "--worker", "online", "--k", str(k),
+               "--work", str(args.work), *common]
     else:
         cmd = [sys.executable, __file__, "--worker", variant, "--k", str(k), "--work", str(args.work), *common]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
@@ -229,6 +233,10 @@ def table(results: dict, assets: dict) -> str:
         t = med[("trl", 1)]
         out.append(f"\nTRL GKDTrainer (K = 1, lmbda 0, beta 0 = forward KL): {t:,.0f} tok/s, {t / med[('floor', 1)]:.2f} x the "
                    f"floor, {t / med[('online', 1)]:.2f} x merge_distill online; peak {peak[('trl', 1)]:,.0f} MiB")
+    for k in sorted({k for v, k in med if v == "baseline"}):
+        b, o = med[("baseline", k)], med.get(("online", k), math.nan)
+        out.append(f"online vs baseline checkout, K = {k}: {o:,.0f} vs {b:,.0f} tok/s ({o / b:.3f} x); "
+                   f"peak {peak.get(('online', k), math.nan):,.0f} vs {peak[('baseline', k)]:,.0f} MiB")
     for k, c in sorted(assets["cache"].items()):
         out.append(f"cache write K = {k}: {c['tokens'] / c['seconds']:,.0f} tok/s ({c['tokens']} tokens, {c['seconds']:.1f} s)")
     spread = {f"{v}-k{k}": [round(r["tokens_per_s"]) for r in runs] for (v, k), runs in results.items()}
@@ -252,6 +260,8 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="reuse the assets and caches already in --work")
     parser.add_argument("--quick", action="store_true", help="1 rep of 2 steps: checks that everything runs")
     parser.add_argument("--out", type=Path, help="also write the raw results as JSON here")
+    parser.add_argument("--baseline", type=Path, help="another checkout of merge_distill (e.g. a git worktree of an "
+                        "older commit): its online engine runs interleaved with this one's, same assets")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -277,6 +287,8 @@ def main() -> None:
         (args.work / "assets.json").write_text(json.dumps(assets))
     ks = [int(k) for k in args.ks.split(",")]
     variants = [(v, k) for k in ks for v in args.variants.split(",")]
+    if args.baseline is not None:
+        variants += [("baseline", k) for k in ks]
     if not args.no_trl and 1 in ks:
         if importlib.util.find_spec("trl") is None:
             print("trl is not installed (pip install -e '.[bench]'): no TRL row", flush=True)

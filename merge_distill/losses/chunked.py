@@ -388,7 +388,7 @@ def distill_loss(
     config.temperature before the softmax, and the divergence is multiplied by T^2; the
     cross-entropy uses temperature 1. Computation is float32 (float64 for float64 logits).
     teachers_normalized: teacher_logits already hold log-probs at temperature 1 (as
-    TeacherEnsemble leaves float32 teachers): at T = 1 their log-softmax is skipped.
+    the online teacher source leaves float32 teachers): at T = 1 their log-softmax is skipped.
     """
     _check_inputs(student_logits, teacher_logits, weights, targets, config, blend, chunk_tokens)
     V = student_logits.shape[-1]

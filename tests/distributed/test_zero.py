@@ -221,3 +221,19 @@ def test_other_stages_and_launchers(models_dir: Path, tmp_path: Path, nproc: int
                                     launcher: d.Launcher) -> None:
     reports = launch(models_dir, tmp_path / "out", nproc, stage, mode, launcher)
     check_ranks(reports, nproc, deepspeed=mode != "never")
+
+
+def test_launch_runs_cache_and_eval_too(make_recipe, monkeypatch, capsys) -> None:
+    from conftest import run_cli
+
+    path = make_recipe(cache={"dir": "cache", "k": 8})
+    commands = {}
+    for command in ("run", "cache", "eval"):
+        code, text = run_cli(["launch", str(path), "--nproc", "2", "--command", command, "--dry-run"], monkeypatch, capsys)
+        assert code == 0, text
+        commands[command] = text.replace("\n", " ").split("-m merge_distill.cli ")[1].split()
+    assert commands["run"] == ["run", str(path)]
+    assert commands["cache"] == ["cache", str(path)]
+    assert commands["eval"] == ["eval", str(path.parent / "run"), "--recipe", str(path)]
+    code, text = run_cli(["launch", str(path), "--nproc", "2", "--command", "train", "--dry-run"], monkeypatch, capsys)
+    assert code == 2 and "--command: 'train' is not one of run, cache, eval" in text
