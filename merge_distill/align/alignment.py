@@ -1,0 +1,91 @@
+"""Aligning one row of student tokens with a teacher's tokens of the same text, through bytes.
+
+The student's row is a byte string (the bytes of its tokens, `TokenBytes`); the teacher
+tokenizes that text itself. Student position t predicts student token t + 1; teacher position j
+predicts teacher token j + 1. They correspond where those next tokens start at the same byte:
+from there on both predict the same text, each in its own vocabulary. The match is one pass
+over each sequence (a dict from byte offset to teacher position), linear in the row's length.
+
+The text is the bytes of the student's tokens: for a SentencePiece student that includes the
+dummy space it puts before a document's first word (the teacher then reads " def" for "def"; a
+byte-level teacher spells the same bytes, a SentencePiece one adds no second space).
+
+A packed row may begin or end inside a multi-byte UTF-8 character (a byte-level token can hold
+part of one). Those edge bytes are not text a teacher can read: the teacher sees the row's text
+without them, and student positions whose next token starts there stay unaligned (-1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from merge_distill.align.token_bytes import TokenBytes
+
+
+@dataclass
+class RowAlignment:
+    """One row's alignment with one teacher.
+
+    teacher_ids: the teacher's tokens of the row's text, its special tokens (BOS) included.
+    to_teacher: per student position t (len T): the teacher position j whose next token starts at
+        the byte where student token t + 1 starts, or -1.
+    student_next_bytes: per student position, the byte length of student token t + 1 (0 if none).
+    teacher_next_bytes: per teacher position, the byte length of teacher token j + 1 (0 if none).
+    text_bytes: bytes of the row's text the teacher read (the row's bytes less broken edges).
+    """
+
+    teacher_ids: list[int]
+    to_teacher: list[int]
+    student_next_bytes: list[int]
+    teacher_next_bytes: list[int]
+    text_bytes: int
+
+    @property
+    def covered(self) -> int:
+        return sum(j >= 0 for j in self.to_teacher)
+
+
+def _valid_text(data: bytes) -> tuple[int, str]:
+    """(bytes cut from the front, text): the longest UTF-8 text inside `data` that drops at most
+    3 bytes at each edge (a split character). Raises ValueError if the middle is not UTF-8."""
+    lead = 0
+    while lead < min(3, len(data)) and 0x80 <= data[lead] < 0xC0:  # continuation bytes of a cut character
+        lead += 1
+    for trail in range(0, 4):
+        try:
+            return lead, data[lead: len(data) - trail].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    raise ValueError("the row's bytes are not UTF-8 text")
+
+
+def spans(pieces: list[bytes]) -> list[int]:
+    """Start byte of every piece in their concatenation."""
+    starts, position = [], 0
+    for piece in pieces:
+        starts.append(position)
+        position += len(piece)
+    return starts
+
+
+def align_row(student_ids: list[int], student: TokenBytes, teacher: TokenBytes) -> RowAlignment:
+    """The alignment of one unpadded row of student ids with `teacher`'s tokens of its text."""
+    pieces = student(student_ids)
+    starts = spans(pieces)
+    lead, text = _valid_text(b"".join(pieces))
+    teacher_ids, teacher_pieces = teacher.encode(text)
+    teacher_starts = spans(teacher_pieces)
+    # byte offset (in the row) -> teacher position whose next token starts there
+    next_at: dict[int, int] = {}
+    for j in range(len(teacher_ids) - 1):
+        if teacher_pieces[j + 1]:  # special tokens spell no text and are never a target
+            next_at.setdefault(lead + teacher_starts[j + 1], j)
+    T = len(student_ids)
+    to_teacher = [-1] * T
+    student_next = [0] * T
+    for t in range(T - 1):
+        if pieces[t + 1]:
+            student_next[t] = len(pieces[t + 1])
+            to_teacher[t] = next_at.get(starts[t + 1], -1)
+    teacher_next = [len(teacher_pieces[j + 1]) for j in range(len(teacher_ids) - 1)] + [0]
+    return RowAlignment(teacher_ids, to_teacher, student_next, teacher_next, len(text.encode("utf-8")))
