@@ -28,7 +28,7 @@ from merge_distill.errors import USER_ERROR_EXIT_CODE, NonFiniteError, UserError
 from merge_distill.evaluate import evaluate_run, load_saved_student
 from merge_distill.losses import DIVERGENCES
 from merge_distill.recipe import load_recipe, read_yaml
-from merge_distill.recipe_checks import preflight
+from merge_distill.recipe_checks import alignment_summary, preflight
 from merge_distill.report.command import report_command
 from merge_distill.report.render import render_eval_table
 from merge_distill.routing import ROUTERS
@@ -119,6 +119,9 @@ def validate(
         f"routing {loaded.routing.kind}, loss {loaded.loss.kind}, output {loaded.output.dir}; "
         f"teachers from the {source.name} source ({source.summary})"
     )
+    if not no_files:
+        for line in alignment_summary(loaded):
+            Console(highlight=False).print(f"  {line}")
 
 
 @app.command("eval")

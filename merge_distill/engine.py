@@ -92,7 +92,7 @@ def forward_micro(t: Training, batch: TokenBatch, n_global: float, stats: BlendS
         signals = t.source.signals(batch)
         hidden = out.hidden_states[-1].detach().float() if router.needs_hidden else None
         inputs = RouterInputs(signals.gold_nll.clone(), signals.entropy.clone(), mask, batch.domains, hidden)
-        weights = router(inputs).detach()
+        weights = signals.route(router(inputs)).detach()  # teachers that do not cover a position: 0 there
         router_loss = router.aux_loss(inputs)
         result = signals.loss(student_logits, weights, targets, setup)
         agreement = signals.agreement(mask, t.vocab_size, AGREEMENT_TOKENS)

@@ -28,7 +28,7 @@ from merge_distill.errors import UserError
 from merge_distill.models import DTYPES, load_model, load_tokenizer, tokenizer_source
 from merge_distill.schema import SELF_TEACHER, Recipe
 from merge_distill.signals import IGNORE_INDEX, TokenBatch, per_token_stats, shift_targets
-from merge_distill.sources import OnlineTeachers
+from merge_distill.sources import OnlineTeachers, cross_tokenizer_teachers
 
 
 def eval_rows(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -102,8 +102,11 @@ def evaluate_models(accelerator: Accelerator, student: nn.Module | None, teacher
 
 def eval_teacher_names(recipe: Recipe) -> list[str]:
     """The teachers evaluation runs: all but a `self` teacher of a randomly initialised student
-    (which has no meaningful initial weights to evaluate)."""
-    return [t.name for t in recipe.teachers if not (t.model == SELF_TEACHER and recipe.student.model is None)]
+    (which has no meaningful initial weights to evaluate) and teachers with another tokenizer
+    (their perplexity is per token of another vocabulary; bits per byte is issue 13's next part)."""
+    cross = set(cross_tokenizer_teachers(recipe))
+    return [t.name for t in recipe.teachers
+            if not (t.model == SELF_TEACHER and recipe.student.model is None) and t.name not in cross]
 
 
 def _self_weights(recipe: Recipe, names: list[str]) -> nn.Module | None:

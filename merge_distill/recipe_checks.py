@@ -19,12 +19,14 @@ from merge_distill.checkpoint import check_resumable
 from merge_distill.data import source_files
 from merge_distill.errors import UserError
 from merge_distill.evaluate import eval_rows
-from merge_distill.models import compare_vocabs, damaged_weights, layer_problems, load_tokenizer, override_problems, tokenizer_source
+from merge_distill.models import damaged_weights, layer_problems, load_tokenizer, override_problems, tokenizer_source
 from merge_distill.plan import training_rows
 from merge_distill.routing import ROUTERS
 from merge_distill.rundir import run_dir_problems
 from merge_distill.schema import SELF_TEACHER, Recipe, looks_local
+from merge_distill.align import TokenBytes, tokenizer_family
 from merge_distill.sources import needs_problems
+from merge_distill.sources.aligned import cross_tokenizer_teachers, student_tokenizer_ref
 
 
 def cross_checks(recipe: Recipe, check_files: bool = True) -> list[str]:
@@ -200,27 +202,49 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def tokenizer_problems(recipe: Recipe) -> list[str]:
-    """All local models must share one tokenizer; say which tokens differ."""
-    loaded = []
+    """Every local model's tokenizer loads. A teacher whose tokenizer differs from the student's is
+    aligned across tokenizers: then its tokenizer and the student's must give the bytes of their
+    tokens (align/token_bytes.py), and no offline cache can stand in for it yet."""
     for label, path in model_dirs(recipe):
         if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
             return [f"{label}: {path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the model's "
                     "tokenizer next to it (tokenizer.save_pretrained(folder))"]
         try:
-            loaded.append((label, load_tokenizer(path)))
+            load_tokenizer(path)
         except Exception as exc:  # a broken tokenizer is the user's file: report it, don't crash
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             return [f"{label}: cannot load the tokenizer in {path}: {first}; the tokenizer files are damaged: "
                     "save the model's tokenizer there again"]
-    if not loaded:
+    cross = cross_tokenizer_teachers(recipe)
+    if not cross and not recipe.align.force:
         return []
-    ref_label, ref = loaded[0]
     problems = []
-    for label, tok in loaded[1:]:
-        diff = compare_vocabs(ref, tok)
-        if diff:
-            problems.append(
-                f"teachers/student: {label} uses a different tokenizer than {ref_label}: {diff}; "
-                "all teachers and the student must share one tokenizer"
-            )
+    student = load_tokenizer(*student_tokenizer_ref(recipe))
+    checks = [("student", student)] + [(f"teachers[{t.name}]", load_tokenizer(t.model, t.revision, t.trust_remote_code))
+                                       for t in recipe.teachers if t.name in cross]
+    for label, tokenizer in checks:
+        try:
+            problems += TokenBytes(tokenizer).check(label)
+        except UserError as exc:
+            problems += [f"{label}: {p}" for p in exc.problems]
+    if cross and recipe.cache is not None:
+        problems.append(f"cache: teachers {', '.join(repr(n) for n in cross)} use another tokenizer than the student, "
+                        "which the offline cache does not store yet; remove the cache section to run them online")
     return problems
+
+
+def alignment_summary(recipe: Recipe) -> list[str]:
+    """One line per teacher that is aligned across tokenizers: how (for `validate`)."""
+    cross = set(cross_tokenizer_teachers(recipe))
+    lines = []
+    for t in recipe.teachers:
+        if t.name in cross or (recipe.align.force and t.model != SELF_TEACHER):
+            tokenizer = load_tokenizer(t.model, t.revision, t.trust_remote_code)
+            what = "another tokenizer" if t.name in cross else "the student's tokenizer, forced (align.force)"
+            lines.append(f"teacher {t.name!r} uses {what} ({tokenize_family_name(tokenizer)}, {len(tokenizer)} tokens): "
+                         f"aligned through byte offsets, its top-{recipe.align.k} projected into the student's vocabulary")
+    return lines
+
+
+def tokenize_family_name(tokenizer) -> str:
+    return {"byte_level": "byte-level BPE", "sentencepiece": "SentencePiece"}[tokenizer_family(tokenizer)]

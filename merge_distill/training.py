@@ -20,7 +20,7 @@ from merge_distill.routing import build_router
 from merge_distill.routing.base import Router
 from merge_distill.rundir import save_router
 from merge_distill.schema import Recipe
-from merge_distill.sources import CachedTeachers, LossSetup, OnlineTeachers, TeacherSource, training_source
+from merge_distill.sources import LossSetup, SourceContext, TeacherSource, training_source
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -71,14 +71,6 @@ class Training:
         return out
 
 
-def open_source(recipe: Recipe, accelerator: Accelerator, vocab_size: int, tokenizer: PreTrainedTokenizerBase,
-                rows: list[SourceRows], student: PreTrainedModel | None) -> TeacherSource:
-    """The training phase's teacher source (registered in merge_distill.sources)."""
-    if training_source(recipe).build is CachedTeachers:
-        return CachedTeachers.open(recipe, tokenizer, rows)  # UserError if its manifest differs
-    return OnlineTeachers.open(recipe, accelerator, vocab_size, student)
-
-
 def build_training(recipe: Recipe, accelerator: Accelerator, world_size: int, rank: int,
                    tokenizer: PreTrainedTokenizerBase, rows: list[SourceRows], total_steps: int) -> Training:
     r, dist = recipe.train, recipe.distributed
@@ -88,7 +80,7 @@ def build_training(recipe: Recipe, accelerator: Accelerator, world_size: int, ra
     with init:
         student = load_student(recipe)
     # Teachers first: a `self` teacher copies the student's initial weights before it is wrapped.
-    source = open_source(recipe, accelerator, vocab_size, tokenizer, rows, student)
+    source = training_source(recipe).build.for_training(recipe, SourceContext(accelerator, tokenizer, rows, student))
     router = build_router(recipe.routing, recipe.teacher_names, student.config.hidden_size).to(accelerator.device)
     router_params = list(router.parameters())
     router_optimizer = torch.optim.AdamW(router_params, lr=recipe.routing.lr) if router_params else None

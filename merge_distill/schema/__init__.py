@@ -5,6 +5,7 @@ from merge_distill.schema.distributed import DistributedConfig
 from merge_distill.schema.recipe import (
     NAME_PATTERN,
     SELF_TEACHER,
+    AlignSection,
     DataSection,
     DataSource,
     OutputSection,
@@ -19,7 +20,7 @@ from merge_distill.schema.recipe import (
 )
 
 __all__ = [
-    "NAME_PATTERN", "SELF_TEACHER", "CacheSection", "DataSection", "DataSource", "DistributedConfig", "OutputSection",
+    "NAME_PATTERN", "SELF_TEACHER", "AlignSection", "CacheSection", "DataSection", "DataSource", "DistributedConfig", "OutputSection",
     "Recipe", "ReportSection", "StudentFromConfig", "StudentFromTeacher", "StudentSpec", "TeacherSpec", "TrainSection",
     "looks_local",
 ]

@@ -133,6 +133,13 @@ class ReportSection(Section):
     eval_teachers: bool = Field(True, description="Include every teacher in the end-of-run evaluation.")
 
 
+class AlignSection(Section):
+    k: int = Field(64, ge=1, description="Teachers with another tokenizer: top-k log-probs per aligned position, "
+                   "projected into the student's vocabulary (the rest is a tail bucket; docs/CROSS_TOKENIZER.md).")
+    force: bool = Field(False, description="Send teachers that share the student's tokenizer through the "
+                        "cross-tokenizer path too (a check: at k = vocabulary size it gives the same loss).")
+
+
 class Recipe(Section):
     name: str | None = Field(None, description="Recipe name; default: the file name.")
     teachers: list[TeacherSpec] = Field(min_length=1, description="Teacher models.")
@@ -150,6 +157,8 @@ class Recipe(Section):
     output: OutputSection = Field(description="Where the run is written.")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Multi-process settings.")
     report: ReportSection = Field(default_factory=ReportSection, description="What the end-of-run report includes.")
+    align: AlignSection = Field(default_factory=AlignSection, description="Teachers whose tokenizer differs from the "
+                                "student's: aligned through byte offsets (docs/CROSS_TOKENIZER.md).")
     cache: CacheSection | None = Field(
         None, description="Offline teacher cache: `merge-distill cache` writes it; `use: true` trains from it "
         "without loading the teachers (docs/CACHE.md).")

@@ -6,7 +6,8 @@ evaluation): what do the teachers say about this batch?
     source.signals(batch) -> DenseSignals | SparseSignals
 
 Each implementation is one file that registers itself with `@register_source(...)`, plus one
-import line in `sources/__init__.py`. The registration names what the source provides to
+import line in `sources/__init__.py`. The class has `signals`, `held_bytes` and `for_training(recipe, SourceContext)`. The
+registration names what the source provides to
 routers (a subset of SIGNALS) and when a recipe selects it, so `validate` can check a router's
 `needs` against the source before anything is loaded.
 """
@@ -40,6 +41,22 @@ class TeacherSource(Protocol):
         """Per teacher: (parameter bytes this process holds, bytes of the whole teacher)."""
         ...
 
+    @classmethod
+    def for_training(cls, recipe: Recipe, context: SourceContext) -> "TeacherSource":
+        """The source as the training phase opens it."""
+        ...
+
+
+@dataclass
+class SourceContext:
+    """What a training source may need to open: the placement, the student's tokenizer and
+    initial weights (for a `self` teacher), the tokenized training rows (for the cache's manifest)."""
+
+    accelerator: Any
+    tokenizer: Any
+    rows: list[Any]
+    student: Any
+
 
 @dataclass(frozen=True)
 class SourceEntry:
@@ -47,7 +64,7 @@ class SourceEntry:
     provides: frozenset[str]
     selects: Callable[[Recipe], bool]  # whether a recipe's training phase uses this source
     summary: str
-    build: Any  # the class; its `open(context)` classmethod builds the source
+    build: Any  # the class; its `for_training(recipe, context)` classmethod opens the source
 
 
 SOURCES: dict[str, SourceEntry] = {}

@@ -17,7 +17,7 @@ from merge_distill.data import SourceRows
 from merge_distill.errors import NonFiniteError, UserError
 from merge_distill.schema import Recipe
 from merge_distill.signals import IGNORE_INDEX, TokenBatch
-from merge_distill.sources.base import register_source
+from merge_distill.sources.base import SourceContext, register_source
 from merge_distill.sources.signals import SparseSignals
 
 
@@ -43,6 +43,10 @@ class CachedTeachers:
         if problems:
             raise UserError(problems)
         return cls(recipe.teacher_names, TeacherCache(root, read_manifest(root)))  # type: ignore[arg-type]
+
+    @classmethod
+    def for_training(cls, recipe: Recipe, context: SourceContext) -> "CachedTeachers":
+        return cls.open(recipe, context.tokenizer, context.rows)
 
     def held_bytes(self) -> list[tuple[int, int]]:
         return [(0, 0) for _ in self.names]  # no teacher weights in memory

@@ -21,12 +21,13 @@ from merge_distill.errors import NonFiniteError
 from merge_distill.models import cut_vocab, load_teachers
 from merge_distill.schema import SELF_TEACHER, Recipe
 from merge_distill.signals import TokenBatch, normalizes_in_place, per_token_stats
-from merge_distill.sources.base import register_source
+from merge_distill.sources.aligned import cross_tokenizer_teachers
+from merge_distill.sources.base import SourceContext, register_source
 from merge_distill.sources.signals import DenseSignals
 
 
 def _uses_models(recipe: Recipe) -> bool:
-    return recipe.cache is None or not recipe.cache.use
+    return (recipe.cache is None or not recipe.cache.use) and not recipe.align.force and not cross_tokenizer_teachers(recipe)
 
 
 @register_source("online", {"gold_nll", "entropy", "top1", "logits", "hidden"}, _uses_models,
@@ -53,6 +54,10 @@ class OnlineTeachers:
                                lambda dtype: dist_mod.teacher_init_context(accelerator, dist, dtype))
         placed = [dist_mod.prepare_teacher(accelerator, dist, m) for m in models]
         return cls([t.name for t in wanted], placed, vocab_size, recipe.train.chunk_tokens)
+
+    @classmethod
+    def for_training(cls, recipe: Recipe, context: SourceContext) -> "OnlineTeachers":
+        return cls.open(recipe, context.accelerator, len(context.tokenizer), context.student)
 
     def held_bytes(self) -> list[tuple[int, int]]:
         return [dist_mod.held_parameter_bytes(m) for m in self.models]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from itertools import combinations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from merge_distill.losses.base import LossConfigBase
@@ -27,6 +28,7 @@ from merge_distill.losses.chunked import DistillOutput, distill_loss
 from merge_distill.losses.registry import DivergenceFn
 from merge_distill.losses.sparse import bucket_layout, sparse_distill_loss, teacher_table
 from merge_distill.report.stats import agreement_positions, logit_agreement, pairwise_js
+from merge_distill.signals import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,10 @@ class DenseSignals:
         """[B, T, K] long: each teacher's argmax token."""
         return torch.stack([logits.argmax(-1) for logits in self.logits], -1)
 
+    def route(self, weights: Tensor) -> Tensor:
+        """The router's weights [B, T, K] as the loss uses them: every teacher covers every position."""
+        return weights
+
     def loss(self, student_logits: Tensor, weights: Tensor, targets: Tensor, setup: LossSetup) -> DistillOutput:
         """student_logits [B, T, V], weights [B, T, K] (detached), targets [B, T] -> summed loss parts."""
         return distill_loss(student_logits, self.logits, weights, targets, setup.divergence, setup.config,
@@ -91,6 +97,8 @@ class SparseSignals:
     topk_logprobs: K tensors [B, T, k] (storage dtype) at the loss temperature;
     tail_logprobs: K tensors [B, T] float32, log of the mass outside the top k;
     gold_nll, entropy [B, T, K] float32 at temperature 1 (exact: stored from the full distribution).
+    covered [B, T, K] bool or None: where each teacher has a target (teachers with another tokenizer
+        cover only aligned positions; there gold_nll and entropy are per byte). None: everywhere.
     """
 
     names: list[str]
@@ -99,16 +107,37 @@ class SparseSignals:
     tail_logprobs: list[Tensor]
     gold_nll: Tensor
     entropy: Tensor
+    covered: Tensor | None = None
 
     @property
     def top1(self) -> Tensor:
         return torch.stack([ids[..., 0].long() for ids in self.topk_ids], -1)
 
+    def route(self, weights: Tensor) -> Tensor:
+        """A teacher that does not cover a position gets weight 0 there; the others are renormalised.
+        A position no teacher covers has all-zero weights (the loss then takes the gold token)."""
+        if self.covered is None:
+            return weights
+        kept = torch.where(self.covered, weights, torch.zeros_like(weights))
+        total = kept.sum(-1, keepdim=True)
+        return torch.where(total > 0, kept / total.clamp_min(torch.finfo(kept.dtype).tiny), kept)
+
     def loss(self, student_logits: Tensor, weights: Tensor, targets: Tensor, setup: LossSetup) -> DistillOutput:
-        """The same sums as DenseSignals.loss, on buckets (top-k union + rest), losses/sparse.py."""
-        return sparse_distill_loss(student_logits, self.topk_ids, self.topk_logprobs, self.tail_logprobs, weights,
-                                   targets, setup.divergence, setup.config, setup.blend, setup.chunk_tokens,
-                                   compute_ce=True)
+        """The same sums as DenseSignals.loss, on buckets (top-k union + rest), losses/sparse.py.
+
+        Where no teacher covers a position (all weights 0 after `route`) the target is the gold token:
+        its term is the cross-entropy at temperature 1 (the forward KL to a one-hot target), added to
+        the divergence sum, so such a position trains on the hard label only."""
+        uncovered = (weights.sum(-1) == 0) & (targets != IGNORE_INDEX)
+        distilled = targets.masked_fill(uncovered, IGNORE_INDEX)
+        out = sparse_distill_loss(student_logits, self.topk_ids, self.topk_logprobs, self.tail_logprobs, weights,
+                                  distilled, setup.divergence, setup.config, setup.blend, setup.chunk_tokens,
+                                  compute_ce=True)
+        if not bool(uncovered.any()):
+            return out
+        gold = F.cross_entropy(student_logits[uncovered].float(), targets[uncovered], reduction="sum")
+        return DistillOutput(out.divergence_sum + gold, out.ce_sum + gold,  # (1 - w) gold + w gold = gold
+                             out.n_tokens + int(uncovered.sum()), out.target_entropy_sum)
 
     @torch.no_grad()
     def agreement(self, mask: Tensor, vocab_size: int, max_tokens: int) -> Agreement:

@@ -1,0 +1,115 @@
+"""Teachers with other tokenizers through the training path (sources/aligned.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import pico_recipe_dict, write_recipe
+from e2e import run_and_check
+from merge_distill.distributed import accelerator_for
+from merge_distill.losses import DIVERGENCES
+from merge_distill.models import load_tokenizer
+from merge_distill.pico import build_sentencepiece_tokenizer, pico_llama, prose_texts, stdlib_texts
+from merge_distill.plan import training_rows
+from merge_distill.recipe import load_recipe
+from merge_distill.signals import IGNORE_INDEX, TokenBatch
+from merge_distill.sources import AlignedTeachers, LossSetup, OnlineTeachers, training_source
+
+
+@pytest.fixture(scope="module")
+def sp_teacher(tmp_path_factory):
+    """A pico teacher with a SentencePiece tokenizer of its own (and 8 padded embedding rows)."""
+    folder = tmp_path_factory.mktemp("sp_teacher")
+    tokenizer = build_sentencepiece_tokenizer(stdlib_texts(30) + prose_texts(30), 500, folder)
+    pico_llama(len(tokenizer) + 8, seed=11, layers=2).save_pretrained(folder)
+    return folder
+
+
+def eos_free_batch(recipe, tokenizer, rows: int = 3) -> TokenBatch:
+    source = training_rows(recipe, tokenizer)[0]
+    eos = tokenizer.eos_token_id
+    keep = [i for i in range(len(source)) if eos not in source.input_ids[i].tolist()][:rows]
+    assert len(keep) == rows
+    return TokenBatch(source.input_ids[keep], source.attention_mask[keep], source.labels[keep],
+                      [source.domain] * rows, [source.label] * rows)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"])
+@pytest.mark.parametrize("blend", ["mixture", "geometric"])
+def test_identity_same_tokenizer_forced_through_the_cross_path(pico, tmp_path, kind, blend) -> None:
+    """Same tokenizer, forced through alignment + projection at k = V: loss and gradient equal the
+    same-tokenizer path within 1e-6 (on rows without EOS, which the cross path never distils)."""
+    base = pico_recipe_dict(pico, tmp_path / "run", loss={"kind": kind, "temperature": 2.0},
+                            routing={"kind": "uniform", "blend": blend})
+    tokenizer = load_tokenizer(str(pico["student"]))
+    plain = load_recipe(write_recipe(tmp_path / "plain.yaml", base))
+    forced = load_recipe(write_recipe(tmp_path / "forced.yaml", {**base, "align": {"force": True, "k": len(tokenizer)}}))
+    assert training_source(forced).name == "aligned" and training_source(plain).name == "online"
+    accelerator = accelerator_for(plain)
+    online = OnlineTeachers.open(plain, accelerator, len(tokenizer))
+    aligned = AlignedTeachers.open(forced, accelerator, tokenizer)
+    batch = eos_free_batch(plain, tokenizer)
+    targets = batch.targets
+    mask = targets != IGNORE_INDEX
+    weights = torch.where(mask.unsqueeze(-1), torch.full((*mask.shape, 2), 0.5), torch.zeros(*mask.shape, 2))
+    setup = LossSetup(DIVERGENCES.get(kind).impl, plain.loss, blend, 16)
+    results = []
+    for source in (online, aligned):
+        signals = source.signals(batch)
+        logits = torch.randn(*targets.shape, len(tokenizer), generator=torch.Generator().manual_seed(0)).requires_grad_()
+        out = signals.loss(logits, signals.route(weights), targets, setup)
+        (out.divergence_sum + out.ce_sum).backward()
+        results.append((out, logits.grad, signals))
+    (dense, g_dense, s_dense), (cross, g_cross, s_cross) = results
+    assert cross.n_tokens == dense.n_tokens == int(mask.sum())
+    assert float(cross.divergence_sum.detach()) == pytest.approx(float(dense.divergence_sum.detach()), rel=1e-6, abs=1e-6)
+    assert float(cross.ce_sum.detach()) == pytest.approx(float(dense.ce_sum.detach()), rel=1e-6)
+    assert torch.allclose(g_cross, g_dense, rtol=1e-5, atol=1e-6)
+    assert bool(s_cross.covered[mask].all())  # the same tokenizer covers every position with a target
+    # routers see NLL per byte of the teacher's next token: times its bytes, the per-token NLL
+    nbytes = torch.tensor([[len(p) for p in aligned.student_bytes(row[1:].tolist())] + [0] for row in batch.input_ids],
+                          dtype=torch.float32)
+    assert torch.allclose((s_cross.gold_nll * nbytes.clamp_min(1).unsqueeze(-1))[mask], s_dense.gold_nll[mask], rtol=1e-5)
+
+
+def test_a_sentencepiece_teacher_beside_a_byte_level_one_trains_end_to_end(pico, sp_teacher, tmp_path) -> None:
+    recipe = pico_recipe_dict(pico, tmp_path / "run", routing={"kind": "ce", "tau": 1.0},
+                              loss={"kind": "jsd", "beta": 0.5, "temperature": 2.0})
+    recipe["teachers"][1]["model"] = str(sp_teacher)
+    recipe["align"] = {"k": 16}
+    loaded = load_recipe(write_recipe(tmp_path / "r.yaml", recipe))
+    assert training_source(loaded).name == "aligned"
+    run_dir, rows = run_and_check(loaded)
+    assert len(rows) == 3 and all(0 < r["share"]["prose"] < 1 for r in rows)
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert stats["tokens"] > 0 and set(stats["overall"]) == {"code", "prose"}
+
+
+def test_positions_no_teacher_covers_train_on_the_gold_token(pico, sp_teacher, tmp_path) -> None:
+    """Route with coverage: an uncovered teacher weighs 0, the rest renormalised; where no teacher
+    covers a position its loss is the cross-entropy of the gold token."""
+    recipe = pico_recipe_dict(pico, tmp_path / "run")
+    recipe["teachers"] = [{"name": "sp", "model": str(sp_teacher)}]
+    loaded = load_recipe(write_recipe(tmp_path / "r.yaml", recipe))
+    tokenizer = load_tokenizer(str(pico["student"]))
+    source = AlignedTeachers.open(loaded, accelerator_for(loaded), tokenizer)
+    batch = eos_free_batch(loaded, tokenizer, rows=2)
+    signals = source.signals(batch)
+    targets = batch.targets
+    mask = targets != IGNORE_INDEX
+    weights = torch.where(mask.unsqueeze(-1), torch.ones(*mask.shape, 1), torch.zeros(*mask.shape, 1))
+    routed = signals.route(weights)
+    uncovered = mask & ~signals.covered[..., 0]
+    assert bool(uncovered.any()) and bool((mask & signals.covered[..., 0]).any())
+    assert bool((routed[uncovered] == 0).all()) and bool((routed[mask & ~uncovered] == 1).all())
+    logits = torch.randn(*targets.shape, len(tokenizer), generator=torch.Generator().manual_seed(1)).requires_grad_()
+    setup = LossSetup(DIVERGENCES.get("forward_kl").impl, loaded.loss, "mixture", 16)
+    out = signals.loss(logits, routed, targets, setup)
+    assert out.n_tokens == int(mask.sum())
+    gold = torch.nn.functional.cross_entropy(logits[uncovered], targets[uncovered], reduction="sum")
+    kept = targets.masked_fill(uncovered, IGNORE_INDEX)
+    alone = signals.loss(logits, torch.where(uncovered.unsqueeze(-1), torch.zeros_like(routed), routed), kept, setup)
+    assert float(out.divergence_sum.detach()) == pytest.approx(float((alone.divergence_sum + gold).detach()), rel=1e-5)
