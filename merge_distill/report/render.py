@@ -218,7 +218,17 @@ def render_eval_table(evaluation: Evaluation | dict, console: Console) -> None:
     print_matrix(console, "domain", "model", "perplexity", headers, matrix,
                   extra_headers=("Δ best teacher",) if gap else ())
     legend(console, f"{BEST} lowest perplexity in the domain"
-            + ("; Δ best teacher: student minus the best teacher's perplexity" if gap else ""))
+            + ("; Δ best teacher: student minus the best teacher's perplexity" if gap else "")
+            + ("; — another tokenizer: compare in bits per byte" if any(not r.ppl for r in rows) else ""))
+    if not any(r.bpb for r in rows):
+        return
+    matrix = []
+    for domain in evaluation.domains:
+        values = {i: r.bpb.get(domain) for i, r in enumerate(rows)}
+        best = best_keys(values, lowest=True)
+        matrix.append((domain, [], [marked(fmt_num(values[i]), i in best, BEST) for i in range(len(rows))]))
+    print_matrix(console, "domain", "model", "bits per byte", headers, matrix)
+    legend(console, f"{BEST} fewest bits per byte in the domain (each model on its own tokens of the same text)")
 
 
 # --------------------------------------------------------------------------- comparison

@@ -109,9 +109,12 @@ class EvalRow(_Model):
 
     model: str = Field(description="Label of the evaluated model (e.g. 'student' or a teacher name).")
     kind: Literal["student", "teacher"] = Field(description="Whether the row is the student or a teacher.")
-    ppl: dict[str, float] = Field(description="Per domain: perplexity exp(mean NLL); lower is better.")
+    ppl: dict[str, float] = Field(description="Per domain: perplexity exp(mean NLL); lower is better. Only for "
+                                  "models that share the student's tokenizer.")
     nll: dict[str, float] = Field(description="Per domain: mean gold NLL in nats.")
     tokens: dict[str, int] = Field(description="Per domain: number of evaluated target tokens.")
+    bpb: dict[str, float] = Field(default_factory=dict, description="Per domain: bits per byte of the same text, "
+                                  "each model on its own tokens (compares tokenizers); lower is better.")
 
 
 class Evaluation(_Model):

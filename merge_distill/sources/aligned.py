@@ -87,16 +87,18 @@ class AlignedTeachers:
 
     @classmethod
     def open(cls, recipe: Recipe, accelerator: Accelerator, student_tokenizer: PreTrainedTokenizerBase,
-             student: nn.Module | None = None) -> "AlignedTeachers":
+             student: nn.Module | None = None, names: list[str] | None = None) -> "AlignedTeachers":
+        """Load and place the recipe's teachers (those in `names`, default all), each with its tokenizer."""
+        wanted = [t for t in recipe.teachers if names is None or t.name in names]
         dist = recipe.distributed
-        models = load_teachers(recipe, recipe.teachers, student,
+        models = load_teachers(recipe, wanted, student,
                                lambda dtype: dist_mod.teacher_init_context(accelerator, dist, dtype))
         placed = [dist_mod.prepare_teacher(accelerator, dist, m) for m in models]
         cross = set(cross_tokenizer_teachers(recipe))
         tokenizers = [load_tokenizer(t.model, t.revision, t.trust_remote_code) if t.name in cross else student_tokenizer
-                      for t in recipe.teachers]
-        aligned = [recipe.align.force or t.name in cross for t in recipe.teachers]
-        return cls(recipe.teacher_names, placed, tokenizers, student_tokenizer, recipe.align.k,
+                      for t in wanted]
+        aligned = [recipe.align.force or t.name in cross for t in wanted]
+        return cls([t.name for t in wanted], placed, tokenizers, student_tokenizer, recipe.align.k,
                    recipe.loss.temperature, recipe.train.chunk_tokens, aligned)
 
     @classmethod
@@ -137,6 +139,21 @@ class AlignedTeachers:
             nbytes[b, :n] = torch.tensor(row.teacher_next_bytes, dtype=torch.float32)
             next_ids[b, : n - 1] = ids[b, 1:n]
         return ids.to(device), attention.to(device), position.to(device), nbytes.to(device), next_ids.to(device)
+
+    @torch.inference_mode()
+    def text_nll(self, batch: TokenBatch) -> Tensor:
+        """[K, 3] float64 per teacher: NLL (nats) summed over its own tokens of the batch's text, how
+        many tokens, and their bytes (for bits per byte; special tokens and padding excluded)."""
+        out = []
+        for j, model in enumerate(self.models):
+            ids, attention, _, nbytes, next_ids = self._teacher_batch(batch, j)
+            logits = cut_vocab(model(input_ids=ids, attention_mask=attention, use_cache=False).logits,
+                               self.vocab_sizes[j])
+            scored = (nbytes > 0) & (next_ids != IGNORE_INDEX)
+            nll, _, _ = per_token_stats(logits, next_ids.masked_fill(~scored, IGNORE_INDEX), self.chunk_tokens,
+                                        with_top1=False)
+            out.append(torch.stack([nll.double().sum(), scored.double().sum(), nbytes.double()[scored].sum()]))
+        return torch.stack(out).cpu()
 
     @torch.inference_mode()
     def signals(self, batch: TokenBatch) -> SparseSignals:

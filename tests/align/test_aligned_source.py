@@ -113,3 +113,53 @@ def test_positions_no_teacher_covers_train_on_the_gold_token(pico, sp_teacher, t
     kept = targets.masked_fill(uncovered, IGNORE_INDEX)
     alone = signals.loss(logits, torch.where(uncovered.unsqueeze(-1), torch.zeros_like(routed), routed), kept, setup)
     assert float(out.divergence_sum.detach()) == pytest.approx(float((alone.divergence_sum + gold).detach()), rel=1e-5)
+
+
+def test_eval_reports_bits_per_byte_for_every_teacher_whatever_its_tokenizer(pico, sp_teacher, tmp_path) -> None:
+    """bits per byte: a plain reference (each row's text, the model's own tokens, summed cross-entropy
+    over the tokens that spell text, / bytes / ln 2) for the SentencePiece teacher and the student;
+    perplexity only for models that share the student's tokenizer."""
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from merge_distill.align import TokenBytes
+    from merge_distill.evaluate import eval_rows, evaluate_run
+
+    evals = [{"type": "jsonl", "path": str(pico["prose"]), "domain": "prose", "max_examples": 2}]
+    recipe = pico_recipe_dict(pico, tmp_path / "run")
+    recipe["teachers"][1]["model"] = str(sp_teacher)
+    recipe["data"]["eval"] = evals
+    recipe["data"]["eval_tokens"] = 100
+    loaded = load_recipe(write_recipe(tmp_path / "r.yaml", recipe))
+    tokenizer = load_tokenizer(str(pico["student"]))
+    student = AutoModelForCausalLM.from_pretrained(pico["student"]).eval()
+    result = evaluate_run(loaded, accelerator_for(loaded), student, tokenizer)
+    rows = {r["model"]: r for r in result["rows"]}
+    assert set(rows) == {"student", "code", "prose"}
+    assert rows["prose"]["ppl"] == {} and "prose" in rows["code"]["ppl"] and "prose" in rows["student"]["ppl"]
+
+    ids, labels, mask = eval_rows(loaded, tokenizer)["prose"]
+    student_bytes = TokenBytes(tokenizer)
+    sp_tok = AutoTokenizer.from_pretrained(sp_teacher)
+    sp_bytes = TokenBytes(sp_tok)
+    teacher = AutoModelForCausalLM.from_pretrained(sp_teacher).eval()
+    totals = {"student": [0.0, 0], "prose": [0.0, 0]}
+    with torch.no_grad():
+        for row in ids:
+            row = row.tolist()
+            logp = torch.log_softmax(student(torch.tensor([row])).logits[0, :, : len(tokenizer)].float(), -1)
+            for t in range(len(row) - 1):
+                width = len(student_bytes([row[t + 1]])[0])
+                if width:
+                    totals["student"][0] -= float(logp[t, row[t + 1]])
+                    totals["student"][1] += width
+            text = b"".join(student_bytes(row)).decode("utf-8", errors="ignore")
+            t_ids, pieces = sp_bytes.encode(text)
+            logp = torch.log_softmax(teacher(torch.tensor([t_ids])).logits[0, :, : len(sp_tok)].float(), -1)
+            for j in range(len(t_ids) - 1):
+                if pieces[j + 1]:
+                    totals["prose"][0] -= float(logp[j, t_ids[j + 1]])
+                    totals["prose"][1] += len(pieces[j + 1])
+    for model, (nll, nbytes) in totals.items():
+        assert rows[model]["bpb"]["prose"] == pytest.approx(nll / (nbytes * math.log(2)), rel=1e-4), model

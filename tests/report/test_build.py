@@ -117,7 +117,7 @@ def test_load_prefers_report_json_unless_stale(run_copy: Path) -> None:
     data = json.loads(path.read_text())
     data["run"]["name"] = "from-report-json"
     path.write_text(json.dumps(data))
-    later = (run_copy / "metrics.jsonl").stat().st_mtime + 10
+    later = max(f.stat().st_mtime for f in run_copy.iterdir() if f.is_file()) + 10  # newer than every input
     os.utime(path, (later, later))
     assert load_report(run_copy).run.name == "from-report-json"
     # A resumed run rewrites metrics.jsonl after report.json: the report is rebuilt from files.
