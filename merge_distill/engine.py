@@ -97,7 +97,8 @@ def forward_micro(t: Training, batch: TokenBatch, n_global: float, stats: BlendS
         result = signals.loss(student_logits, weights, targets, setup)
         agreement = signals.agreement(mask, t.vocab_size, AGREEMENT_TOKENS)
         stats.add_agreement(agreement.top1, agreement.js, agreement.tokens)
-        stats.update(weights, signals.gold_nll, signals.entropy, mask, batch.domains, result.target_entropy_sum)
+        stats.update(weights, signals.gold_nll, signals.entropy, mask, batch.domains, result.target_entropy_sum,
+                     signals.covered, signals.next_bytes)
         share_sum = weights.double().sum(dim=(0, 1)).cpu()
         div_sum, ce_sum = result.divergence_sum, result.ce_sum
     else:

@@ -53,6 +53,7 @@ def render_report(report: Report, console: Console) -> None:
         console.print(Text(f"note: {warning}", style="yellow"))
     _facts(report, console)
     _routing(report, console)
+    _alignment(report, console)
     _quality(report, console)
     _agreement(report, console)
     _curves(report, console)
@@ -87,6 +88,30 @@ def _facts(report: Report, console: Console) -> None:
     for key, value in rows:
         grid.add_row(Text(key), Text(value))
     console.print(grid)
+
+
+def _alignment(report: Report, console: Console) -> None:
+    """Teachers with other tokenizers: per domain, the share of positions aligned and their bytes
+    per token, beside the routing share (only when some teacher went through that path)."""
+    routing = report.routing
+    if routing is None or not any(s.bytes_per_token is not None for s in routing.overall.values()):
+        return
+    _section(console, "Alignment across tokenizers")
+    rows = []
+    for domain, d in [("all", None), *routing.per_domain.items()]:
+        block = routing.overall if d is None else d.teachers
+        cells = []
+        for t in routing.teachers:
+            s = block.get(t)
+            if s is None:
+                cells.append(Text("—"))
+                continue
+            width = f", {fmt_num(s.bytes_per_token, 3)} B/tok" if s.bytes_per_token is not None else ""
+            cells.append(Text(f"{fmt_pct(s.aligned)} aligned{width}, share {fmt_pct(s.share)}"))
+        rows.append((domain, [], cells))
+    print_matrix(console, "domain", "teacher", "coverage", routing.teachers, rows)
+    legend(console, "aligned: the student's target positions where the teacher's next token starts at the same byte; "
+                    "B/tok: bytes per teacher token there; share: routing weight (0 where not aligned)")
 
 
 def _routing(report: Report, console: Console) -> None:

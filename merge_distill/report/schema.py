@@ -61,6 +61,10 @@ class TeacherStats(_Model):
     top_share: float = Field(description="Fraction of tokens on which this teacher had the largest weight.")
     mean_nll: float = Field(description="Mean gold negative log-likelihood -log p_k(target), in nats.")
     mean_entropy: float = Field(description="Mean entropy of the teacher's next-token distribution, in nats.")
+    aligned: float = Field(1.0, description="Fraction of the student's target positions this teacher covers: 1 for "
+                           "teachers that share the student's tokenizer; for others, positions aligned with theirs.")
+    bytes_per_token: float | None = Field(None, description="Mean bytes of the teacher's next token where it covers "
+                                          "a position (teachers run through the cross-tokenizer path); null if unknown.")
 
 
 class DomainStats(_Model):

@@ -6,6 +6,9 @@ Per teacher k, per domain d, summed over valid tokens t:
     top[d, k]  = sum_t [k has the top weight] / n_t (n_t teachers tied for the top share it)
     nll[d, k]  = sum_t NLL_tk                       gold-token NLL, nats
     ent[d, k]  = sum_t H_tk                         entropy, nats
+    aligned[d, k] = sum_t [k covers t]              teachers with another tokenizer cover the
+                                                    positions aligned with theirs; others all
+    bytes[d, k]   = sum over covered t of the bytes of k's next token (0 when not known)
     tokens[d]  = number of valid tokens
 
 plus the blended target's entropy sum and, on a subsample, pairwise teacher agreement:
@@ -14,7 +17,7 @@ top-1 agreement count and the sum of the Jensen-Shannon divergence
     JS(p, q) = 1/2 KL(p || m) + 1/2 KL(q || m),   m = (p + q) / 2     (nats, in [0, log 2]).
 
 Overall values are the sums over domains, so the per-domain split always adds up to them.
-All sums are float64 on the CPU; `update` moves one small [B, 4K] tensor per call.
+All sums are float64 on the CPU; `update` moves one small [B, 6K] tensor per call.
 
 Across processes: domains appear as the data arrives, so each process may have seen a
 different set. `all_reduce(group_sum, all_domains)` lays the sums out as one flat float64
@@ -36,9 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Rows of a domain's [4, K] sums tensor.
-_MASS, _TOP, _NLL, _ENT = range(4)
-_FIELDS = ("mass", "top", "nll", "entropy")
+# Rows of a domain's [F, K] sums tensor.
+_FIELDS = ("mass", "top", "nll", "entropy", "aligned", "bytes")
+_MASS, _TOP, _NLL, _ENT, _ALIGNED, _BYTES = range(len(_FIELDS))
+F_ROWS = len(_FIELDS)
 
 
 def _ratio(num: float, den: float) -> float:
@@ -131,12 +135,15 @@ class BlendStats:
         mask: Tensor,
         domains: list[str],
         target_entropy_sum: float,
+        covered: Tensor | None = None,
+        next_bytes: Tensor | None = None,
     ) -> None:
         """Add one micro-batch.
 
         weights, gold_nll, entropy [B, T, K]; mask [B, T] bool (True = valid target);
         domains: tag per row (len B); target_entropy_sum: sum over valid tokens of the blended
-        target's entropy (nats).
+        target's entropy (nats); covered [B, T, K] bool (None: every teacher covers every
+        position); next_bytes [B, T, K]: bytes of each teacher's next token (None: unknown).
         """
         B, T, K = weights.shape
         if K != self.num_teachers:
@@ -148,21 +155,25 @@ class BlendStats:
         # Top weight with ties split: every teacher equal to the row max gets 1/n_tied.
         is_top = (w == w.max(dim=-1, keepdim=True).values).to(torch.float64)
         top = is_top / is_top.sum(-1, keepdim=True)
+        aligned = covered.to(torch.float64) if covered is not None else torch.ones_like(w)
+        nbytes = next_bytes.detach().to(torch.float64) if next_bytes is not None else torch.zeros_like(w)
         per_row = torch.stack(
             [
                 (w * valid).sum(1),
                 (top * valid).sum(1),
                 (gold_nll.detach().to(torch.float64) * valid).sum(1),
                 (entropy.detach().to(torch.float64) * valid).sum(1),
+                (aligned * valid).sum(1),
+                (nbytes * aligned * valid).sum(1),
             ],
             dim=1,
-        ).cpu()                                                              # [B, 4, K]
+        ).cpu()                                                              # [B, F, K]
         row_tokens = mask.sum(1).cpu().tolist()                              # [B] ints
         for row, domain in enumerate(domains):
             if row_tokens[row] == 0:
                 continue  # a fully masked row adds nothing; skipping it keeps empty domains out
             if domain not in self._domain_sums:
-                self._domain_sums[domain] = torch.zeros(4, K, dtype=torch.float64)
+                self._domain_sums[domain] = torch.zeros(F_ROWS, K, dtype=torch.float64)
                 self._domain_tokens[domain] = 0
             self._domain_sums[domain] += per_row[row]
             self._domain_tokens[domain] += int(row_tokens[row])
@@ -185,12 +196,15 @@ class BlendStats:
                     "top_share": _ratio(sums[_TOP, k].item(), tokens),
                     "mean_nll": _ratio(sums[_NLL, k].item(), tokens),
                     "mean_entropy": _ratio(sums[_ENT, k].item(), tokens),
+                    "aligned": _ratio(sums[_ALIGNED, k].item(), tokens),
+                    "bytes_per_token": (_ratio(sums[_BYTES, k].item(), sums[_ALIGNED, k].item())
+                                        if sums[_BYTES, k].item() > 0 else None),
                 }
                 for k, name in enumerate(self.teacher_names)
             }
 
         total_tokens = sum(self._domain_tokens.values())
-        total = torch.zeros(4, self.num_teachers, dtype=torch.float64)
+        total = torch.zeros(F_ROWS, self.num_teachers, dtype=torch.float64)
         for sums in self._domain_sums.values():
             total += sums
         agreement = []
@@ -239,8 +253,12 @@ class BlendStats:
         if list(state["teachers"]) != self.teacher_names:
             raise ValueError(f"stats were saved for teachers {state['teachers']}, this run has {self.teacher_names}")
         self._domain_tokens = {d: int(v["tokens"]) for d, v in state["per_domain"].items()}
+        K = self.num_teachers
+        # States saved before coverage was counted: every teacher covered every token, bytes unknown.
+        default = {"aligned": lambda v: [float(v["tokens"])] * K, "bytes": lambda v: [0.0] * K}
         self._domain_sums = {
-            d: torch.tensor([v[f] for f in _FIELDS], dtype=torch.float64) for d, v in state["per_domain"].items()
+            d: torch.tensor([v[f] if f in v else default[f](v) for f in _FIELDS], dtype=torch.float64)
+            for d, v in state["per_domain"].items()
         }
         self._blend_entropy_sum = float(state["blend_entropy_sum"])
         self._agree_tokens = int(state["agreement"]["tokens"])
@@ -253,9 +271,9 @@ class BlendStats:
         self.from_tensor(self.to_tensor(domains) + other.to_tensor(domains), domains)
 
     def to_tensor(self, all_domains: list[str]) -> Tensor:
-        """Flat float64 [len(all_domains) * (1 + 4K) + 2 + 2P] of the sums (P = K(K-1)/2 pairs).
+        """Flat float64 [len(all_domains) * (1 + 6K) + 2 + 2P] of the sums (P = K(K-1)/2 pairs).
 
-        Layout: per domain in all_domains order [tokens, mass[K], top[K], nll[K], ent[K]]
+        Layout: per domain in all_domains order [tokens, mass[K], top[K], nll[K], ent[K], aligned[K], bytes[K]]
         (zeros for a domain not seen here), then blend_entropy_sum, agreement tokens,
         top1[P], js[P]. Every domain seen here must be in all_domains.
         """
@@ -266,7 +284,7 @@ class BlendStats:
         parts = []
         for d in all_domains:
             parts.append(torch.tensor([float(self._domain_tokens.get(d, 0))], dtype=torch.float64))
-            parts.append(self._domain_sums.get(d, torch.zeros(4, K, dtype=torch.float64)).reshape(-1))
+            parts.append(self._domain_sums.get(d, torch.zeros(F_ROWS, K, dtype=torch.float64)).reshape(-1))
         parts.append(torch.tensor([self._blend_entropy_sum, float(self._agree_tokens)], dtype=torch.float64))
         parts += [self._agree_top1, self._agree_js]
         return torch.cat(parts)
@@ -275,15 +293,15 @@ class BlendStats:
         """Inverse of `to_tensor`: replace the sums. Domains with zero tokens are dropped."""
         K, P = self.num_teachers, len(self.pairs)
         flat = flat.detach().to("cpu", torch.float64)
-        expected = len(all_domains) * (1 + 4 * K) + 2 + 2 * P
+        expected = len(all_domains) * (1 + F_ROWS * K) + 2 + 2 * P
         if flat.numel() != expected:
             raise ValueError(f"flat stats have {flat.numel()} values, expected {expected} for {len(all_domains)} domains")
         self._domain_tokens, self._domain_sums = {}, {}
         offset = 0
         for d in all_domains:
             tokens = int(round(flat[offset].item()))
-            sums = flat[offset + 1 : offset + 1 + 4 * K].reshape(4, K).clone()
-            offset += 1 + 4 * K
+            sums = flat[offset + 1 : offset + 1 + F_ROWS * K].reshape(F_ROWS, K).clone()
+            offset += 1 + F_ROWS * K
             if tokens > 0:
                 self._domain_tokens[d], self._domain_sums[d] = tokens, sums
         self._blend_entropy_sum = flat[offset].item()

@@ -164,7 +164,7 @@ class AlignedTeachers:
         device = targets.device
         valid = targets != IGNORE_INDEX
         k = min(self.k, self.student_vocab)
-        out_ids, out_lp, out_tail, nll, ent, covered, bad = [], [], [], [], [], [], []
+        out_ids, out_lp, out_tail, nll, ent, covered, widths, bad = [], [], [], [], [], [], [], []
         for j, (name, model) in enumerate(zip(self.names, self.models)):
             ids, attention, position, nbytes, next_ids = self._teacher_batch(batch, j)
             logits = cut_vocab(model(input_ids=ids, attention_mask=attention, use_cache=False).logits,
@@ -177,6 +177,7 @@ class AlignedTeachers:
             tail = torch.zeros(B, T, device=device)  # log 1: where a teacher has no target, all its mass is tail
             n_j = torch.zeros(B, T, device=device)
             e_j = torch.zeros(B, T, device=device)
+            w_j = torch.zeros(B, T, device=device)
             flat = logits[rows[0], picked]                                            # [N, V_j]
             kj = min(k, flat.shape[-1])
             for s in range(0, flat.shape[0], self.chunk_tokens):
@@ -186,6 +187,7 @@ class AlignedTeachers:
                 gold = next_ids[rows[0][sl], picked[sl]]
                 n, e, _ = per_token_stats(x.unsqueeze(0), gold.unsqueeze(0), self.chunk_tokens, with_top1=False)
                 span = nbytes[rows[0][sl], picked[sl]].clamp_min(1.0)
+                w_j[chunk_rows] = span
                 n_j[chunk_rows], e_j[chunk_rows] = n[0] / span, e[0] / span           # per byte of the teacher's token
                 scaled = x / self.temperature
                 lse = torch.logsumexp(scaled, -1, keepdim=True)
@@ -207,7 +209,8 @@ class AlignedTeachers:
             nll.append(n_j)
             ent.append(e_j)
             covered.append(where)
+            widths.append(w_j)
         if bad:
             raise NonFiniteError(f"teacher {', '.join(repr(n) for n in bad)} produced NaN/inf log-probabilities")
         return SparseSignals(self.names, out_ids, out_lp, out_tail, torch.stack(nll, -1), torch.stack(ent, -1),
-                             torch.stack(covered, -1))
+                             torch.stack(covered, -1), torch.stack(widths, -1))

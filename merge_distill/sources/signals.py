@@ -67,6 +67,8 @@ class DenseSignals:
     gold_nll: Tensor
     entropy: Tensor
     normalized: bool = False
+    covered: None = None      # every teacher covers every position
+    next_bytes: None = None   # not measured on this path
 
     @property
     def top1(self) -> Tensor:
@@ -99,6 +101,7 @@ class SparseSignals:
     gold_nll, entropy [B, T, K] float32 at temperature 1 (exact: stored from the full distribution).
     covered [B, T, K] bool or None: where each teacher has a target (teachers with another tokenizer
         cover only aligned positions; there gold_nll and entropy are per byte). None: everywhere.
+    next_bytes [B, T, K] float or None: the byte length of each teacher's next token (report only).
     """
 
     names: list[str]
@@ -108,6 +111,7 @@ class SparseSignals:
     gold_nll: Tensor
     entropy: Tensor
     covered: Tensor | None = None
+    next_bytes: Tensor | None = None  # [B, T, K]: bytes of each teacher's next token where it covers the position
 
     @property
     def top1(self) -> Tensor:

@@ -86,6 +86,19 @@ def test_a_sentencepiece_teacher_beside_a_byte_level_one_trains_end_to_end(pico,
     assert len(rows) == 3 and all(0 < r["share"]["prose"] < 1 for r in rows)
     stats = json.loads((run_dir / "stats.json").read_text())
     assert stats["tokens"] > 0 and set(stats["overall"]) == {"code", "prose"}
+    code, prose = stats["overall"]["code"], stats["overall"]["prose"]
+    assert code["aligned"] == 1.0 and 0.3 < prose["aligned"] < 1.0  # the other tokenizer's boundaries differ
+    assert code["bytes_per_token"] > 1.0 and prose["bytes_per_token"] > 1.0
+    import io
+
+    from rich.console import Console
+
+    from merge_distill.report.build import load_report
+    from merge_distill.report.render import render_report
+
+    out = io.StringIO()
+    render_report(load_report(run_dir), Console(file=out, width=200, no_color=True))
+    assert "Alignment across tokenizers" in out.getvalue() and "aligned" in out.getvalue()
 
 
 def test_positions_no_teacher_covers_train_on_the_gold_token(pico, sp_teacher, tmp_path) -> None:

@@ -24,6 +24,11 @@ def small_batch() -> dict:
     )
 
 
+def core(block: dict) -> dict:
+    """The four routing figures of every teacher (coverage is checked on its own below)."""
+    return {name: {k: v for k, v in t.items() if k not in ("aligned", "bytes_per_token")} for name, t in block.items()}
+
+
 def test_summary_matches_hand_computation():
     stats = BlendStats(["a", "b"])
     stats.update(**small_batch())
@@ -31,22 +36,22 @@ def test_summary_matches_hand_computation():
     assert s["teachers"] == ["a", "b"] and s["tokens"] == 3
     # The inputs are float32 (0.2 is not exact there), so compare to 1e-7.
     approx = lambda d: pytest.approx(d, abs=1e-7)  # noqa: E731
-    assert s["overall"] == {
+    assert core(s["overall"]) == {
         "a": approx({"share": 1.45 / 3, "top_share": 0.5, "mean_nll": 1.5, "mean_entropy": 2.0}),
         "b": approx({"share": 1.55 / 3, "top_share": 0.5, "mean_nll": 7 / 3, "mean_entropy": 2.5 / 3}),
     }
     assert s["per_domain"]["x"]["tokens"] == 2
-    assert s["per_domain"]["x"]["teachers"] == {
+    assert core(s["per_domain"]["x"]["teachers"]) == {
         "a": approx({"share": 0.625, "top_share": 0.75, "mean_nll": 2.0, "mean_entropy": 1.5}),
         "b": approx({"share": 0.375, "top_share": 0.25, "mean_nll": 1.5, "mean_entropy": 1.0}),
     }
-    assert s["per_domain"]["y"] == {
-        "tokens": 1,
-        "teachers": {
-            "a": approx({"share": 0.2, "top_share": 0.0, "mean_nll": 0.5, "mean_entropy": 3.0}),
-            "b": approx({"share": 0.8, "top_share": 1.0, "mean_nll": 4.0, "mean_entropy": 0.5}),
-        },
+    assert s["per_domain"]["y"]["tokens"] == 1
+    assert core(s["per_domain"]["y"]["teachers"]) == {
+        "a": approx({"share": 0.2, "top_share": 0.0, "mean_nll": 0.5, "mean_entropy": 3.0}),
+        "b": approx({"share": 0.8, "top_share": 1.0, "mean_nll": 4.0, "mean_entropy": 0.5}),
     }
+    # without coverage information every teacher covers every token, and bytes are unknown
+    assert all(t["aligned"] == 1.0 and t["bytes_per_token"] is None for t in s["overall"].values())
     assert s["blend_entropy"] == pytest.approx(0.5)
     assert s["agreement"] == []  # never measured
     Routing.model_validate(json.loads(json.dumps(s)))  # the report's schema accepts it
@@ -194,3 +199,28 @@ def test_all_reduce_and_merge_equal_one_process_seeing_everything():
         assert got.summary()["tokens"] == expected.summary()["tokens"]
     with pytest.raises(ValueError, match="all_domains lacks"):
         first.to_tensor(["code"])
+
+
+def test_coverage_and_bytes_per_token_per_domain() -> None:
+    """covered [B, T, K] and next_bytes: aligned = covered valid tokens / valid tokens; bytes per
+    token = bytes summed over covered valid tokens / their number (by hand)."""
+    stats = BlendStats(["same", "other"])
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    covered = torch.tensor([[[True, True], [True, False], [True, True], [True, True]],
+                            [[True, False], [True, True], [True, False], [True, False]]])
+    nbytes = torch.tensor([[[1.0, 4.0], [2.0, 9.0], [3.0, 2.0], [5.0, 5.0]],
+                           [[1.0, 7.0], [1.0, 6.0], [2.0, 2.0], [2.0, 2.0]]])
+    weights = torch.full((2, 4, 2), 0.5)
+    zeros = torch.zeros(2, 4, 2)
+    stats.update(weights, zeros, zeros, mask, ["x", "y"], 0.0, covered, nbytes)
+    s = stats.summary()
+    x, y = s["per_domain"]["x"]["teachers"], s["per_domain"]["y"]["teachers"]
+    assert x["same"]["aligned"] == 1.0 and x["other"]["aligned"] == pytest.approx(2 / 3)
+    assert x["same"]["bytes_per_token"] == pytest.approx(6 / 3) and x["other"]["bytes_per_token"] == pytest.approx(6 / 2)
+    assert y["other"]["aligned"] == pytest.approx(1 / 2) and y["other"]["bytes_per_token"] == pytest.approx(6.0)
+    assert s["overall"]["other"]["aligned"] == pytest.approx(3 / 5)
+    assert s["overall"]["other"]["bytes_per_token"] == pytest.approx(12 / 3)
+    # the sums survive the flat layout used across processes and checkpoints
+    again = BlendStats(["same", "other"])
+    again.load_state_dict(stats.state_dict())
+    assert again.summary() == s
