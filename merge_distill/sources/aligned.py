@@ -33,7 +33,7 @@ from merge_distill.align.projection import project_topk, token_map
 from merge_distill.errors import NonFiniteError
 from merge_distill.models import compare_vocabs, cut_vocab, load_teachers, load_tokenizer
 from merge_distill.schema import SELF_TEACHER, Recipe
-from merge_distill.signals import IGNORE_INDEX, TokenBatch, per_token_stats
+from merge_distill.signals import IGNORE_INDEX, TokenBatch, normalizes_in_place, per_token_stats
 from merge_distill.sources.base import SourceContext, register_source
 from merge_distill.sources.signals import SparseSignals
 
@@ -178,31 +178,36 @@ class AlignedTeachers:
             n_j = torch.zeros(B, T, device=device)
             e_j = torch.zeros(B, T, device=device)
             w_j = torch.zeros(B, T, device=device)
-            flat = logits[rows[0], picked]                                            # [N, V_j]
-            kj = min(k, flat.shape[-1])
-            for s in range(0, flat.shape[0], self.chunk_tokens):
+            kj = min(k, logits.shape[-1])
+            for s in range(0, picked.numel(), self.chunk_tokens):
                 sl = slice(s, s + self.chunk_tokens)
                 chunk_rows = (rows[0][sl], rows[1][sl])
-                x = flat[sl].float()
+                # one chunk of aligned rows [chunk, V_j], gathered: our own copy, free to overwrite
+                x = logits[rows[0][sl], picked[sl]].float()
                 gold = next_ids[rows[0][sl], picked[sl]]
-                n, e, _ = per_token_stats(x.unsqueeze(0), gold.unsqueeze(0), self.chunk_tokens, with_top1=False)
+                # float32: x becomes log-probs at temperature 1 in place (one log-softmax pass serves both)
+                n, e, _ = per_token_stats(x.unsqueeze(0), gold.unsqueeze(0), self.chunk_tokens, in_place=True,
+                                          with_top1=False)
                 span = nbytes[rows[0][sl], picked[sl]].clamp_min(1.0)
                 w_j[chunk_rows] = span
                 n_j[chunk_rows], e_j[chunk_rows] = n[0] / span, e[0] / span           # per byte of the teacher's token
-                scaled = x / self.temperature
-                lse = torch.logsumexp(scaled, -1, keepdim=True)
-                values, teacher_ids = scaled.topk(kj, -1)
-                rest = torch.logsumexp(scaled.scatter(-1, teacher_ids, -math.inf), -1) - lse.squeeze(-1)
-                if self.aligned[j]:
-                    sid, slp, stail = project_topk(teacher_ids, values - lse, rest, self.maps[j])
+                if self.temperature == 1.0 and normalizes_in_place(x):
+                    logp = x
                 else:
-                    sid, slp, stail = teacher_ids, values - lse, rest
+                    logp = torch.log_softmax(x / self.temperature, -1)
+                values, teacher_ids = logp.topk(kj, -1)
+                # the tail exactly: logsumexp over the tokens outside the top k (never 1 - sum)
+                rest = torch.logsumexp(logp.scatter_(-1, teacher_ids, -math.inf), -1)
+                if self.aligned[j]:
+                    sid, slp, stail = project_topk(teacher_ids, values, rest, self.maps[j])
+                else:
+                    sid, slp, stail = teacher_ids, values, rest
                 top_ids[chunk_rows] = torch.nn.functional.pad(sid, (0, k - kj), value=0) if kj < k else sid
                 top_lp[chunk_rows] = torch.nn.functional.pad(slp, (0, k - kj), value=-math.inf) if kj < k else slp
                 tail[chunk_rows] = stail
             if not (torch.isfinite(n_j).all() and torch.isfinite(e_j).all()):
                 bad.append(name)
-            del logits, flat
+            del logits
             out_ids.append(top_ids)
             out_lp.append(top_lp)
             out_tail.append(tail)
