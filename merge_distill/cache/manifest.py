@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 CACHE_FORMAT = 1
 VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# The files that define a tokenizer (hashed into a teacher's fingerprint).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "spiece.model", "vocab.txt")
 REWRITE = "rewrite it with `merge-distill cache RECIPE --overwrite` (or point cache.dir elsewhere)"
 
 
@@ -46,17 +49,18 @@ def _sha(*parts: bytes | str) -> str:
 
 
 def model_fingerprint(model: str) -> str:
-    """Cheap but meaningful: config.json, and for every weight file its name, size, safetensors
-    header (names, dtypes, shapes, offsets) and 64 KiB read at its start, middle and end (any
-    retraining changes those bytes). A hub id (no local folder) is fingerprinted by name only:
-    pin its `revision` to a commit."""
+    """Cheap but meaningful: config.json and the tokenizer's files (a cache is written in the
+    teacher's own vocabulary), and for every weight file its name, size, safetensors header
+    (names, dtypes, shapes, offsets) and 64 KiB read at its start, middle and end (any retraining
+    changes those bytes). A hub id (no local folder) is fingerprinted by name only: pin its
+    `revision` to a commit."""
     folder = Path(model)
     if not folder.is_dir():
         return _sha("hub", model)
     parts: list[bytes | str] = []
-    config = folder / "config.json"
-    if config.is_file():
-        parts += ["config.json", config.read_bytes()]
+    for name in ("config.json", *TOKENIZER_FILES):
+        if (folder / name).is_file():
+            parts += [name, (folder / name).read_bytes()]
     for path in sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf")):
         size = path.stat().st_size
         parts += [path.name, str(size)]
@@ -148,7 +152,7 @@ def manifest_differences(cached: dict[str, Any], expected: dict[str, Any], root:
                 if old[field] != new[field]:
                     out.append(f"teachers[{i}].{field} is {new[field]!r} but {where} was written with {old[field]!r}; {REWRITE}")
             if old["model"] == new["model"] and old["fingerprint"] != new["fingerprint"]:
-                out.append(f"teachers[{i}] ({new['name']}): the config or weights in {new['model']} changed since "
+                out.append(f"teachers[{i}] ({new['name']}): the config, tokenizer or weights in {new['model']} changed since "
                            f"{where} was written; {REWRITE}")
     keys = {"seq_len": "data.seq_len", "packing": "data.packing", "k": "cache.k", "temperature": "loss.temperature",
             "dtype": "cache.dtype", "vocab_size": "the vocabulary size", "rows_per_shard": "cache.rows_per_shard"}
