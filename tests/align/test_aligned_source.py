@@ -176,3 +176,23 @@ def test_eval_reports_bits_per_byte_for_every_teacher_whatever_its_tokenizer(pic
                     totals["prose"][1] += len(pieces[j + 1])
     for model, (nll, nbytes) in totals.items():
         assert rows[model]["bpb"]["prose"] == pytest.approx(nll / (nbytes * math.log(2)), rel=1e-4), model
+
+
+def test_padded_embedding_rows_of_a_teacher_with_another_tokenizer_never_reach_the_softmax(pico, sp_teacher,
+                                                                                           tmp_path) -> None:
+    """The SentencePiece teacher has 8 embedding rows beyond its tokenizer (as Qwen's 151936 vs
+    152064): enormous logits there change nothing, because its logits are cut to its own size."""
+    recipe = pico_recipe_dict(pico, tmp_path / "run")
+    recipe["teachers"] = [{"name": "sp", "model": str(sp_teacher)}]
+    loaded = load_recipe(write_recipe(tmp_path / "r.yaml", recipe))
+    tokenizer = load_tokenizer(str(pico["student"]))
+    source = AlignedTeachers.open(loaded, accelerator_for(loaded), tokenizer)
+    model = source.models[0]
+    assert model.lm_head.weight.shape[0] == source.vocab_sizes[0] + 8
+    batch = eos_free_batch(loaded, tokenizer, rows=2)
+    before = source.signals(batch)
+    with torch.no_grad():
+        model.lm_head.weight[source.vocab_sizes[0]:] = 1e3
+    after = source.signals(batch)
+    assert torch.equal(before.topk_ids[0], after.topk_ids[0]) and torch.equal(before.gold_nll, after.gold_nll)
+    assert torch.allclose(before.topk_logprobs[0], after.topk_logprobs[0]) and torch.equal(before.covered, after.covered)
