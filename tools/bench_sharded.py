@@ -2,6 +2,8 @@
 
 Both phases get their teachers from the online teacher source, ZeRO-3 sharded under DeepSpeed
 when N > 1 (`use_deepspeed: auto`), and split the rows over the processes (docs/ARCHITECTURE.md).
+A third setup keeps whole teachers on every process (`use_deepspeed: never`): the same split of
+the rows without ZeRO-3's gathers, to show what each costs.
 Workload (random init, built here, nothing downloaded): a 4096-token byte-level BPE on standard-
 library Python, rows of 256 tokens; two Llama teachers (hidden 128, 4 layers, MLP 256), a student
 (hidden 64, 2 layers); micro-batch 4 rows; cache top-64 float16. Each measurement is a fresh
@@ -60,7 +62,7 @@ def build_assets(work: Path, rows: int) -> Path:
     return path
 
 
-def worker(recipe_path: Path, phase: str) -> None:
+def worker(recipe_path: Path, phase: str, whole: bool) -> None:
     """One process of a launch: run the phase, print {"seconds", "rows", "held"} on rank 0."""
     import torch
     from rich.console import Console
@@ -84,7 +86,9 @@ def worker(recipe_path: Path, phase: str) -> None:
         return source
 
     OnlineTeachers.open = classmethod(recording_open)  # type: ignore[method-assign]
-    recipe = load_recipe(recipe_path, ["cache.use=false"])
+    # whole: every process holds whole teachers (plain data parallel, no DeepSpeed), to separate
+    # the split of the rows from the cost of ZeRO-3's gathers
+    recipe = load_recipe(recipe_path, ["cache.use=false", *(["distributed.use_deepspeed=never"] if whole else [])])
     if phase == "cache":
         start = time.perf_counter()
         result = write_cache(recipe, console=Console(file=io.StringIO()), overwrite=True, show_progress=False)
@@ -100,7 +104,7 @@ def worker(recipe_path: Path, phase: str) -> None:
         print(json.dumps({"seconds": end - start, "loop_seconds": end - opened[0], "rows": rows, "held": held}), flush=True)
 
 
-def launch(recipe: Path, phase: str, nproc: int) -> dict:
+def launch(recipe: Path, phase: str, nproc: int, whole: bool = False) -> dict:
     import shutil
 
     from merge_distill.distributed import _free_port, launcher_prefix
@@ -111,7 +115,8 @@ def launch(recipe: Path, phase: str, nproc: int) -> dict:
     prefix = launcher_prefix(nproc, launcher="torchrun", master_port=_free_port()) if nproc > 1 else [sys.executable]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(prefix + [__file__, "--worker", phase, "--recipe", str(recipe)], env=env,
+    mode = ["--whole"] if whole else []
+    proc = subprocess.run(prefix + [__file__, "--worker", phase, "--recipe", str(recipe), *mode], env=env,
                           capture_output=True, text=True, timeout=3600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
@@ -127,18 +132,20 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=384, help="evaluation rows (the cache writes every training row)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--recipe", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--whole", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.recipe, args.worker)
+        worker(args.recipe, args.worker, args.whole)
         return
     recipe = build_assets(args.work, args.rows)
-    results: dict[tuple[str, int], list[dict]] = {}
+    results: dict[tuple[str, str], list[dict]] = {}
+    setups = [("1", 1, False), (f"{args.nproc}, ZeRO-3", args.nproc, False), (f"{args.nproc}, whole", args.nproc, True)]
     for rep in range(args.reps):
         for phase in ("cache", "eval"):
-            for n in (1, args.nproc):
-                results.setdefault((phase, n), []).append(launch(recipe, phase, n))
-                r = results[(phase, n)][-1]
-                print(f"rep {rep + 1} {phase} x{n}: {r['seconds']:.1f} s ({r['loop_seconds']:.1f} s over the rows), "
+            for label, n, whole in setups:
+                results.setdefault((phase, label), []).append(launch(recipe, phase, n, whole))
+                r = results[(phase, label)][-1]
+                print(f"rep {rep + 1} {phase} x{label}: {r['seconds']:.1f} s ({r['loop_seconds']:.1f} s over the rows), "
                       f"{r['rows']} rows", flush=True)
     print(f"\nMedians of {args.reps}. 'rows' = after the teachers are loaded (the loop over the rows); 'phase' = "
           "the whole phase, tokenizing and loading included.\n")
@@ -146,8 +153,8 @@ def main() -> None:
           "teacher bytes held per process |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for phase in ("cache", "eval"):
-        base = statistics.median(r["loop_seconds"] for r in results[(phase, 1)])
-        for n in (1, args.nproc):
+        base = statistics.median(r["loop_seconds"] for r in results[(phase, "1")])
+        for n, _, _ in setups:
             runs = results[(phase, n)]
             loop = statistics.median(r["loop_seconds"] for r in runs)
             whole = statistics.median(r["seconds"] for r in runs)
