@@ -30,12 +30,11 @@ from transformers import PreTrainedTokenizerBase
 from merge_distill import distributed as dist_mod
 from merge_distill.align import TokenBytes, align_row
 from merge_distill.align.projection import project_topk, token_map
-from merge_distill.errors import NonFiniteError
 from merge_distill.models import compare_vocabs, cut_vocab, load_teachers, load_tokenizer
 from merge_distill.schema import SELF_TEACHER, Recipe
 from merge_distill.signals import IGNORE_INDEX, TokenBatch, normalizes_in_place, per_token_stats
 from merge_distill.sources.base import SourceContext, register_source
-from merge_distill.sources.signals import SparseSignals
+from merge_distill.sources.signals import SparseSignals, check_finite
 
 
 @lru_cache(maxsize=16)
@@ -164,8 +163,8 @@ class AlignedTeachers:
         device = targets.device
         valid = targets != IGNORE_INDEX
         k = min(self.k, self.student_vocab)
-        out_ids, out_lp, out_tail, nll, ent, covered, widths, bad = [], [], [], [], [], [], [], []
-        for j, (name, model) in enumerate(zip(self.names, self.models)):
+        out_ids, out_lp, out_tail, nll, ent, covered, widths = [], [], [], [], [], [], []
+        for j, model in enumerate(self.models):
             ids, attention, position, nbytes, next_ids = self._teacher_batch(batch, j)
             logits = cut_vocab(model(input_ids=ids, attention_mask=attention, use_cache=False).logits,
                                self.vocab_sizes[j])
@@ -205,8 +204,6 @@ class AlignedTeachers:
                 top_ids[chunk_rows] = torch.nn.functional.pad(sid, (0, k - kj), value=0) if kj < k else sid
                 top_lp[chunk_rows] = torch.nn.functional.pad(slp, (0, k - kj), value=-math.inf) if kj < k else slp
                 tail[chunk_rows] = stail
-            if not (torch.isfinite(n_j).all() and torch.isfinite(e_j).all()):
-                bad.append(name)
             del logits
             out_ids.append(top_ids)
             out_lp.append(top_lp)
@@ -215,7 +212,6 @@ class AlignedTeachers:
             ent.append(e_j)
             covered.append(where)
             widths.append(w_j)
-        if bad:
-            raise NonFiniteError(f"teacher {', '.join(repr(n) for n in bad)} produced NaN/inf log-probabilities")
+        check_finite(self.names, nll, ent)
         return SparseSignals(self.names, out_ids, out_lp, out_tail, torch.stack(nll, -1), torch.stack(ent, -1),
                              torch.stack(covered, -1), torch.stack(widths, -1))

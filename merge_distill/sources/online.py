@@ -17,13 +17,12 @@ from accelerate import Accelerator
 from torch import nn
 
 from merge_distill import distributed as dist_mod
-from merge_distill.errors import NonFiniteError
 from merge_distill.models import cut_vocab, load_teachers
 from merge_distill.schema import SELF_TEACHER, Recipe
 from merge_distill.signals import TokenBatch, normalizes_in_place, per_token_stats
 from merge_distill.sources.aligned import cross_tokenizer_teachers
 from merge_distill.sources.base import SourceContext, register_source
-from merge_distill.sources.signals import DenseSignals
+from merge_distill.sources.signals import DenseSignals, check_finite
 
 
 def _uses_models(recipe: Recipe) -> bool:
@@ -70,19 +69,16 @@ class OnlineTeachers:
         target position, after all teachers ran (under ZeRO-3 each forward is a collective that
         every process must join, so no process may leave the loop early)."""
         targets = batch.targets
-        logits, nll, ent, bad = [], [], [], []
+        logits, nll, ent = [], [], []
         normalized = True
-        for name, model in zip(self.names, self.models):
+        for model in self.models:
             out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
             teacher_logits = cut_vocab(out.logits, self.vocab_size)
             # float32 logits become log-probs in place: the loss then skips that log-softmax.
             normalized = normalized and normalizes_in_place(teacher_logits)
             n, e, _ = per_token_stats(teacher_logits, targets, self.chunk_tokens, in_place=True, with_top1=False)
-            if not (torch.isfinite(n).all() and torch.isfinite(e).all()):
-                bad.append(name)
             logits.append(teacher_logits)
             nll.append(n)
             ent.append(e)
-        if bad:
-            raise NonFiniteError(f"teacher {', '.join(repr(n) for n in bad)} produced NaN/inf log-probabilities")
+        check_finite(self.names, nll, ent)
         return DenseSignals(self.names, logits, torch.stack(nll, -1), torch.stack(ent, -1), normalized=normalized)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from merge_distill.errors import NonFiniteError
 from merge_distill.losses.base import LossConfigBase
 from merge_distill.losses.chunked import DistillOutput, distill_loss
 from merge_distill.losses.registry import DivergenceFn
@@ -176,3 +177,11 @@ class SparseSignals:
 
 
 TeacherSignals = DenseSignals | SparseSignals
+
+
+def check_finite(names: list[str], nll: list[Tensor], entropy: list[Tensor], where: str = "log-probabilities") -> None:
+    """Raise NonFiniteError naming every teacher whose NLL or entropy [B, T] holds NaN/inf. Called
+    after all teachers ran: under ZeRO-3 each forward is a collective every process must join."""
+    bad = [name for name, n, e in zip(names, nll, entropy) if not (torch.isfinite(n).all() and torch.isfinite(e).all())]
+    if bad:
+        raise NonFiniteError(f"teacher {', '.join(repr(n) for n in bad)} produced NaN/inf {where}")
