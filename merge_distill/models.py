@@ -220,11 +220,14 @@ def load_student(recipe: Recipe) -> PreTrainedModel:
 
 
 def tokenizer_source(recipe: Recipe) -> tuple[str, str | None, bool]:
-    """Where the run's tokenizer comes from: the student model, or the first loadable teacher."""
-    if recipe.student.model:
-        return recipe.student.model, recipe.student.revision, recipe.student.trust_remote_code
-    for t in recipe.teachers:
-        if t.model != "self":
-            return t.model, t.revision, t.trust_remote_code
-    base = recipe.student.from_config.base  # type: ignore[union-attr]
-    return base, None, False
+    """Where the student's tokenizer comes from (the run's tokenizer): the student model, the teacher
+    it is cut from, or the model whose config it is built from (a teacher's name or a folder)."""
+    spec = recipe.student
+    if spec.model:
+        return spec.model, spec.revision, spec.trust_remote_code
+    by_name = {t.name: t for t in recipe.teachers}
+    name = spec.from_teacher.teacher if spec.from_teacher is not None else spec.from_config.base  # type: ignore[union-attr]
+    teacher = by_name.get(name)
+    if teacher is not None:
+        return teacher.model, teacher.revision, teacher.trust_remote_code
+    return name, None, False

@@ -29,6 +29,9 @@ def pico_overrides(path: Path, pico: dict[str, Path], out: Path) -> list[str]:
         out_list.append(f"teachers.{i}.model={teachers[n % 2]}")
     if "model" in raw["student"]:
         out_list.append(f"student.model={pico['student']}")
+    base = raw["student"].get("from_config", {}).get("base")
+    if base is not None and base not in {t["name"] for t in raw["teachers"]}:
+        out_list.append(f"student.from_config.base={pico['teacher_a']}")  # a folder: the pico one
     for section in ("train", "eval"):
         for i, _ in enumerate(raw["data"].get(section, [])):
             out_list.append(f"data.{section}.{i}.path={pico['code'] if i % 2 == 0 else pico['prose']}")

