@@ -308,7 +308,9 @@ CROSS_TOKENIZERS = {"code": ("byte_level", 2048), "prose": ("sentencepiece", 500
 
 def build_cross(out: Path, params: BuildParams) -> dict[str, dict[str, float]]:
     """The three specialists again, each with a tokenizer of its own (CROSS_TOKENIZERS), trained on
-    the same data with the same settings; returns ppl[teacher][domain] in each one's own tokens."""
+    the same data with the same settings; returns bits per byte [teacher][domain]: each teacher's
+    perplexity in its own tokens, times its tokens per byte on that domain's eval text (the only
+    unit that compares teachers with different tokenizers)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -323,11 +325,14 @@ def build_cross(out: Path, params: BuildParams) -> dict[str, dict[str, float]]:
     root = out / "teachers-cross"
     shutil.rmtree(root, ignore_errors=True)
     ppl: dict[str, dict[str, float]] = {}
+    tokens_per_byte: dict[str, dict[str, float]] = {}
     jobs_args = []
     for i, domain in enumerate(DOMAINS):
         family, size = CROSS_TOKENIZERS[domain]
         tokenizer = builders[family](mix, size, root / "tokenizers" / domain)
         streams = {d: {s: token_stream(texts[d][s], tokenizer) for s in ("train", "eval")} for d in DOMAINS}
+        tokens_per_byte[domain] = {d: streams[d]["eval"].numel() / sum(len(t.encode()) for t in texts[d]["eval"])
+                                   for d in DOMAINS}
         print(f"  {domain}: {family} tokenizer, {len(tokenizer)} tokens, {streams[domain]['train'].numel()} train tokens")
         jobs_args.append((domain, params.seed + i, params, out, streams, root / "tokenizers" / domain, "teachers-cross"))
     with ProcessPoolExecutor(len(DOMAINS), mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -336,21 +341,22 @@ def build_cross(out: Path, params: BuildParams) -> dict[str, dict[str, float]]:
             ppl[domain] = row
             print(f"  teachers-cross/{domain}: {seconds:.1f} s")
     shutil.rmtree(root / "tokenizers")
-    return ppl
+    return {t: {d: math.log2(ppl[t][d]) * tokens_per_byte[t][d] for d in DOMAINS} for t in DOMAINS}
 
 
-def print_table(ppl: dict[str, dict[str, float]]) -> None:
+def print_table(ppl: dict[str, dict[str, float]],
+                title: str = "held-out perplexity (rows: teacher, columns: eval domain)", fmt: str = ".1f") -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="held-out perplexity (rows: teacher, columns: eval domain)")
+    table = Table(title=title)
     table.add_column("teacher")
     for d in DOMAINS:
         table.add_column(d, justify="right")
     best = {d: min(ppl[t][d] for t in DOMAINS) for d in DOMAINS}  # bold = best on that domain
     for teacher in DOMAINS:
-        cells = [f"[bold]{ppl[teacher][d]:.1f}[/bold]" if ppl[teacher][d] == best[d]
-                 else f"{ppl[teacher][d]:.1f}" for d in DOMAINS]
+        cells = [f"[bold]{ppl[teacher][d]:{fmt}}[/bold]" if ppl[teacher][d] == best[d]
+                 else f"{ppl[teacher][d]:{fmt}}" for d in DOMAINS]
         table.add_row(teacher, *cells)
     Console().print(table)
 
@@ -401,14 +407,13 @@ def main_cross(out: Path, params: BuildParams, digest: str, force: bool) -> int:
         return 0
     start = time.perf_counter()
     print("[cross] specialists with tokenizers of their own")
-    ppl = build_cross(out, params)
-    print_table(ppl)  # each teacher in its own tokens: compare within a row's teacher, not across rows
-    own_best = all(ppl[d][d] == min(ppl[d][e] for e in DOMAINS) for d in DOMAINS)
-    if not own_best:
+    bpb = build_cross(out, params)
+    print_table(bpb, "held-out bits per byte (rows: teacher, columns: eval domain)", ".3f")
+    if not specialists_win(bpb):
         print("error: a cross-tokenizer teacher is not best on its own domain; not stamping the build")
         return 1
-    stamp.write_text(json.dumps({"digest": digest, "ppl": ppl, "seconds": round(time.perf_counter() - start, 1)},
-                                indent=2) + "\n")
+    stamp.write_text(json.dumps({"digest": digest, "bits_per_byte": bpb,
+                                 "seconds": round(time.perf_counter() - start, 1)}, indent=2) + "\n")
     return 0
 
 
