@@ -160,6 +160,8 @@ def save(t: Training, recorder: Recorder, recipe: Recipe, progress: Progress) ->
     # Plain writes inside the temporary folder: the rename below is what makes them visible.
     try:
         acc.save_state(str(tmp))  # model, optimizer, scheduler, RNG; DeepSpeed's own format under ZeRO
+        # save_state may leave the folder to the main process; this process's file must not race it
+        tmp.mkdir(parents=True, exist_ok=True)
         per_rank = {"rng": rng_state(), "stats": recorder.stats.state_dict()}
         (tmp / f"rank-{rank}.json").write_text(json.dumps(per_rank), encoding="utf-8")
         if t.is_main:

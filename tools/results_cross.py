@@ -106,6 +106,8 @@ def write_markdown(args, base, teacher_eval, domains, results, seconds) -> None:
     per_seed_uniform = all(r < u for r, u in zip(routed, uniform))
     per_seed_singles = all(all(r < s for r, s in zip(routed, v)) for v in singles.values())
     gap = statistics.mean(routed) / statistics.mean(reference) - 1
+    plain = means["data only (plain CE)"]
+    per_seed_plain = all(r < c for r, c in zip(routed, plain))
     verdict = [
         f"- Routed across tokenizers: mean {statistics.mean(routed):.3f} bits per byte; uniform blend "
         f"{statistics.mean(uniform):.3f}: {'beats it on every seed' if per_seed_uniform else 'does not beat it on every seed'}.",
@@ -113,6 +115,9 @@ def write_markdown(args, base, teacher_eval, domains, results, seconds) -> None:
         f"{'beaten on every seed' if per_seed_singles else 'not beaten on every seed'}.",
         f"- Same-tokenizer routed reference {statistics.mean(reference):.3f}: the cross-tokenizer student is "
         f"{100 * gap:+.1f}% from it ({'within' if gap <= 0.10 else 'outside'} the 10% target).",
+        f"- The student trained on the data alone (plain CE): {statistics.mean(plain):.3f}: "
+        f"{'beaten on every seed' if per_seed_plain else 'not beaten on every seed'} by the routed cross-tokenizer "
+        "student.",
     ]
     text = f"""# Results across tokenizers: routing per token, in bits per byte
 
