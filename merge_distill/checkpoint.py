@@ -172,9 +172,11 @@ def save(t: Training, recorder: Recorder, recipe: Recipe, progress: Progress) ->
                      "started_at": recorder.facts.get("started_at"), "recipe_hash": recipe.content_hash(),
                      "recipe": recipe.model_dump(mode="json")}
             (tmp / STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
-        _fsync_tree(tmp)
         acc.wait_for_everyone()
         if t.is_main:
+            # Once every process has written: fsyncing while another process still writes could
+            # list a file that it is about to replace (a race seen under load with 2 processes).
+            _fsync_tree(tmp)
             files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
             (tmp / MANIFEST).write_text(json.dumps({"step": progress.step, "files": files}, indent=1))
             _fsync(tmp / MANIFEST)
