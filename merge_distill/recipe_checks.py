@@ -26,7 +26,7 @@ from merge_distill.rundir import run_dir_problems
 from merge_distill.schema import SELF_TEACHER, Recipe, looks_local
 from merge_distill.align import TokenBytes, tokenizer_family
 from merge_distill.sources import needs_problems
-from merge_distill.sources.aligned import cross_tokenizer_teachers, student_tokenizer_ref
+from merge_distill.sources.aligned import cross_tokenizer_teachers
 
 
 def cross_checks(recipe: Recipe, check_files: bool = True) -> list[str]:
@@ -219,7 +219,7 @@ def tokenizer_problems(recipe: Recipe) -> list[str]:
     if not cross and not recipe.align.force:
         return []
     problems = []
-    student = load_tokenizer(*student_tokenizer_ref(recipe))
+    student = load_tokenizer(*tokenizer_source(recipe))
     checks = [("student", student)] + [(f"teachers[{t.name}]", load_tokenizer(t.model, t.revision, t.trust_remote_code))
                                        for t in recipe.teachers if t.name in cross]
     for label, tokenizer in checks:

@@ -45,14 +45,9 @@ def _differs(student: tuple[str, str | None], teacher: tuple[str, str | None]) -
         return False
 
 
-def student_tokenizer_ref(recipe: Recipe) -> tuple[str, str | None]:
-    path, revision, _ = tokenizer_source(recipe)
-    return path, revision
-
-
 def cross_tokenizer_teachers(recipe: Recipe) -> list[str]:
     """Names of the teachers whose tokenizer differs from the student's (a `self` teacher never does)."""
-    student = student_tokenizer_ref(recipe)
+    student = tokenizer_source(recipe)[:2]
     return [t.name for t in recipe.teachers if t.model != SELF_TEACHER and _differs(student, (t.model, t.revision))]
 
 
