@@ -23,6 +23,9 @@ from transformers import (
 from merge_distill.errors import UserError
 from merge_distill.schema import SELF_TEACHER, Recipe, TeacherSpec
 
+# Any one of these makes a folder hold a tokenizer transformers can load.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

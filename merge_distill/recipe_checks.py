@@ -19,7 +19,7 @@ from merge_distill.checkpoint import check_resumable
 from merge_distill.data import source_files
 from merge_distill.errors import UserError
 from merge_distill.evaluate import eval_rows
-from merge_distill.models import damaged_weights, layer_problems, load_tokenizer, override_problems, tokenizer_source
+from merge_distill.models import TOKENIZER_FILES, damaged_weights, layer_problems, load_tokenizer, override_problems, tokenizer_source
 from merge_distill.plan import training_rows
 from merge_distill.routing import ROUTERS
 from merge_distill.rundir import run_dir_problems
@@ -197,8 +197,6 @@ def _context_lengths(recipe: Recipe) -> list[str]:
     return problems
 
 
-# Any one of these makes a folder hold a tokenizer transformers can load.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 
 
 def tokenizer_problems(recipe: Recipe) -> list[str]:

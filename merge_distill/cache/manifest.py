@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from merge_distill.models import TOKENIZER_FILES
 from merge_distill.schema import SELF_TEACHER, Recipe
 
 if TYPE_CHECKING:
@@ -26,9 +27,9 @@ if TYPE_CHECKING:
 
 CACHE_FORMAT = 1
 VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-# The files that define a tokenizer (hashed into a teacher's fingerprint).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "spiece.model", "vocab.txt")
+# The files that define a tokenizer (hashed into a teacher's fingerprint): those that hold one,
+# and the two that only accompany one.
+TOKENIZER_DEFINITION = (*TOKENIZER_FILES, "special_tokens_map.json", "merges.txt")
 REWRITE = "rewrite it with `merge-distill cache RECIPE --overwrite` (or point cache.dir elsewhere)"
 
 
@@ -58,7 +59,7 @@ def model_fingerprint(model: str) -> str:
     if not folder.is_dir():
         return _sha("hub", model)
     parts: list[bytes | str] = []
-    for name in ("config.json", *TOKENIZER_FILES):
+    for name in ("config.json", *TOKENIZER_DEFINITION):
         if (folder / name).is_file():
             parts += [name, (folder / name).read_bytes()]
     for path in sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf")):
