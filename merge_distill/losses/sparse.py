@@ -10,7 +10,8 @@ the divergence is taken between coarse-grained distributions over buckets:
 Teacher j on a bucket:
     v in S_j:        its stored log-prob (exact);
     v in U \\ S_j:    its tail spread evenly over the tokens it did not list,
-                     log p_j(v) = tail_j - log(V - k). Every unlisted token has at most the
+                     log p_j(v) = tail_j - log(V - n_j), n_j = the distinct ids it lists
+                     (k, or fewer after a projection merged some: teacher_table). Every unlisted token has at most the
                      teacher's k-th probability, so this average does too: the estimate never
                      outranks a listed token;
     rest:            the same per-token value times V - |U| tokens.
@@ -119,6 +120,11 @@ def teacher_table(buckets: Buckets, topk_logprobs: list[Tensor], tails: list[Ten
     Column m < M: log p_j(ids[:, m]) (stored value, or the teacher's even tail share where it did
     not list the token); column M: the per-token value inside rest. The stored top-k and tail
     are renormalised together first (16-bit values sum to 1 only up to their rounding).
+
+    An entry with log-prob -inf lists nothing: projected targets (align/projection.py) pad with
+    such entries, repeating an id the teacher already listed. They are neither written to the
+    table (they would overwrite that id's real value) nor counted among the listed tokens: the
+    tail is spread over the V - n_j tokens teacher j really lists (n_j = its finite entries).
     """
     K, k = len(topk_logprobs), topk_logprobs[0].shape[-1]
     c, M = buckets.ids.shape
@@ -127,16 +133,21 @@ def teacher_table(buckets: Buckets, topk_logprobs: list[Tensor], tails: list[Ten
     tail = torch.stack(tails).unsqueeze(-1)  # [K, c, 1]
     norm = torch.logsumexp(torch.cat([values, tail], dim=-1), dim=-1, keepdim=True)
     values, tail = values - norm, tail - norm
-    # Per unlisted token: tail / (V - k); with k = V there are none (and no tail mass).
-    per_token = tail - math.log(vocab_size - k) if vocab_size > k else torch.full_like(tail, -math.inf)
-    table = per_token.expand(K, c, M + 1).contiguous()
-    # Each (teacher, token, bucket) is listed at most once: one scatter places every stored value.
+    listed = torch.isfinite(values)  # [K, c, k]
+    # Per unlisted token: tail / (V - n_j); where a teacher lists all V tokens there are none (no tail mass).
+    unlisted = (vocab_size - listed.sum(-1, keepdim=True)).to(dtype)  # [K, c, 1]
+    per_token = torch.where(unlisted > 0, tail - unlisted.clamp_min(1).log(), -math.inf)
+    # One extra cell at the end takes the writes of the entries that list nothing.
+    table = torch.empty(K * c * (M + 1) + 1, dtype=dtype, device=values.device)
+    table[:-1].view(K, c, M + 1).copy_(per_token.expand(K, c, M + 1))
+    # Each (teacher, token, bucket) is listed at most once by a finite entry: one scatter places every stored value.
     slot_values = values.permute(1, 0, 2).reshape(c, K * k)  # slot j * k + i: teacher j's i-th value
     rows = torch.arange(c, device=table.device).unsqueeze(-1)
     teacher_of_slot = torch.arange(K * k, device=table.device) // k
     flat = (teacher_of_slot * c + rows) * (M + 1) + buckets.bucket_of_slot
-    table.view(-1).scatter_(0, flat.reshape(-1), slot_values.reshape(-1))
-    return table
+    flat = torch.where(listed.permute(1, 0, 2).reshape(c, K * k), flat, table.numel() - 1)
+    table.scatter_(0, flat.reshape(-1), slot_values.reshape(-1))
+    return table[:-1].view(K, c, M + 1)
 
 
 def sparse_target(

@@ -11,6 +11,7 @@ import torch
 
 from losses.test_chunked import CONFIGS, config_for, loss_and_grad, make_batch
 from merge_distill.losses import DIVERGENCES, distill_loss_dense
+from merge_distill.align.projection import project_topk
 from merge_distill.losses.sparse import sparse_distill_loss
 
 
@@ -70,13 +71,14 @@ def bucket_reference(student, ids, values, tails, weights, targets, temperature,
         for t in range(T):
             if targets[b, t] == -100 or weights[b, t].sum() == 0:
                 continue
-            union = sorted({int(i) for j in range(K) for i in ids[j][b, t]})
+            union = sorted({int(i) for j in range(K) for i, v in zip(ids[j][b, t], values[j][b, t]) if math.isfinite(v)})
             n_rest = V - len(union)
             per_token = []  # each teacher: {token: log p} on U and the per-token log p in rest
             for j in range(K):
                 vals = values[j][b, t].double().numpy()
                 norm = np.logaddexp.reduce(np.append(vals, float(tails[j][b, t])))
-                listed = {int(i): v - norm for i, v in zip(ids[j][b, t], vals)}
+                # an entry with log-prob -inf lists nothing (projection padding repeats a listed id)
+                listed = {int(i): v - norm for i, v in zip(ids[j][b, t], vals) if np.isfinite(v)}
                 k = len(listed)
                 rest = float(tails[j][b, t]) - norm - math.log(V - k) if V > k else -math.inf
                 per_token.append(({u: listed.get(u, rest) for u in union}, rest))
@@ -98,10 +100,18 @@ def bucket_reference(student, ids, values, tails, weights, targets, temperature,
 
 @pytest.mark.parametrize("blend", ["mixture", "geometric"])
 @pytest.mark.parametrize("k,teachers", [(1, 1), (3, 1), (2, 3), (4, 3)])
-def test_top_k_matches_the_bucket_formula(blend: str, k: int, teachers: int) -> None:
+@pytest.mark.parametrize("projected", [False, True])
+def test_top_k_matches_the_bucket_formula(blend: str, k: int, teachers: int, projected: bool) -> None:
+    """projected: the top-k went through a many-to-one token map (align/projection.py), so the
+    entries hold merged repeats and -inf padding that repeats a listed id."""
     batch = make_batch(k=teachers, seed=2)
     temperature = 1.3
     ids, values, tails = top_k(batch["teacher_logits"], k, temperature)
+    if projected:
+        V = batch["student_logits"].shape[-1]
+        mapping = torch.arange(V) % 3  # every teacher token -> one of 3 student tokens
+        ids, values, tails = map(list, zip(*(project_topk(i, v, t, mapping) for i, v, t in zip(ids, values, tails))))
+        assert k == 1 or any(bool(torch.isinf(v).any()) for v in values)  # entries merged: padding present
     out = sparse_distill_loss(batch["student_logits"], ids, values, tails, batch["weights"], batch["targets"],
                               DIVERGENCES.get("forward_kl").impl, config_for("forward_kl", {}, temperature=temperature),
                               blend=blend, chunk_tokens=4)
