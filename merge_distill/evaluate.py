@@ -30,11 +30,11 @@ from transformers import PreTrainedTokenizerBase
 from merge_distill import distributed as dist_mod
 from merge_distill.data import build_rows
 from merge_distill.errors import UserError
-from merge_distill.models import DTYPES, load_model, load_tokenizer, tokenizer_source
+from merge_distill.models import DTYPES, cross_tokenizer_teachers, load_model, load_tokenizer, tokenizer_source
 from merge_distill.schema import SELF_TEACHER, Recipe
 from merge_distill.signals import IGNORE_INDEX, TokenBatch, per_token_stats, shift_targets
 from merge_distill.align import TokenBytes
-from merge_distill.sources import AlignedTeachers, OnlineTeachers, cross_tokenizer_teachers
+from merge_distill.sources import AlignedTeachers, OnlineTeachers
 
 
 def eval_rows(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable
+from functools import lru_cache
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -234,3 +235,24 @@ def tokenizer_source(recipe: Recipe) -> tuple[str, str | None, bool]:
     if teacher is not None:
         return teacher.model, teacher.revision, teacher.trust_remote_code
     return name, None, False
+
+
+@lru_cache(maxsize=16)
+def _differs(student: tuple[str, str | None], teacher: tuple[str, str | None]) -> bool:
+    try:
+        return bool(compare_vocabs(load_tokenizer(*student), load_tokenizer(*teacher)))
+    except Exception:  # noqa: BLE001  unreadable tokenizers are reported by the file checks
+        return False
+
+
+def cross_tokenizer_teachers(recipe: Recipe) -> list[str]:
+    """Names of the teachers whose tokenizer differs from the student's (a `self` teacher never does)."""
+    student = tokenizer_source(recipe)[:2]
+    return [t.name for t in recipe.teachers if t.model != SELF_TEACHER and _differs(student, (t.model, t.revision))]
+
+
+def aligned_teachers(recipe: Recipe) -> list[str]:
+    """Names of the teachers that go through the alignment across tokenizers: those with another
+    tokenizer, or every teacher under `align.force`."""
+    cross = set(cross_tokenizer_teachers(recipe))
+    return [t.name for t in recipe.teachers if recipe.align.force or t.name in cross]

@@ -19,14 +19,21 @@ from merge_distill.checkpoint import check_resumable
 from merge_distill.data import source_files
 from merge_distill.errors import UserError
 from merge_distill.evaluate import eval_rows
-from merge_distill.models import TOKENIZER_FILES, damaged_weights, layer_problems, load_tokenizer, override_problems, tokenizer_source
+from merge_distill.models import (
+    TOKENIZER_FILES,
+    cross_tokenizer_teachers,
+    damaged_weights,
+    layer_problems,
+    load_tokenizer,
+    override_problems,
+    tokenizer_source,
+)
 from merge_distill.plan import training_rows
 from merge_distill.routing import ROUTERS
 from merge_distill.rundir import run_dir_problems
 from merge_distill.schema import SELF_TEACHER, Recipe, looks_local
 from merge_distill.align import TokenBytes, tokenizer_family
 from merge_distill.sources import needs_problems
-from merge_distill.sources.aligned import cross_tokenizer_teachers
 
 
 def cross_checks(recipe: Recipe, check_files: bool = True) -> list[str]:
@@ -225,22 +232,22 @@ def tokenizer_problems(recipe: Recipe) -> list[str]:
             problems += TokenBytes(tokenizer).check(label)
         except UserError as exc:
             problems += [f"{label}: {p}" for p in exc.problems]
-    if cross and recipe.cache is not None:
-        problems.append(f"cache: teachers {', '.join(repr(n) for n in cross)} use another tokenizer than the student, "
-                        "which the offline cache does not store yet; remove the cache section to run them online")
     return problems
 
 
 def alignment_summary(recipe: Recipe) -> list[str]:
     """One line per teacher that is aligned across tokenizers: how (for `validate`)."""
     cross = set(cross_tokenizer_teachers(recipe))
+    cached = recipe.cache is not None and recipe.cache.use
+    k = recipe.cache.k if recipe.cache is not None and cached else recipe.align.k
+    where = "read from the cache (stored in its own vocabulary) and " if cached else ""
     lines = []
     for t in recipe.teachers:
         if t.name in cross or (recipe.align.force and t.model != SELF_TEACHER):
             tokenizer = load_tokenizer(t.model, t.revision, t.trust_remote_code)
             what = "another tokenizer" if t.name in cross else "the student's tokenizer, forced (align.force)"
             lines.append(f"teacher {t.name!r} uses {what} ({tokenize_family_name(tokenizer)}, {len(tokenizer)} tokens): "
-                         f"aligned through byte offsets, its top-{recipe.align.k} projected into the student's vocabulary")
+                         f"aligned through byte offsets, its top-{k} {where}projected into the student's vocabulary")
     return lines
 
 

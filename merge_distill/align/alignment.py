@@ -10,6 +10,8 @@ The text is the bytes of the student's tokens: for a SentencePiece student that 
 dummy space it puts before a document's first word (the teacher then reads " def" for "def"; a
 byte-level teacher spells the same bytes, a SentencePiece one adds no second space).
 
+Special tokens in the row (EOS between packed documents) are boundaries: see `align_row`.
+
 A packed row may begin or end inside a multi-byte UTF-8 character (a byte-level token can hold
 part of one). Those edge bytes are not text a teacher can read: the teacher sees the row's text
 without them, and student positions whose next token starts there stay unaligned (-1).
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from merge_distill.align.token_bytes import TokenBytes
+from merge_distill.align.token_bytes import TokenBytes, special_counterparts
 
 
 @dataclass
@@ -68,24 +70,70 @@ def spans(pieces: list[bytes]) -> list[int]:
     return starts
 
 
-def align_row(student_ids: list[int], student: TokenBytes, teacher: TokenBytes) -> RowAlignment:
-    """The alignment of one unpadded row of student ids with `teacher`'s tokens of its text."""
+def align_row(student_ids: list[int], student: TokenBytes, teacher: TokenBytes,
+              counterparts: dict[int, int] | None = None) -> RowAlignment:
+    """The alignment of one unpadded row of student ids with `teacher`'s tokens of its text.
+
+    The row is cut at the student's special tokens (documents packed into one row are separated by
+    EOS): the teacher encodes each run of text on its own and gets, for each student special token,
+    its counterpart (`special_counterparts`: same role or name; none: dropped). A document start
+    (the row's start, and text after an EOS) gets what the teacher puts before a text of its own
+    (its BOS). So a teacher sees the row as its own packed documents, and where the student
+    predicts EOS, the teacher position that predicts its own EOS at the same byte answers.
+    `counterparts` (student id -> teacher id) is computed when not given."""
+    if counterparts is None:
+        counterparts = special_counterparts(student, teacher)
     pieces = student(student_ids)
     starts = spans(pieces)
-    lead, text = _valid_text(b"".join(pieces))
-    teacher_ids, teacher_pieces = teacher.encode(text)
-    teacher_starts = spans(teacher_pieces)
-    # byte offset (in the row) -> teacher position whose next token starts there
-    next_at: dict[int, int] = {}
-    for j in range(len(teacher_ids) - 1):
-        if teacher_pieces[j + 1]:  # special tokens spell no text and are never a target
-            next_at.setdefault(lead + teacher_starts[j + 1], j)
     T = len(student_ids)
+    teacher_ids: list[int] = []
+    teacher_pieces: list[bytes] = []
+    teacher_starts: list[int] = []  # byte offset in the row of each teacher token
+    text_bytes = 0
+    document_start = True
+    t = 0
+    while t < T:
+        if not pieces[t]:  # a special token: its counterpart, if the teacher has one
+            if student_ids[t] in counterparts:
+                teacher_ids.append(counterparts[student_ids[t]])
+                teacher_pieces.append(b"")
+                teacher_starts.append(starts[t])
+            document_start = document_start or student_ids[t] == student.tokenizer.eos_token_id
+            t += 1
+            continue
+        end = t
+        while end < T and pieces[end]:
+            end += 1
+        lead, text = _valid_text(b"".join(pieces[t:end]))
+        if document_start and teacher.prefix and teacher_ids[-len(teacher.prefix):] != teacher.prefix:
+            teacher_ids += teacher.prefix
+            teacher_pieces += [b""] * len(teacher.prefix)
+            teacher_starts += [starts[t] + lead] * len(teacher.prefix)
+        ids, encoded = teacher.encode(text, special_tokens=False)
+        teacher_ids += ids
+        teacher_pieces += encoded
+        teacher_starts += [starts[t] + lead + offset for offset in spans(encoded)]
+        text_bytes += sum(len(p) for p in encoded)
+        document_start = False
+        t = end
+    if not teacher_ids:  # no text at all: one token so that the teacher has an input
+        teacher_ids, teacher_pieces, teacher_starts = teacher.prefix[:1] or [teacher.pad_id], [b""], [0]
+    # byte offset (in the row) -> teacher position whose next token starts there; special tokens
+    # spell no text and are found by (offset, id) instead
+    next_at: dict[int, int] = {}
+    special_at: dict[tuple[int, int], int] = {}
+    for j in range(len(teacher_ids) - 1):
+        if teacher_pieces[j + 1]:
+            next_at.setdefault(teacher_starts[j + 1], j)
+        else:
+            special_at.setdefault((teacher_starts[j + 1], teacher_ids[j + 1]), j)
     to_teacher = [-1] * T
     student_next = [0] * T
     for t in range(T - 1):
         if pieces[t + 1]:
             student_next[t] = len(pieces[t + 1])
             to_teacher[t] = next_at.get(starts[t + 1], -1)
+        elif student_ids[t + 1] in counterparts:
+            to_teacher[t] = special_at.get((starts[t + 1], counterparts[student_ids[t + 1]]), -1)
     teacher_next = [len(teacher_pieces[j + 1]) for j in range(len(teacher_ids) - 1)] + [0]
-    return RowAlignment(teacher_ids, to_teacher, student_next, teacher_next, len(text.encode("utf-8")))
+    return RowAlignment(teacher_ids, to_teacher, student_next, teacher_next, text_bytes)

@@ -22,22 +22,21 @@ import math
 import torch
 from torch import Tensor
 
-from merge_distill.align.token_bytes import TokenBytes
+from merge_distill.align.token_bytes import TokenBytes, special_counterparts
 
 
 def token_map(teacher: TokenBytes, student: TokenBytes) -> Tensor:
-    """[V_teacher] long: u(v) for every teacher id. A special token (BOS, EOS, chat markers) maps to
-    the student's special token of the same name, else to -1 (its mass then joins the tail)."""
+    """[V_teacher] long: u(v) for every teacher id. A special token maps to the student's special
+    token of the same role (BOS, EOS) or name (chat markers), else to -1 (its mass then joins the tail)."""
     by_bytes: dict[bytes, int] = {}
     for u, piece in enumerate(student.table):
         if piece and piece not in by_bytes:
             by_bytes[piece] = u
     longest = max((len(p) for p in by_bytes), default=1)
     out = torch.full((len(teacher.table),), -1, dtype=torch.long)
-    student_special = {student.tokenizer.convert_ids_to_tokens(u): u for u in student.special}
-    for v in teacher.special:
+    for v, u in special_counterparts(teacher, student).items():
         if v < len(out):
-            out[v] = student_special.get(teacher.tokenizer.convert_ids_to_tokens(v), -1)
+            out[v] = u
     for v, piece in enumerate(teacher.table):
         for length in range(min(len(piece), longest), 0, -1):  # exact match first, then shorter prefixes
             u = by_bytes.get(piece[:length])

@@ -85,16 +85,21 @@ class TokenBytes:
                 fallback = _BYTE_FALLBACK.match(token)
                 self.table[i] = bytes([int(fallback.group(1), 16)]) if fallback else token.replace(SPACE_MARK, " ").encode()
         self.special = special
+        # What the tokenizer puts around a text of its own (e.g. [BOS] before it): a document start.
+        probe = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        self.prefix: list[int] = probe[: probe.index(plain[0])] if plain and plain[0] in probe else []
+        self.pad_id: int = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
 
     def __call__(self, ids: list[int]) -> list[bytes]:
         return [self.table[i] if 0 <= i < len(self.table) else b"" for i in ids]
 
-    def encode(self, text: str) -> tuple[list[int], list[bytes]]:
-        """text -> (ids with the tokenizer's special tokens, the bytes of the text each token covers).
-        The pieces concatenate to the text's UTF-8 exactly: a special token covers b"", and
-        SentencePiece's dummy prefix space is taken off the first word. Raises ValueError when the
-        tokens' bytes do not spell the text (a normalising tokenizer)."""
-        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+    def encode(self, text: str, special_tokens: bool = True) -> tuple[list[int], list[bytes]]:
+        """text -> (ids, with the tokenizer's special tokens if `special_tokens`, and the bytes of the
+        text each token covers). The pieces concatenate to the text's UTF-8 exactly: a special token
+        covers b"", and SentencePiece's dummy prefix space is taken off the first word. Raises
+        ValueError when the tokens' bytes do not spell the text (a normalising tokenizer)."""
+        ids = self.tokenizer(text, add_special_tokens=special_tokens)["input_ids"]
         pieces = self(ids)
         target = text.encode("utf-8")
         joined = b"".join(pieces)
@@ -115,3 +120,15 @@ class TokenBytes:
                     "NFKC), so its tokens cannot be placed on the text's bytes; use a teacher whose tokenizer "
                     "keeps the text as it is"]
         return []
+
+
+def special_counterparts(source: TokenBytes, target: TokenBytes) -> dict[int, int]:
+    """source's special ids -> target's special token of the same role (BOS, EOS) or else of the
+    same name. A special token without a counterpart is absent (it has none in the target)."""
+    names = {target.tokenizer.convert_ids_to_tokens(i): i for i in target.special}
+    out = {i: names[name] for i in source.special if (name := source.tokenizer.convert_ids_to_tokens(i)) in names}
+    for role in ("bos_token_id", "eos_token_id"):
+        a, b = getattr(source.tokenizer, role), getattr(target.tokenizer, role)
+        if a is not None and b is not None:
+            out[a] = b
+    return out

@@ -3,7 +3,9 @@
 The manifest records what the cache was computed from; a run refuses a cache that differs in
 any of: teacher names, model paths/ids, revisions and fingerprints, tokenizer, the tokenized
 rows of each source (hence data, seq_len, packing, chat templating), k, the loss temperature
-and the storage dtype, naming the recipe key that differs.
+and the storage dtype, naming the recipe key that differs. Each teacher's tokenizer is
+fingerprinted on its own: a cache of teachers aligned across tokenizers holds their top-k in
+their own vocabularies.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from merge_distill.models import TOKENIZER_FILES
+from merge_distill.models import TOKENIZER_FILES, aligned_teachers, tokenizer_source
 from merge_distill.schema import SELF_TEACHER, Recipe
 
 if TYPE_CHECKING:
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
 
     from merge_distill.data import SourceRows
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: per-teacher tokenizer fingerprints, teachers aligned across tokenizers
 VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # The files that define a tokenizer (hashed into a teacher's fingerprint): those that hold one,
 # and the two that only accompany one.
@@ -33,9 +35,10 @@ TOKENIZER_DEFINITION = (*TOKENIZER_FILES, "special_tokens_map.json", "merges.txt
 REWRITE = "rewrite it with `merge-distill cache RECIPE --overwrite` (or point cache.dir elsewhere)"
 
 
-def bytes_per_token(k: int, dtype: str) -> int:
-    """Stored bytes per token per teacher: k values + k int32 ids + tail, NLL, entropy (float32)."""
-    return k * (VALUE_DTYPES[dtype].itemsize + 4) + 3 * 4
+def bytes_per_token(k: int, dtype: str, aligned: bool = False) -> int:
+    """Stored bytes per token per teacher: k values + k int32 ids + tail, NLL, entropy (float32),
+    and for a cache with teachers aligned across tokenizers the span (int32)."""
+    return k * (VALUE_DTYPES[dtype].itemsize + 4) + 3 * 4 + (4 if aligned else 0)
 
 
 # ---- fingerprints and the manifest ---------------------------------------------------------
@@ -87,6 +90,18 @@ def teacher_fingerprint(recipe: Recipe, index: int) -> str:
                 model_fingerprint(source) if source else "")
 
 
+def tokenizer_fingerprint(recipe: Recipe, index: int) -> str:
+    """The files that define a teacher's tokenizer (a `self` teacher has the student's); a hub id by
+    name and revision."""
+    spec = recipe.teachers[index]
+    model, revision = (tokenizer_source(recipe)[:2] if spec.model == SELF_TEACHER else (spec.model, spec.revision))
+    folder = Path(model)
+    if not folder.is_dir():
+        return _sha("hub", model, str(revision))
+    return _sha(*[part for name in TOKENIZER_DEFINITION if (folder / name).is_file()
+                  for part in (name, (folder / name).read_bytes())])
+
+
 def tokenizer_hash(tokenizer: "PreTrainedTokenizerBase") -> str:
     return _sha(json.dumps(sorted(tokenizer.get_vocab().items())), str(len(tokenizer)))
 
@@ -108,8 +123,10 @@ def cheap_manifest(recipe: Recipe) -> dict[str, Any]:
     assert section is not None
     return {
         "format": CACHE_FORMAT,
-        "teachers": [{"name": t.name, "model": t.model, "revision": t.revision, "fingerprint": teacher_fingerprint(recipe, i)}
+        "teachers": [{"name": t.name, "model": t.model, "revision": t.revision, "fingerprint": teacher_fingerprint(recipe, i),
+                      "tokenizer": tokenizer_fingerprint(recipe, i)}
                      for i, t in enumerate(recipe.teachers)],
+        "aligned": aligned_teachers(recipe),
         "seq_len": recipe.data.seq_len, "packing": recipe.data.packing,
         "k": section.k, "temperature": recipe.loss.temperature, "dtype": section.dtype,
     }
@@ -120,7 +137,8 @@ def full_manifest(recipe: Recipe, tokenizer: "PreTrainedTokenizerBase", sources:
     assert section is not None
     return {
         **cheap_manifest(recipe), "complete": False, "vocab_size": len(tokenizer), "tokenizer": tokenizer_hash(tokenizer),
-        "rows_per_shard": section.rows_per_shard, "bytes_per_token_per_teacher": bytes_per_token(section.k, section.dtype),
+        "rows_per_shard": section.rows_per_shard,
+        "bytes_per_token_per_teacher": bytes_per_token(section.k, section.dtype, bool(aligned_teachers(recipe))),
         "teacher_dtype": recipe.train.precision,
         "sources": [{"label": s.label, "folder": _folder_name(s.label), "rows": len(s), "data_hash": rows_hash(s),
                      "shards": math.ceil(len(s) / section.rows_per_shard)} for s in sources],
@@ -152,9 +170,16 @@ def manifest_differences(cached: dict[str, Any], expected: dict[str, Any], root:
             for field in ("model", "revision"):
                 if old[field] != new[field]:
                     out.append(f"teachers[{i}].{field} is {new[field]!r} but {where} was written with {old[field]!r}; {REWRITE}")
-            if old["model"] == new["model"] and old["fingerprint"] != new["fingerprint"]:
+            if old["model"] == new["model"] and old["tokenizer"] != new["tokenizer"]:
+                out.append(f"teachers[{i}] ({new['name']}): its tokenizer in {new['model']} differs from the one {where} "
+                           f"was written with (its top-k is stored in that tokenizer's vocabulary); {REWRITE}")
+            elif old["model"] == new["model"] and old["fingerprint"] != new["fingerprint"]:
                 out.append(f"teachers[{i}] ({new['name']}): the config, tokenizer or weights in {new['model']} changed since "
                            f"{where} was written; {REWRITE}")
+    if "aligned" in expected and cached.get("aligned") != expected["aligned"]:
+        out.append(f"teachers: {where} was written with {cached.get('aligned') or 'no'} teachers aligned across "
+                   f"tokenizers, the recipe aligns {expected['aligned'] or 'none'} (a teacher's tokenizer, the "
+                   f"student's or align.force changed); {REWRITE}")
     keys = {"seq_len": "data.seq_len", "packing": "data.packing", "k": "cache.k", "temperature": "loss.temperature",
             "dtype": "cache.dtype", "vocab_size": "the vocabulary size", "rows_per_shard": "cache.rows_per_shard"}
     for field, key in keys.items():

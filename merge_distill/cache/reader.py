@@ -22,6 +22,8 @@ class TeacherCache:
         self.manifest = manifest
         self.k, self.dtype, self.seq_len = int(manifest["k"]), str(manifest["dtype"]), int(manifest["seq_len"])
         self.num_teachers = len(manifest["teachers"])
+        # with teachers aligned across tokenizers every teacher also has its span (-1: not aligned)
+        self.fields = ("ids", "values", "tail", "nll", "entropy") + (("span",) if manifest["aligned"] else ())
         self.sources = {s["label"]: s for s in manifest["sources"]}
         self._tables: dict[tuple[str, int], Any] = {}
 
@@ -33,13 +35,14 @@ class TeacherCache:
         return self._tables[key]
 
     def read(self, labels: list[str], rows: list[int]) -> dict[str, list[Tensor]]:
-        """B (label, row) pairs -> {"ids", "values", "tail", "nll", "entropy"}: K tensors each,
-        [B, T, k] for ids/values, [B, T] for the rest (CPU, values in the storage dtype)."""
+        """B (label, row) pairs -> {"ids", "values", "tail", "nll", "entropy"} (+ "span" when teachers
+        are aligned across tokenizers): K tensors each, [B, T, k] for ids/values, [B, T] for the rest
+        (CPU, values in the storage dtype)."""
         per_shard = int(self.manifest["rows_per_shard"])
         groups: dict[tuple[str, int], list[tuple[int, int]]] = {}
         for position, (label, row) in enumerate(zip(labels, rows)):
             groups.setdefault((label, row // per_shard), []).append((position, row % per_shard))
-        out: dict[str, list[np.ndarray | None]] = {f: [None] * self.num_teachers for f in ("ids", "values", "tail", "nll", "entropy")}
+        out: dict[str, list[np.ndarray | None]] = {f: [None] * self.num_teachers for f in self.fields}
         for (label, shard), picks in groups.items():
             taken = self._table(label, shard).take(pa.array([offset for _, offset in picks]))
             where = [position for position, _ in picks]

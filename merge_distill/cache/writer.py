@@ -1,6 +1,8 @@
 """Writing the cache: teacher forwards over every training row, top-k + tail + NLL + entropy,
 one `datasets` Arrow folder per shard, written atomically (resume keeps complete shards).
-Teachers come from the online teacher source, placed as in training."""
+Teachers come from the online teacher source, placed as in training; when some teacher has
+another tokenizer, from the aligned source: every teacher's top-k is then stored in its own
+vocabulary at the student's positions, with the span of its aligned token (-1: none)."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from merge_distill.plan import training_rows
 from merge_distill.rundir import write_json_atomic
 from merge_distill.schema import SELF_TEACHER, Recipe
 from merge_distill.signals import TokenBatch, per_token_stats
-from merge_distill.sources import OnlineTeachers
+from merge_distill.sources import AlignedTeachers, OnlineTeachers
 
 
 @dataclass
@@ -69,6 +71,25 @@ def teacher_targets(logits: Tensor, targets: Tensor, k: int, temperature: float,
     temperature 1 (per_token_stats: exactly what the online path gives routers)."""
     nll, entropy, _ = per_token_stats(logits, targets, chunk_tokens, with_top1=False)
     return {**topk_targets(logits, k, temperature, chunk_tokens), "nll": nll, "entropy": entropy}
+
+
+def _teacher_columns(teachers: OnlineTeachers | AlignedTeachers, batch: TokenBatch, recipe: Recipe) -> list[dict[str, Tensor]]:
+    """Per teacher, what the cache stores for a batch: ids [B, T, k] int32, values [B, T, k] float32,
+    tail / nll / entropy [B, T] float32, and for aligned teachers span [B, T] int32 (the byte length
+    of the teacher's next token, -1: not aligned). Raises NonFiniteError naming the teacher."""
+    section = recipe.cache
+    assert section is not None
+    if isinstance(teachers, AlignedTeachers):  # ids in each teacher's own vocabulary, at the student's positions
+        return [{"ids": t.ids.to(torch.int32), "values": t.logprobs, "tail": t.tail, "nll": t.gold_nll,
+                 "entropy": t.entropy, "span": t.span} for t in teachers.teacher_targets(batch, section.k)]
+    signals = teachers.signals(batch)
+    out = []
+    for j, logits in enumerate(signals.logits):
+        top = topk_targets(logits, section.k, recipe.loss.temperature, recipe.train.chunk_tokens)
+        if not torch.isfinite(top["values"]).all():
+            raise NonFiniteError(f"teacher {signals.names[j]!r} produced NaN/inf log-probabilities")
+        out.append({**top, "nll": signals.gold_nll[..., j].float(), "entropy": signals.entropy[..., j].float()})
+    return out
 
 
 def _to_storage(values: Tensor, dtype: str) -> np.ndarray:
@@ -150,6 +171,12 @@ def write_cache(recipe: Recipe, console: Console | None = None, overwrite: bool 
         raise UserError(f"cache.k is {section.k} but the vocabulary has {vocab_size} tokens; use at most {vocab_size}")
     rows = training_rows(recipe, tokenizer)
     manifest = full_manifest(recipe, tokenizer, rows)
+    for t in recipe.teachers:
+        if t.name in manifest["aligned"] and t.model != SELF_TEACHER:
+            size = len(load_tokenizer(t.model, t.revision, t.trust_remote_code))
+            if section.k > size:
+                raise UserError(f"cache.k is {section.k} but teacher {t.name!r} has {size} tokens in its own vocabulary, "
+                                f"where its top-k is stored; use at most {size}")
     root = Path(section.dir)
     accelerator = dist_mod.accelerator_for(recipe)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -165,10 +192,11 @@ def write_cache(recipe: Recipe, console: Console | None = None, overwrite: bool 
                for stop in [min(len(source_rows), (shard + 1) * per_shard)]
                for b in range(shard * per_shard, stop, batch_rows)]
     rounds = dist_mod.global_max(accelerator, len(batches))  # teacher forwards are collective under ZeRO-3
-    teachers = None
+    teachers: OnlineTeachers | AlignedTeachers | None = None
     if rounds:
         student = load_student(recipe) if any(t.model == SELF_TEACHER for t in recipe.teachers) else None
-        teachers = OnlineTeachers.open(recipe, accelerator, vocab_size, student)
+        teachers = (AlignedTeachers.open(recipe, accelerator, tokenizer, student) if manifest["aligned"]
+                    else OnlineTeachers.open(recipe, accelerator, vocab_size, student))
     device = accelerator.device
     my_rows = sum(sl.stop - sl.start for _, sl in batches)
     columns_bar = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
@@ -184,21 +212,15 @@ def write_cache(recipe: Recipe, console: Console | None = None, overwrite: bool 
             batch = TokenBatch(source_rows.input_ids[sl].to(device), source_rows.attention_mask[sl].to(device),
                                source_rows.labels[sl].to(device), [], [])
             try:
-                signals = teachers.signals(batch)  # type: ignore[union-attr]
+                stored = _teacher_columns(teachers, batch, recipe)  # type: ignore[arg-type]
             except NonFiniteError as exc:
                 raise NonFiniteError(f"{exc} on rows {sl.start}..{sl.stop - 1} of {source_rows.label}") from None
             if i >= len(batches):
                 continue  # a repeated batch only keeps the collectives in step
-            for j, logits in enumerate(signals.logits):
-                out = topk_targets(logits, section.k, recipe.loss.temperature, recipe.train.chunk_tokens)
-                if not torch.isfinite(out["values"]).all():
-                    raise NonFiniteError(f"teacher {signals.names[j]!r} produced NaN/inf log-probabilities on rows "
-                                         f"{sl.start}..{sl.stop - 1} of {source_rows.label}")
-                parts.setdefault(f"t{j}_ids", []).append(out["ids"].cpu().numpy())
-                parts.setdefault(f"t{j}_values", []).append(_to_storage(out["values"], section.dtype))
-                parts.setdefault(f"t{j}_tail", []).append(out["tail"].float().cpu().numpy())
-                parts.setdefault(f"t{j}_nll", []).append(signals.gold_nll[..., j].float().cpu().numpy())
-                parts.setdefault(f"t{j}_entropy", []).append(signals.entropy[..., j].float().cpu().numpy())
+            for j, out in enumerate(stored):
+                for field, values in out.items():
+                    array = _to_storage(values, section.dtype) if field == "values" else values.cpu().numpy()
+                    parts.setdefault(f"t{j}_{field}", []).append(array)
             progress.advance(task, sl.stop - sl.start)
             last_of_shard = i + 1 == len(batches) or batches[i + 1][0] != shard_index
             if last_of_shard:

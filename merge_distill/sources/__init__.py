@@ -8,7 +8,7 @@ A new source is one file that defines a class with `signals`, `held_bytes` and `
 with `@register_source(name, provides, selects, summary)`, plus one import line below.
 """
 
-from merge_distill.sources.aligned import AlignedTeachers, cross_tokenizer_teachers
+from merge_distill.sources.aligned import AlignedTeachers
 from merge_distill.sources.base import (
     SIGNALS,
     SOURCES,
@@ -23,6 +23,6 @@ from merge_distill.sources.online import OnlineTeachers
 from merge_distill.sources.signals import Agreement, DenseSignals, LossSetup, SparseSignals, TeacherSignals
 
 __all__ = [
-    "SIGNALS", "SOURCES", "AlignedTeachers", "Agreement", "CachedTeachers", "SourceContext", "cross_tokenizer_teachers", "DenseSignals", "LossSetup", "OnlineTeachers", "SparseSignals",
+    "SIGNALS", "SOURCES", "AlignedTeachers", "Agreement", "CachedTeachers", "SourceContext", "DenseSignals", "LossSetup", "OnlineTeachers", "SparseSignals",
     "TeacherSignals", "TeacherSource", "needs_problems", "register_source", "training_source",
 ]

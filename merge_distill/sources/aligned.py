@@ -20,7 +20,7 @@ same-tokenizer path.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
@@ -28,31 +28,17 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from merge_distill import distributed as dist_mod
-from merge_distill.align import TokenBytes, align_row
+from merge_distill.align import TokenBytes, align_row, special_counterparts
 from merge_distill.align.projection import project_topk, token_map
-from merge_distill.models import compare_vocabs, cut_vocab, load_teachers, load_tokenizer, tokenizer_source
-from merge_distill.schema import SELF_TEACHER, Recipe
+from merge_distill.models import aligned_teachers, cross_tokenizer_teachers, cut_vocab, load_teachers, load_tokenizer
+from merge_distill.schema import Recipe
 from merge_distill.signals import IGNORE_INDEX, TokenBatch, normalizes_in_place, per_token_stats
 from merge_distill.sources.base import SourceContext, register_source
 from merge_distill.sources.signals import SparseSignals, check_finite
 
 
-@lru_cache(maxsize=16)
-def _differs(student: tuple[str, str | None], teacher: tuple[str, str | None]) -> bool:
-    try:
-        return bool(compare_vocabs(load_tokenizer(*student), load_tokenizer(*teacher)))
-    except Exception:  # noqa: BLE001  unreadable tokenizers are reported by the file checks
-        return False
-
-
-def cross_tokenizer_teachers(recipe: Recipe) -> list[str]:
-    """Names of the teachers whose tokenizer differs from the student's (a `self` teacher never does)."""
-    student = tokenizer_source(recipe)[:2]
-    return [t.name for t in recipe.teachers if t.model != SELF_TEACHER and _differs(student, (t.model, t.revision))]
-
-
 def _selects(recipe: Recipe) -> bool:
-    return (recipe.cache is None or not recipe.cache.use) and (recipe.align.force or bool(cross_tokenizer_teachers(recipe)))
+    return (recipe.cache is None or not recipe.cache.use) and bool(aligned_teachers(recipe))
 
 
 @register_source("aligned", {"gold_nll", "entropy", "top1", "hidden"}, _selects,
@@ -67,6 +53,7 @@ class AlignedTeachers:
         self.student_bytes = TokenBytes(student_tokenizer)
         self.teacher_bytes = [TokenBytes(t) for t in tokenizers]
         self.maps = [token_map(tb, self.student_bytes) for tb in self.teacher_bytes]
+        self.counterparts = [special_counterparts(self.student_bytes, tb) for tb in self.teacher_bytes]
         self.vocab_sizes = [len(t) for t in tokenizers]
         self.student_vocab = len(student_tokenizer)
         self.k, self.temperature, self.chunk_tokens = k, temperature, chunk_tokens
@@ -84,7 +71,7 @@ class AlignedTeachers:
         cross = set(cross_tokenizer_teachers(recipe))
         tokenizers = [load_tokenizer(t.model, t.revision, t.trust_remote_code) if t.name in cross else student_tokenizer
                       for t in wanted]
-        aligned = [recipe.align.force or t.name in cross for t in wanted]
+        aligned = [t.name in aligned_teachers(recipe) for t in wanted]
         return cls([t.name for t in wanted], placed, tokenizers, student_tokenizer, recipe.align.k,
                    recipe.loss.temperature, recipe.train.chunk_tokens, aligned)
 
@@ -109,9 +96,9 @@ class AlignedTeachers:
         rows = []
         for b in range(B):
             ids = batch.input_ids[b][batch.attention_mask[b].bool()].tolist()
-            rows.append(align_row(ids, self.student_bytes, self.teacher_bytes[j]))
+            rows.append(align_row(ids, self.student_bytes, self.teacher_bytes[j], self.counterparts[j]))
         width = max(len(r.teacher_ids) for r in rows)
-        pad = self.teacher_bytes[j].tokenizer.pad_token_id or 0
+        pad = self.teacher_bytes[j].pad_id
         ids = torch.full((B, width), pad, dtype=torch.long)
         attention = torch.zeros((B, width), dtype=torch.long)
         position = torch.full((B, T), -1, dtype=torch.long)
@@ -143,15 +130,14 @@ class AlignedTeachers:
         return torch.stack(out).cpu()
 
     @torch.inference_mode()
-    def signals(self, batch: TokenBatch) -> SparseSignals:
-        """batch [B, T] -> per teacher: top-k ids / log-probs [B, T, k] and tail [B, T] in the student's
-        vocabulary, gold NLL and entropy per byte [B, T, K], coverage [B, T, K]."""
+    def teacher_targets(self, batch: TokenBatch, k: int) -> list[AlignedTargets]:
+        """Per teacher, at the student's positions and in the teacher's own vocabulary: its top-k
+        (k at most its vocabulary) + tail at the loss temperature, gold NLL and entropy per byte."""
         targets = batch.targets
         B, T = targets.shape
         device = targets.device
         valid = targets != IGNORE_INDEX
-        k = min(self.k, self.student_vocab)
-        out_ids, out_lp, out_tail, nll, ent, covered, widths = [], [], [], [], [], [], []
+        out = []
         for j, model in enumerate(self.models):
             ids, attention, position, nbytes, next_ids = self._teacher_batch(batch, j)
             logits = cut_vocab(model(input_ids=ids, attention_mask=attention, use_cache=False).logits,
@@ -159,13 +145,13 @@ class AlignedTeachers:
             where = (position >= 0) & valid                                           # [B, T]
             rows = torch.nonzero(where, as_tuple=True)
             picked = position[rows]                                                   # teacher positions
-            top_ids = torch.zeros(B, T, k, dtype=torch.long, device=device)
-            top_lp = torch.full((B, T, k), -math.inf, device=device)
-            tail = torch.zeros(B, T, device=device)  # log 1: where a teacher has no target, all its mass is tail
-            n_j = torch.zeros(B, T, device=device)
-            e_j = torch.zeros(B, T, device=device)
-            w_j = torch.zeros(B, T, device=device)
             kj = min(k, logits.shape[-1])
+            result = AlignedTargets(
+                ids=torch.zeros(B, T, kj, dtype=torch.long, device=device),
+                logprobs=torch.full((B, T, kj), -math.inf, device=device),
+                tail=torch.zeros(B, T, device=device),  # log 1: where a teacher has no target, all its mass is tail
+                gold_nll=torch.zeros(B, T, device=device), entropy=torch.zeros(B, T, device=device),
+                span=torch.full((B, T), -1, dtype=torch.int32, device=device))
             for s in range(0, picked.numel(), self.chunk_tokens):
                 sl = slice(s, s + self.chunk_tokens)
                 chunk_rows = (rows[0][sl], rows[1][sl])
@@ -175,31 +161,63 @@ class AlignedTeachers:
                 # float32: x becomes log-probs at temperature 1 in place (one log-softmax pass serves both)
                 n, e, _ = per_token_stats(x.unsqueeze(0), gold.unsqueeze(0), self.chunk_tokens, in_place=True,
                                           with_top1=False)
-                span = nbytes[rows[0][sl], picked[sl]].clamp_min(1.0)
-                w_j[chunk_rows] = span
-                n_j[chunk_rows], e_j[chunk_rows] = n[0] / span, e[0] / span           # per byte of the teacher's token
+                width = nbytes[rows[0][sl], picked[sl]]
+                span = width.clamp_min(1.0)  # a special next token (EOS) spells no byte: per token there
+                result.span[chunk_rows] = width.to(torch.int32)
+                result.gold_nll[chunk_rows] = n[0] / span  # per byte of the teacher's token
+                result.entropy[chunk_rows] = e[0] / span
                 if self.temperature == 1.0 and normalizes_in_place(x):
                     logp = x
                 else:
                     logp = torch.log_softmax(x / self.temperature, -1)
                 values, teacher_ids = logp.topk(kj, -1)
                 # the tail exactly: logsumexp over the tokens outside the top k (never 1 - sum)
-                rest = torch.logsumexp(logp.scatter_(-1, teacher_ids, -math.inf), -1)
-                if self.aligned[j]:
-                    sid, slp, stail = project_topk(teacher_ids, values, rest, self.maps[j])
-                else:
-                    sid, slp, stail = teacher_ids, values, rest
-                top_ids[chunk_rows] = torch.nn.functional.pad(sid, (0, k - kj), value=0) if kj < k else sid
-                top_lp[chunk_rows] = torch.nn.functional.pad(slp, (0, k - kj), value=-math.inf) if kj < k else slp
-                tail[chunk_rows] = stail
+                result.tail[chunk_rows] = torch.logsumexp(logp.scatter_(-1, teacher_ids, -math.inf), -1)
+                result.ids[chunk_rows], result.logprobs[chunk_rows] = teacher_ids, values
             del logits
-            out_ids.append(top_ids)
-            out_lp.append(top_lp)
-            out_tail.append(tail)
-            nll.append(n_j)
-            ent.append(e_j)
-            covered.append(where)
-            widths.append(w_j)
-        check_finite(self.names, nll, ent)
-        return SparseSignals(self.names, out_ids, out_lp, out_tail, torch.stack(nll, -1), torch.stack(ent, -1),
-                             torch.stack(covered, -1), torch.stack(widths, -1))
+            out.append(result)
+        check_finite(self.names, [r.gold_nll for r in out], [r.entropy for r in out])
+        return out
+
+    def signals(self, batch: TokenBatch) -> SparseSignals:
+        """batch [B, T] -> per teacher: top-k ids / log-probs [B, T, k] and tail [B, T] in the student's
+        vocabulary, gold NLL and entropy per byte [B, T, K], coverage [B, T, K]."""
+        k = min(self.k, self.student_vocab)
+        targets = self.teacher_targets(batch, k)
+        return projected_signals(self.names, targets, [m if a else None for m, a in zip(self.maps, self.aligned)], k)
+
+
+@dataclass
+class AlignedTargets:
+    """One teacher at the student's positions [B, T], in the teacher's own vocabulary (what the cache
+    stores): ids [B, T, k] long and log-probs [B, T, k] float32 at the loss temperature (ids 0 and
+    -inf where not aligned), tail [B, T] (log of the mass outside the top k), gold NLL and entropy
+    per byte of the teacher's next token [B, T], and span [B, T] int32: that token's byte length,
+    -1 where the teacher has no aligned position (or no target)."""
+
+    ids: Tensor
+    logprobs: Tensor
+    tail: Tensor
+    gold_nll: Tensor
+    entropy: Tensor
+    span: Tensor
+
+
+def projected_signals(names: list[str], targets: list[AlignedTargets], maps: list[Tensor | None], k: int) -> SparseSignals:
+    """Teachers' targets in their own vocabularies -> SparseSignals in the student's: top-k projected
+    through each teacher's token map (None: the student's own tokenizer, kept as is), padded to a
+    common width k with entries that list nothing (log-prob -inf)."""
+    ids, logprobs, tails = [], [], []
+    for target, mapping in zip(targets, maps):
+        if mapping is None:
+            i, lp, tail = target.ids, target.logprobs.float(), target.tail
+        else:
+            i, lp, tail = project_topk(target.ids, target.logprobs.float(), target.tail, mapping.to(target.ids.device))
+        pad = k - i.shape[-1]
+        ids.append(torch.nn.functional.pad(i.long(), (0, pad), value=0) if pad > 0 else i.long())
+        logprobs.append(torch.nn.functional.pad(lp, (0, pad), value=-math.inf) if pad > 0 else lp)
+        tails.append(tail.float())
+    covered = torch.stack([t.span >= 0 for t in targets], -1)
+    return SparseSignals(names, ids, logprobs, tails, torch.stack([t.gold_nll for t in targets], -1),
+                         torch.stack([t.entropy for t in targets], -1), covered,
+                         torch.stack([t.span.float().clamp_min(0) for t in targets], -1))

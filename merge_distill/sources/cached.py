@@ -1,7 +1,9 @@
 """Cached teachers: the offline cache answers for the models (`cache.use: true`); none is loaded.
 
 `merge-distill cache` wrote each teacher's top-k log-probs, tail mass, gold NLL and entropy per
-source row (merge_distill/cache); a batch reads its rows by (source label, row index).
+source row (merge_distill/cache); a batch reads its rows by (source label, row index). Teachers
+aligned across tokenizers were stored in their own vocabularies with their spans: they are
+projected into the student's here, exactly as the aligned source does online.
 """
 
 from __future__ import annotations
@@ -9,14 +11,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from transformers import PreTrainedTokenizerBase
+
+from merge_distill.align import TokenBytes
+from merge_distill.align.projection import token_map
 
 from merge_distill.cache.manifest import full_manifest, read_manifest, recipe_problems
 from merge_distill.cache.reader import TeacherCache
 from merge_distill.data import SourceRows
 from merge_distill.errors import NonFiniteError, UserError
+from merge_distill.models import cross_tokenizer_teachers, load_tokenizer
 from merge_distill.schema import Recipe
 from merge_distill.signals import IGNORE_INDEX, TokenBatch
+from merge_distill.sources.aligned import AlignedTargets, projected_signals
 from merge_distill.sources.base import SourceContext, register_source
 from merge_distill.sources.signals import SparseSignals
 
@@ -30,9 +38,12 @@ def _uses_cache(recipe: Recipe) -> bool:
 class CachedTeachers:
     """The teachers, answered from the cache."""
 
-    def __init__(self, names: list[str], cache: TeacherCache):
+    def __init__(self, names: list[str], cache: TeacherCache, maps: list[Tensor | None] | None = None):
         self.names = names
         self.cache = cache
+        # per teacher: its token map into the student's vocabulary when the cache holds its top-k in
+        # its own (aligned across tokenizers); None: the student's vocabulary. maps None: no alignment.
+        self.maps = maps
 
     @classmethod
     def open(cls, recipe: Recipe, tokenizer: PreTrainedTokenizerBase, rows: list[SourceRows]) -> "CachedTeachers":
@@ -42,7 +53,16 @@ class CachedTeachers:
         problems = recipe_problems(recipe, check_files=True, expected=full_manifest(recipe, tokenizer, rows))
         if problems:
             raise UserError(problems)
-        return cls(recipe.teacher_names, TeacherCache(root, read_manifest(root)))  # type: ignore[arg-type]
+        manifest = read_manifest(root)
+        assert manifest is not None
+        maps = None
+        if manifest["aligned"]:
+            student = TokenBytes(tokenizer)
+            cross = set(cross_tokenizer_teachers(recipe))
+            maps = [token_map(TokenBytes(load_tokenizer(t.model, t.revision, t.trust_remote_code))
+                              if t.name in cross else student, student) if t.name in manifest["aligned"] else None
+                    for t in recipe.teachers]
+        return cls(recipe.teacher_names, TeacherCache(root, manifest), maps)
 
     @classmethod
     def for_training(cls, recipe: Recipe, context: SourceContext) -> "CachedTeachers":
@@ -63,6 +83,13 @@ class CachedTeachers:
         targets = batch.targets
         device = targets.device
         valid = targets != IGNORE_INDEX
+        if self.maps is not None:  # top-k in each teacher's own vocabulary, with its span
+            aligned = [AlignedTargets(
+                ids=data["ids"][j].to(device).long(), logprobs=data["values"][j].to(device).float(),
+                tail=data["tail"][j].to(device), gold_nll=torch.where(valid, data["nll"][j].to(device), 0.0),
+                entropy=torch.where(valid, data["entropy"][j].to(device), 0.0),
+                span=torch.where(valid, data["span"][j].to(device), -1)) for j in range(len(self.names))]
+            return projected_signals(self.names, aligned, self.maps, self.cache.k)
         # The stored NLL/entropy are 0 where the source row has no target; the batch's targets decide.
         nll = torch.stack([torch.where(valid, t.to(device), 0.0) for t in data["nll"]], -1)
         entropy = torch.stack([torch.where(valid, t.to(device), 0.0) for t in data["entropy"]], -1)

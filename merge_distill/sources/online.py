@@ -20,13 +20,13 @@ from merge_distill import distributed as dist_mod
 from merge_distill.models import cut_vocab, load_teachers
 from merge_distill.schema import SELF_TEACHER, Recipe
 from merge_distill.signals import TokenBatch, normalizes_in_place, per_token_stats
-from merge_distill.sources.aligned import cross_tokenizer_teachers
+from merge_distill.models import aligned_teachers
 from merge_distill.sources.base import SourceContext, register_source
 from merge_distill.sources.signals import DenseSignals, check_finite
 
 
 def _uses_models(recipe: Recipe) -> bool:
-    return (recipe.cache is None or not recipe.cache.use) and not recipe.align.force and not cross_tokenizer_teachers(recipe)
+    return (recipe.cache is None or not recipe.cache.use) and not aligned_teachers(recipe)
 
 
 @register_source("online", {"gold_nll", "entropy", "top1", "logits", "hidden"}, _uses_models,

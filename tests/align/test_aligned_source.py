@@ -12,26 +12,17 @@ from e2e import run_and_check
 from merge_distill.distributed import accelerator_for
 from merge_distill.losses import DIVERGENCES
 from merge_distill.models import load_tokenizer
-from merge_distill.pico import build_sentencepiece_tokenizer, pico_llama, prose_texts, stdlib_texts
 from merge_distill.plan import training_rows
 from merge_distill.recipe import load_recipe
 from merge_distill.signals import IGNORE_INDEX, TokenBatch
 from merge_distill.sources import AlignedTeachers, LossSetup, OnlineTeachers, training_source
 
 
-@pytest.fixture(scope="module")
-def sp_teacher(tmp_path_factory):
-    """A pico teacher with a SentencePiece tokenizer of its own (and 8 padded embedding rows)."""
-    folder = tmp_path_factory.mktemp("sp_teacher")
-    tokenizer = build_sentencepiece_tokenizer(stdlib_texts(30) + prose_texts(30), 500, folder)
-    pico_llama(len(tokenizer) + 8, seed=11, layers=2).save_pretrained(folder)
-    return folder
-
-
-def eos_free_batch(recipe, tokenizer, rows: int = 3) -> TokenBatch:
+def packed_batch(recipe, tokenizer, rows: int = 3) -> TokenBatch:
+    """The first `rows` training rows that pack two documents (an EOS inside the row)."""
     source = training_rows(recipe, tokenizer)[0]
     eos = tokenizer.eos_token_id
-    keep = [i for i in range(len(source)) if eos not in source.input_ids[i].tolist()][:rows]
+    keep = [i for i in range(len(source)) if eos in source.input_ids[i, 1:-1].tolist()][:rows]
     assert len(keep) == rows
     return TokenBatch(source.input_ids[keep], source.attention_mask[keep], source.labels[keep],
                       [source.domain] * rows, [source.label] * rows)
@@ -41,7 +32,7 @@ def eos_free_batch(recipe, tokenizer, rows: int = 3) -> TokenBatch:
 @pytest.mark.parametrize("blend", ["mixture", "geometric"])
 def test_identity_same_tokenizer_forced_through_the_cross_path(pico, tmp_path, kind, blend) -> None:
     """Same tokenizer, forced through alignment + projection at k = V: loss and gradient equal the
-    same-tokenizer path within 1e-6 (on rows without EOS, which the cross path never distils)."""
+    same-tokenizer path within 1e-6, on rows that pack documents (EOS targets included)."""
     base = pico_recipe_dict(pico, tmp_path / "run", loss={"kind": kind, "temperature": 2.0},
                             routing={"kind": "uniform", "blend": blend})
     tokenizer = load_tokenizer(str(pico["student"]))
@@ -51,7 +42,7 @@ def test_identity_same_tokenizer_forced_through_the_cross_path(pico, tmp_path, k
     accelerator = accelerator_for(plain)
     online = OnlineTeachers.open(plain, accelerator, len(tokenizer))
     aligned = AlignedTeachers.open(forced, accelerator, tokenizer)
-    batch = eos_free_batch(plain, tokenizer)
+    batch = packed_batch(plain, tokenizer)
     targets = batch.targets
     mask = targets != IGNORE_INDEX
     weights = torch.where(mask.unsqueeze(-1), torch.full((*mask.shape, 2), 0.5), torch.zeros(*mask.shape, 2))
@@ -109,7 +100,7 @@ def test_positions_no_teacher_covers_train_on_the_gold_token(pico, sp_teacher, t
     loaded = load_recipe(write_recipe(tmp_path / "r.yaml", recipe))
     tokenizer = load_tokenizer(str(pico["student"]))
     source = AlignedTeachers.open(loaded, accelerator_for(loaded), tokenizer)
-    batch = eos_free_batch(loaded, tokenizer, rows=2)
+    batch = packed_batch(loaded, tokenizer, rows=2)
     signals = source.signals(batch)
     targets = batch.targets
     mask = targets != IGNORE_INDEX
@@ -189,7 +180,7 @@ def test_padded_embedding_rows_of_a_teacher_with_another_tokenizer_never_reach_t
     source = AlignedTeachers.open(loaded, accelerator_for(loaded), tokenizer)
     model = source.models[0]
     assert model.lm_head.weight.shape[0] == source.vocab_sizes[0] + 8
-    batch = eos_free_batch(loaded, tokenizer, rows=2)
+    batch = packed_batch(loaded, tokenizer, rows=2)
     before = source.signals(batch)
     with torch.no_grad():
         model.lm_head.weight[source.vocab_sizes[0]:] = 1e3

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from merge_distill.align import TokenBytes, align_row, spans
+from merge_distill.align import TokenBytes, align_row, special_counterparts, spans
 from merge_distill.errors import UserError
 from merge_distill.pico import (
     build_bpe_tokenizer,
@@ -154,15 +154,43 @@ def test_row_that_starts_and_ends_inside_a_character(families) -> None:
     assert row.covered > 0
 
 
-def test_special_tokens_spell_nothing_and_are_never_targets(families) -> None:
+def test_packed_documents_reach_the_teacher_as_its_own_documents(families) -> None:
+    """A byte-level student row "first doc</s>second" (no BOS) -> a SentencePiece teacher's
+    "<s> first doc </s> <s> second": EOS maps to the teacher's EOS, each document starts with the
+    teacher's BOS, and the position that predicts EOS is matched with the teacher's."""
     sp, bl = families["sentencepiece"], families["byte_level"]
-    eos = bl.tokenizer.convert_tokens_to_ids("</s>")
-    ids = bl.tokenizer("first doc", add_special_tokens=False)["input_ids"] + [eos] + \
-        bl.tokenizer("second", add_special_tokens=False)["input_ids"]
+    eos = bl.tokenizer.eos_token_id
+    first = bl.tokenizer("first doc", add_special_tokens=False)["input_ids"]
+    ids = first + [eos] + bl.tokenizer("second", add_special_tokens=False)["input_ids"]
     row = align_row(ids, bl, sp)
+    assert bl([eos]) == [b""] and sp.prefix == [sp.tokenizer.bos_token_id]
+    expected = sp.encode("first doc")[0] + [sp.tokenizer.eos_token_id] + sp.encode("second")[0]
+    assert row.teacher_ids == expected
     k = ids.index(eos)
-    assert bl([eos]) == [b""] and row.to_teacher[k - 1] == -1  # predicting EOS: no teacher token there
-    assert row.to_teacher[k] >= 0  # after EOS the text goes on and is matched
+    j = row.to_teacher[k - 1]  # predicting EOS
+    assert row.teacher_ids[j + 1] == sp.tokenizer.eos_token_id and row.student_next_bytes[k - 1] == 0
+    j = row.to_teacher[k]  # at EOS, predicting the second document's first token: the teacher's BOS position
+    assert row.teacher_ids[j] == sp.tokenizer.bos_token_id and row.teacher_ids[j - 1] == sp.tokenizer.eos_token_id
+    assert row.text_bytes == len(b"first docsecond")
+
+
+def test_a_student_bos_is_not_given_twice(families) -> None:
+    """A SentencePiece student whose rows hold "<s> a </s> <s> b" -> a SentencePiece teacher gets
+    one BOS per document; both EOS-predicting positions and all text positions are matched."""
+    sp = families["sentencepiece"]
+    ids = sp.encode("alpha beta")[0] + [sp.tokenizer.eos_token_id] + sp.encode("gamma")[0]
+    row = align_row(ids, sp, sp)
+    assert row.teacher_ids == ids
+    assert row.to_teacher == list(range(len(ids) - 1)) + [-1]
+
+
+def test_special_tokens_without_a_counterpart_are_dropped(families) -> None:
+    bl, dg = families["byte_level"], families["digits"]
+    assert special_counterparts(bl, dg)[bl.tokenizer.eos_token_id] == dg.tokenizer.eos_token_id
+    marker = max(bl.special) + 1000  # an id the student's table does not spell: no counterpart
+    ids = bl.tokenizer("x = 1", add_special_tokens=False)["input_ids"]
+    row = align_row(ids[:2] + [marker] + ids[2:], bl, dg)
+    assert marker not in row.teacher_ids and row.to_teacher[1] == -1  # predicting the marker: no teacher target
 
 
 def test_unsupported_and_normalising_tokenizers_are_refused(tmp_path) -> None:
