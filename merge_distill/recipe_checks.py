@@ -16,7 +16,7 @@ from transformers import AutoConfig
 
 from merge_distill.cache.manifest import full_manifest, recipe_problems
 from merge_distill.checkpoint import check_resumable
-from merge_distill.data import source_files
+from merge_distill.data import SourceRows, source_files
 from merge_distill.errors import UserError
 from merge_distill.evaluate import eval_rows
 from merge_distill.models import (
@@ -32,7 +32,8 @@ from merge_distill.plan import training_rows
 from merge_distill.routing import ROUTERS
 from merge_distill.rundir import run_dir_problems
 from merge_distill.schema import SELF_TEACHER, Recipe, looks_local
-from merge_distill.align import TokenBytes, tokenizer_family
+from merge_distill.signals import IGNORE_INDEX, shift_targets
+from merge_distill.align import TokenBytes, align_row, special_counterparts, tokenizer_family
 from merge_distill.sources import needs_problems
 
 
@@ -235,19 +236,55 @@ def tokenizer_problems(recipe: Recipe) -> list[str]:
     return problems
 
 
+COVERAGE_ROWS = 32  # rows per training source that `validate` aligns to measure coverage
+
+
+def alignment_coverage(student: TokenBytes, teacher: TokenBytes, rows: list[SourceRows],
+                       max_rows: int = COVERAGE_ROWS) -> dict[str, tuple[int, int]]:
+    """domain -> (the student's target positions aligned with a teacher position, all target
+    positions), over the first `max_rows` rows of each source: what the report's "aligned" share
+    will be, known before any model is loaded."""
+    counterparts = special_counterparts(student, teacher)
+    counts: dict[str, tuple[int, int]] = {}
+    for source in rows:
+        aligned = total = 0
+        for i in range(min(max_rows, len(source))):
+            keep = source.attention_mask[i].bool()
+            has_target = (shift_targets(source.labels[i: i + 1])[0][keep] != IGNORE_INDEX).tolist()
+            row = align_row(source.input_ids[i][keep].tolist(), student, teacher, counterparts)
+            aligned += sum(1 for t, target in enumerate(has_target) if target and row.to_teacher[t] >= 0)
+            total += sum(has_target)
+        before = counts.get(source.domain, (0, 0))
+        counts[source.domain] = (before[0] + aligned, before[1] + total)
+    return counts
+
+
 def alignment_summary(recipe: Recipe) -> list[str]:
-    """One line per teacher that is aligned across tokenizers: how (for `validate`)."""
+    """One line per teacher that is aligned across tokenizers: how, and on what share of the
+    student's target positions of the training data (for `validate`)."""
     cross = set(cross_tokenizer_teachers(recipe))
     cached = recipe.cache is not None and recipe.cache.use
     k = recipe.cache.k if recipe.cache is not None and cached else recipe.align.k
     where = "read from the cache (stored in its own vocabulary) and " if cached else ""
+    wanted = [t for t in recipe.teachers if t.name in cross or (recipe.align.force and t.model != SELF_TEACHER)]
+    if not wanted:
+        return []
+    student_tokenizer = load_tokenizer(*tokenizer_source(recipe))
+    student = TokenBytes(student_tokenizer)
+    rows, _ = _collect(training_rows, recipe, student_tokenizer)  # problems there are preflight's to report
     lines = []
-    for t in recipe.teachers:
-        if t.name in cross or (recipe.align.force and t.model != SELF_TEACHER):
-            tokenizer = load_tokenizer(t.model, t.revision, t.trust_remote_code)
-            what = "another tokenizer" if t.name in cross else "the student's tokenizer, forced (align.force)"
-            lines.append(f"teacher {t.name!r} uses {what} ({tokenize_family_name(tokenizer)}, {len(tokenizer)} tokens): "
-                         f"aligned through byte offsets, its top-{k} {where}projected into the student's vocabulary")
+    for t in wanted:
+        tokenizer = load_tokenizer(t.model, t.revision, t.trust_remote_code) if t.name in cross else student_tokenizer
+        what = "another tokenizer" if t.name in cross else "the student's tokenizer, forced (align.force)"
+        line = (f"teacher {t.name!r} uses {what} ({tokenize_family_name(tokenizer)}, {len(tokenizer)} tokens): "
+                f"aligned through byte offsets, its top-{k} {where}projected into the student's vocabulary")
+        if rows:
+            counts = alignment_coverage(student, TokenBytes(tokenizer), rows)  # type: ignore[arg-type]
+            aligned, total = (sum(c[i] for c in counts.values()) for i in (0, 1))
+            domains = ", ".join(f"{d} {a / max(n, 1):.1%}" for d, (a, n) in counts.items())
+            line += (f"; aligned at {aligned / max(total, 1):.1%} of the student's target positions ({domains}; "
+                     f"first {COVERAGE_ROWS} rows of each source)")
+        lines.append(line)
     return lines
 
 

@@ -112,3 +112,22 @@ def normalizes_in_place(logits: Tensor) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+LOG_HALF = -0.6931471805599453  # log(1/2)
+
+
+def tail_logmass(scores: Tensor, lse: Tensor, top_values: Tensor, top_ids: Tensor) -> Tensor:
+    """log of the probability outside the top k: scores [c, V] (logits or log-probs, overwritten
+    where needed), lse [c] their logsumexp (0 for log-probs), top_values / top_ids [c, k] -> [c].
+
+    Where the top k hold at most half the mass, log1p(-m) is exact to a few float eps: 1 - m >= 1/2,
+    so the subtraction cannot cancel, and it costs O(k). Elsewhere (a peaked teacher) the
+    logsumexp over the other V - k scores, never 1 - m, which would cancel catastrophically."""
+    listed = torch.logsumexp(top_values, dim=-1) - lse                   # log m
+    tail = torch.log1p(-listed.clamp_max(LOG_HALF).exp())
+    heavy = torch.nonzero(listed > LOG_HALF).squeeze(-1)
+    if heavy.numel():
+        rest = scores[heavy].scatter_(-1, top_ids[heavy], -float("inf"))  # a copy of those rows
+        tail[heavy] = torch.logsumexp(rest, dim=-1) - lse[heavy]
+    return tail

@@ -70,14 +70,15 @@ class TokenBytes:
         self.tokenizer = tokenizer
         self.family = tokenizer_family(tokenizer)
         special = set(tokenizer.all_special_ids)
-        special |= {i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
+        added = tokenizer.added_tokens_decoder  # a property that builds a new dict on every access: read once
+        special |= {i for i, tok in added.items() if tok.special}
         vocab = tokenizer.get_vocab()
         self.table: list[bytes] = [b""] * (max(vocab.values()) + 1)
         decoder = byte_decoder()
         for token, i in vocab.items():
             if i in special:
                 continue
-            if i in tokenizer.added_tokens_decoder:  # a non-special added token is its literal text
+            if i in added:  # a non-special added token is its literal text
                 self.table[i] = token.encode("utf-8")
             elif self.family == "byte_level":
                 self.table[i] = bytes(decoder[c] for c in token) if all(c in decoder for c in token) else token.encode()

@@ -6,7 +6,6 @@ vocabulary at the student's positions, with the span of its aligned token (-1: n
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from merge_distill.models import load_student, load_tokenizer, tokenizer_source
 from merge_distill.plan import training_rows
 from merge_distill.rundir import write_json_atomic
 from merge_distill.schema import SELF_TEACHER, Recipe
-from merge_distill.signals import TokenBatch, per_token_stats
+from merge_distill.signals import TokenBatch, per_token_stats, tail_logmass
 from merge_distill.sources import AlignedTeachers, OnlineTeachers
 
 
@@ -56,12 +55,10 @@ def topk_targets(logits: Tensor, k: int, temperature: float, chunk_tokens: int) 
     for start in range(0, B * T, chunk_tokens):
         sl = slice(start, start + chunk_tokens)
         x = flat[sl].float() / temperature
-        lse = torch.logsumexp(x, dim=-1, keepdim=True)
+        lse = torch.logsumexp(x, dim=-1)
         top_values, top_ids = x.topk(k, dim=-1)
-        # The tail exactly: logsumexp over the tokens outside the top k (never 1 - sum, which
-        # cancels catastrophically when the top k hold nearly all the mass).
-        tail[sl] = (torch.logsumexp(x.scatter_(-1, top_ids, -math.inf), dim=-1, keepdim=True) - lse).squeeze(-1)
-        values[sl] = top_values - lse
+        tail[sl] = tail_logmass(x, lse, top_values, top_ids)
+        values[sl] = top_values - lse.unsqueeze(-1)
         ids[sl] = top_ids.to(torch.int32)
     return {"ids": ids.view(B, T, k), "values": values.view(B, T, k), "tail": tail.view(B, T)}
 

@@ -32,7 +32,7 @@ from merge_distill.align import TokenBytes, align_row, special_counterparts
 from merge_distill.align.projection import project_topk, token_map
 from merge_distill.models import aligned_teachers, cross_tokenizer_teachers, cut_vocab, load_teachers, load_tokenizer
 from merge_distill.schema import Recipe
-from merge_distill.signals import IGNORE_INDEX, TokenBatch, normalizes_in_place, per_token_stats
+from merge_distill.signals import IGNORE_INDEX, TokenBatch, normalizes_in_place, per_token_stats, tail_logmass
 from merge_distill.sources.base import SourceContext, register_source
 from merge_distill.sources.signals import SparseSignals, check_finite
 
@@ -171,8 +171,7 @@ class AlignedTeachers:
                 else:
                     logp = torch.log_softmax(x / self.temperature, -1)
                 values, teacher_ids = logp.topk(kj, -1)
-                # the tail exactly: logsumexp over the tokens outside the top k (never 1 - sum)
-                result.tail[chunk_rows] = torch.logsumexp(logp.scatter_(-1, teacher_ids, -math.inf), -1)
+                result.tail[chunk_rows] = tail_logmass(logp, torch.zeros_like(span), values, teacher_ids)
                 result.ids[chunk_rows], result.logprobs[chunk_rows] = teacher_ids, values
             del logits
             out.append(result)

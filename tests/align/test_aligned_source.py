@@ -187,3 +187,28 @@ def test_padded_embedding_rows_of_a_teacher_with_another_tokenizer_never_reach_t
     after = source.signals(batch)
     assert torch.equal(before.topk_ids[0], after.topk_ids[0]) and torch.equal(before.gold_nll, after.gold_nll)
     assert torch.allclose(before.topk_logprobs[0], after.topk_logprobs[0]) and torch.equal(before.covered, after.covered)
+
+
+def test_validate_coverage_equals_the_coverage_training_sees(pico, sp_teacher, tmp_path, monkeypatch, capsys) -> None:
+    """`validate` measures alignment on the first rows of each source without loading a model; on
+    the same rows it equals the coverage the aligned source reports to the loss."""
+    from conftest import run_cli
+    from merge_distill.align import TokenBytes
+    from merge_distill.recipe_checks import alignment_coverage
+
+    recipe = pico_recipe_dict(pico, tmp_path / "run")
+    recipe["teachers"][1]["model"] = str(sp_teacher)
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    loaded = load_recipe(path)
+    tokenizer = load_tokenizer(str(pico["student"]))
+    rows = training_rows(loaded, tokenizer)
+    counts = alignment_coverage(TokenBytes(tokenizer), TokenBytes(load_tokenizer(str(sp_teacher))), rows[:1], max_rows=3)
+    source = rows[0]
+    batch = TokenBatch(source.input_ids[:3], source.attention_mask[:3], source.labels[:3], [source.domain] * 3,
+                       [source.label] * 3)
+    signals = AlignedTeachers.open(loaded, accelerator_for(loaded), tokenizer).signals(batch)
+    mask = batch.targets != IGNORE_INDEX
+    assert counts == {source.domain: (int((signals.covered[..., 1] & mask).sum()), int(mask.sum()))}
+    assert 0 < counts[source.domain][0] < counts[source.domain][1]
+    code, out = run_cli(["validate", str(path)], monkeypatch, capsys)
+    assert code == 0 and "teacher 'prose' uses another tokenizer" in out and "of the student's target positions" in out
