@@ -20,6 +20,7 @@ same-tokenizer path.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +48,7 @@ def _selects(recipe: Recipe) -> bool:
 class AlignedTeachers:
     def __init__(self, names: list[str], models: list[nn.Module], tokenizers: list[PreTrainedTokenizerBase],
                  student_tokenizer: PreTrainedTokenizerBase, k: int, temperature: float, chunk_tokens: int,
-                 aligned: list[bool]):
+                 aligned: list[bool], sharded: bool = False):
         self.names = names
         self.models = models
         self.student_bytes = TokenBytes(student_tokenizer)
@@ -58,6 +59,7 @@ class AlignedTeachers:
         self.student_vocab = len(student_tokenizer)
         self.k, self.temperature, self.chunk_tokens = k, temperature, chunk_tokens
         self.aligned = aligned  # per teacher: through the alignment (else: the student's own ids)
+        self.sharded = sharded  # ZeRO-3 teachers: one forward per batch on every process (collectives)
 
     @classmethod
     def open(cls, recipe: Recipe, accelerator: Accelerator, student_tokenizer: PreTrainedTokenizerBase,
@@ -72,8 +74,9 @@ class AlignedTeachers:
         tokenizers = [load_tokenizer(t.model, t.revision, t.trust_remote_code) if t.name in cross else student_tokenizer
                       for t in wanted]
         aligned = [t.name in aligned_teachers(recipe) for t in wanted]
+        sharded = dist_mod.uses_deepspeed(accelerator) and dist.teacher_zero_stage == 3
         return cls([t.name for t in wanted], placed, tokenizers, student_tokenizer, recipe.align.k,
-                   recipe.loss.temperature, recipe.train.chunk_tokens, aligned)
+                   recipe.loss.temperature, recipe.train.chunk_tokens, aligned, sharded)
 
     @classmethod
     def for_training(cls, recipe: Recipe, context: SourceContext) -> "AlignedTeachers":
@@ -119,15 +122,31 @@ class AlignedTeachers:
         """[K, 3] float64 per teacher: NLL (nats) summed over its own tokens of the batch's text, how
         many tokens, and their bytes (for bits per byte; special tokens and padding excluded)."""
         out = []
-        for j, model in enumerate(self.models):
-            ids, attention, _, nbytes, next_ids = self._teacher_batch(batch, j)
-            logits = cut_vocab(model(input_ids=ids, attention_mask=attention, use_cache=False).logits,
-                               self.vocab_sizes[j])
-            scored = (nbytes > 0) & (next_ids != IGNORE_INDEX)
-            nll, _, _ = per_token_stats(logits, next_ids.masked_fill(~scored, IGNORE_INDEX), self.chunk_tokens,
-                                        with_top1=False)
-            out.append(torch.stack([nll.double().sum(), scored.double().sum(), nbytes.double()[scored].sum()]))
-        return torch.stack(out).cpu()
+        for j in range(len(self.models)):
+            sums = torch.zeros(3, dtype=torch.float64)
+            for _, logits, _, nbytes, next_ids in self._teacher_logits(batch, j):
+                scored = (nbytes > 0) & (next_ids != IGNORE_INDEX)
+                nll, _, _ = per_token_stats(logits, next_ids.masked_fill(~scored, IGNORE_INDEX), self.chunk_tokens,
+                                            with_top1=False)
+                sums += torch.stack([nll.double().sum(), scored.double().sum(), nbytes.double()[scored].sum()]).cpu()
+            out.append(sums)
+        return torch.stack(out)
+
+    def _teacher_logits(self, batch: TokenBatch, j: int) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
+        """Teacher j's forwards over the batch, in groups of rows of similar length (`length_groups`:
+        a teacher with a finer tokenizer has rows of very different lengths, and padding costs as
+        much as text). Yields (the group's batch rows [G], logits [G, W, V_j] cut to the teacher's
+        vocabulary, teacher position per student position [G, T], next-token bytes [G, W], next
+        tokens [G, W]). ZeRO-3 teachers and the student's own ids: one group (one forward per
+        batch on every process, as the collectives need)."""
+        ids, attention, position, nbytes, next_ids = self._teacher_batch(batch, j)
+        lengths = attention.sum(-1).tolist()
+        rows = list(range(len(lengths)))
+        for group in ([rows] if self.sharded or not self.aligned[j] else length_groups(lengths, FORWARD_TOKENS)):
+            g = torch.tensor(group, device=ids.device)
+            width = ids.shape[1] if len(group) == len(rows) else max(lengths[i] for i in group)  # right-padded
+            logits = self.models[j](input_ids=ids[g, :width], attention_mask=attention[g, :width], use_cache=False).logits
+            yield g, cut_vocab(logits, self.vocab_sizes[j]), position[g], nbytes[g, :width], next_ids[g, :width]
 
     @torch.inference_mode()
     def teacher_targets(self, batch: TokenBatch, k: int) -> list[AlignedTargets]:
@@ -138,42 +157,40 @@ class AlignedTeachers:
         device = targets.device
         valid = targets != IGNORE_INDEX
         out = []
-        for j, model in enumerate(self.models):
-            ids, attention, position, nbytes, next_ids = self._teacher_batch(batch, j)
-            logits = cut_vocab(model(input_ids=ids, attention_mask=attention, use_cache=False).logits,
-                               self.vocab_sizes[j])
-            where = (position >= 0) & valid                                           # [B, T]
-            rows = torch.nonzero(where, as_tuple=True)
-            picked = position[rows]                                                   # teacher positions
-            kj = min(k, logits.shape[-1])
+        for j in range(len(self.models)):
+            kj = min(k, self.vocab_sizes[j])
             result = AlignedTargets(
                 ids=torch.zeros(B, T, kj, dtype=torch.long, device=device),
                 logprobs=torch.full((B, T, kj), -math.inf, device=device),
                 tail=torch.zeros(B, T, device=device),  # log 1: where a teacher has no target, all its mass is tail
                 gold_nll=torch.zeros(B, T, device=device), entropy=torch.zeros(B, T, device=device),
                 span=torch.full((B, T), -1, dtype=torch.int32, device=device))
-            for s in range(0, picked.numel(), self.chunk_tokens):
-                sl = slice(s, s + self.chunk_tokens)
-                chunk_rows = (rows[0][sl], rows[1][sl])
-                # one chunk of aligned rows [chunk, V_j], gathered: our own copy, free to overwrite
-                x = logits[rows[0][sl], picked[sl]].float()
-                gold = next_ids[rows[0][sl], picked[sl]]
-                # float32: x becomes log-probs at temperature 1 in place (one log-softmax pass serves both)
-                n, e, _ = per_token_stats(x.unsqueeze(0), gold.unsqueeze(0), self.chunk_tokens, in_place=True,
-                                          with_top1=False)
-                width = nbytes[rows[0][sl], picked[sl]]
-                span = width.clamp_min(1.0)  # a special next token (EOS) spells no byte: per token there
-                result.span[chunk_rows] = width.to(torch.int32)
-                result.gold_nll[chunk_rows] = n[0] / span  # per byte of the teacher's token
-                result.entropy[chunk_rows] = e[0] / span
-                if self.temperature == 1.0 and normalizes_in_place(x):
-                    logp = x
-                else:
-                    logp = torch.log_softmax(x / self.temperature, -1)
-                values, teacher_ids = logp.topk(kj, -1)
-                result.tail[chunk_rows] = tail_logmass(logp, torch.zeros_like(span), values, teacher_ids)
-                result.ids[chunk_rows], result.logprobs[chunk_rows] = teacher_ids, values
-            del logits
+            for group, logits, position, nbytes, next_ids in self._teacher_logits(batch, j):
+                where = (position >= 0) & valid[group]                                # [G, T]
+                rows = torch.nonzero(where, as_tuple=True)
+                picked = position[rows]                                               # teacher positions
+                for s in range(0, picked.numel(), self.chunk_tokens):
+                    sl = slice(s, s + self.chunk_tokens)
+                    chunk_rows = (group[rows[0][sl]], rows[1][sl])                    # in the batch
+                    # one chunk of aligned rows [chunk, V_j], gathered: our own copy, free to overwrite
+                    x = logits[rows[0][sl], picked[sl]].float()
+                    gold = next_ids[rows[0][sl], picked[sl]]
+                    # float32: x becomes log-probs at temperature 1 in place (one log-softmax pass serves both)
+                    n, e, _ = per_token_stats(x.unsqueeze(0), gold.unsqueeze(0), self.chunk_tokens, in_place=True,
+                                              with_top1=False)
+                    width = nbytes[rows[0][sl], picked[sl]]
+                    span = width.clamp_min(1.0)  # a special next token (EOS) spells no byte: per token there
+                    result.span[chunk_rows] = width.to(torch.int32)
+                    result.gold_nll[chunk_rows] = n[0] / span  # per byte of the teacher's token
+                    result.entropy[chunk_rows] = e[0] / span
+                    if self.temperature == 1.0 and normalizes_in_place(x):
+                        logp = x
+                    else:
+                        logp = torch.log_softmax(x / self.temperature, -1)
+                    values, teacher_ids = logp.topk(kj, -1)
+                    result.tail[chunk_rows] = tail_logmass(logp, torch.zeros_like(span), values, teacher_ids)
+                    result.ids[chunk_rows], result.logprobs[chunk_rows] = teacher_ids, values
+                del logits
             out.append(result)
         check_finite(self.names, [r.gold_nll for r in out], [r.entropy for r in out])
         return out
@@ -220,3 +237,25 @@ def projected_signals(names: list[str], targets: list[AlignedTargets], maps: lis
     return SparseSignals(names, ids, logprobs, tails, torch.stack([t.gold_nll for t in targets], -1),
                          torch.stack([t.entropy for t in targets], -1), covered,
                          torch.stack([t.span.float().clamp_min(0) for t in targets], -1))
+
+
+FORWARD_TOKENS = 64  # what one more teacher forward costs, in padded tokens (for length_groups)
+
+
+def length_groups(lengths: list[int], overhead: int = FORWARD_TOKENS) -> list[list[int]]:
+    """Rows split into groups of similar length for separate forwards: sorted by length, cut into
+    runs that minimise the padded tokens computed (rows x longest row, per group) plus `overhead`
+    per forward. Exact, by dynamic programming over the sorted rows (O(B^2))."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    best = [0.0] + [math.inf] * len(order)
+    cut = [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        for start in range(end):
+            cost = best[start] + (end - start) * lengths[order[end - 1]] + overhead
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], len(order)
+    while end > 0:
+        groups.append(order[cut[end]: end])
+        end = cut[end]
+    return groups[::-1]

@@ -212,3 +212,47 @@ def test_validate_coverage_equals_the_coverage_training_sees(pico, sp_teacher, t
     assert 0 < counts[source.domain][0] < counts[source.domain][1]
     code, out = run_cli(["validate", str(path)], monkeypatch, capsys)
     assert code == 0 and "teacher 'prose' uses another tokenizer" in out and "of the student's target positions" in out
+
+
+def test_length_groups_minimise_padded_tokens_exactly() -> None:
+    """The dynamic programme against every way of cutting the sorted rows into runs."""
+    import itertools
+    import random
+
+    from merge_distill.sources.aligned import length_groups
+
+    def cost(groups, lengths, overhead):
+        return sum(len(g) * max(lengths[i] for i in g) + overhead for g in groups)
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(1, 600) for _ in range(rng.randint(1, 7))]
+        overhead = rng.choice([0, 64, 500])
+        groups = length_groups(lengths, overhead)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # every row once
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        best = min(cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))], lengths, overhead)
+                   for n in range(len(order)) for cuts in itertools.combinations(range(1, len(order)), n))
+        assert cost(groups, lengths, overhead) == best
+
+
+def test_grouped_forwards_give_the_one_forward_signals(pico, sp_teacher, tmp_path, monkeypatch) -> None:
+    """Rows of the SentencePiece teacher run in length groups; the signals equal those of one
+    padded forward over the batch (what a ZeRO-3 teacher does) up to float32 summation order."""
+    recipe = pico_recipe_dict(pico, tmp_path / "run")
+    recipe["teachers"][1]["model"] = str(sp_teacher)
+    loaded = load_recipe(write_recipe(tmp_path / "r.yaml", recipe))
+    tokenizer = load_tokenizer(str(pico["student"]))
+    source = AlignedTeachers.open(loaded, accelerator_for(loaded), tokenizer)
+    batch = packed_batch(loaded, tokenizer, rows=3)
+    import merge_distill.sources.aligned as aligned
+
+    monkeypatch.setattr(aligned, "FORWARD_TOKENS", 0)  # a forward costs nothing: one group per length
+    ids, attention, *_ = source._teacher_batch(batch, 1)
+    assert len(aligned.length_groups(attention.sum(-1).tolist(), 0)) > 1  # rows of different lengths: several forwards
+    grouped = source.teacher_targets(batch, 16)
+    source.sharded = True
+    single = source.teacher_targets(batch, 16)
+    for a, b in zip(grouped, single):
+        assert torch.equal(a.span, b.span)
+        assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5) and torch.allclose(a.gold_nll, b.gold_nll, atol=1e-5)
