@@ -33,9 +33,10 @@ from merge_distill.report.command import report_command
 from merge_distill.report.render import render_eval_table
 from merge_distill.routing import ROUTERS
 from merge_distill.rundir import is_run_dir, write_json_atomic
+from merge_distill.schema import Recipe
 from merge_distill.sources import SOURCES
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Per-token multi-teacher distillation of language models.")
 err_console = Console(stderr=True, highlight=False)
 
@@ -202,6 +203,23 @@ def list_plugins() -> None:
     console.print("[bold]teacher sources[/]")
     for source in SOURCES.values():
         console.print(f"  {source.name:<12} {source.summary} (provides {', '.join(sorted(source.provides))})")
+
+
+@app.command()
+def schema(
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the schema to this file instead of printing it."),
+) -> None:
+    """Print the recipe's JSON Schema (every key with its description), for editors that complete and
+    check YAML keys."""
+    document = {"$schema": "https://json-schema.org/draft/2020-12/schema", **Recipe.model_json_schema()}
+    document["title"] = "merge_distill recipe"
+    text = json.dumps(document, indent=2) + "\n"
+    if out is None:
+        sys.stdout.write(text)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    Console(highlight=False).print(f"wrote {out}")
 
 
 @app.command()

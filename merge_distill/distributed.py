@@ -144,8 +144,11 @@ def teacher_deepspeed_config(dist: DistributedConfig, dtype: torch.dtype, micro_
 
 
 def make_accelerator(dist: DistributedConfig, precision: Precision, grad_accum: int,
-                     max_grad_norm: float | None, micro_batch_size: int) -> Accelerator:
-    """The run's Accelerator. Plain (no DeepSpeed) costs nothing over `Accelerator(...)`."""
+                     max_grad_norm: float | None, micro_batch_size: int, log_with: list[str] | None = None,
+                     project_dir: str | None = None) -> Accelerator:
+    """The run's Accelerator. Plain (no DeepSpeed) costs nothing over `Accelerator(...)`.
+    log_with / project_dir: accelerate's experiment trackers and where they write (trackers.py)."""
+    trackers = {"log_with": log_with or None, "project_dir": project_dir}
     if not deepspeed_wanted(dist):
         # `accelerate launch --use_deepspeed` exports this; it would make Accelerator() build a
         # default DeepSpeed plugin behind our back.
@@ -153,7 +156,7 @@ def make_accelerator(dist: DistributedConfig, precision: Precision, grad_accum: 
         if not torch.distributed.is_initialized():
             _reset_accelerate_state()  # a second run in the same process may change precision
         return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_MIXED[precision],
-                           gradient_accumulation_steps=grad_accum)
+                           gradient_accumulation_steps=grad_accum, **trackers)
     _single_process_env()
     if AcceleratorState._shared_state:
         # A later phase in the same process (cache or evaluation after training): accelerate
@@ -164,7 +167,7 @@ def make_accelerator(dist: DistributedConfig, precision: Precision, grad_accum: 
                                    int(os.environ["WORLD_SIZE"]))
     plugin = DeepSpeedPlugin(hf_ds_config=cfg, zero3_init_flag=False)
     acc = Accelerator(mixed_precision=_MIXED[precision], gradient_accumulation_steps=grad_accum,
-                      deepspeed_plugins={"student": plugin})
+                      deepspeed_plugins={"student": plugin}, **trackers)
     # Selecting a plugin registers its config with transformers, which would then build every
     # model (teachers too) inside zero.Init. Loading stays plain; the *_init_context managers
     # below opt in explicitly.

@@ -33,6 +33,7 @@ from merge_distill.rundir import prepare_run_dir
 from merge_distill.schema import Recipe
 from merge_distill.signals import IGNORE_INDEX, TokenBatch
 from merge_distill.training import Training, build_training
+from merge_distill.trackers import Trackers
 
 # Teacher agreement (report only: pairwise JS over full distributions) is estimated on this many
 # evenly spaced valid tokens per micro-batch; over a run that is thousands of tokens.
@@ -213,11 +214,12 @@ def setup_run(recipe: Recipe, overwrite: bool = False, console: Console | None =
     """Everything a run needs before its first step. Every check here is also made by
     `merge-distill validate` (recipe_checks.preflight), so a recipe that validates starts."""
     r, dist = recipe.train, recipe.distributed
-    accelerator = dist_mod.make_accelerator(dist, r.precision, r.grad_accum, r.max_grad_norm or 0.0, r.micro_batch_size)
+    run_dir = Path(recipe.output.dir)
+    accelerator = dist_mod.make_accelerator(dist, r.precision, r.grad_accum, r.max_grad_norm or 0.0, r.micro_batch_size,
+                                            recipe.output.report_to, str(run_dir / "trackers"))
     world = dist_mod.world_info()
     is_main = world["rank"] == 0
     console = console or Console()
-    run_dir = Path(recipe.output.dir)
     if is_main:
         prepare_run_dir(run_dir, overwrite, resume)
     if resume:  # refuse before anything is loaded or written (a changed recipe, no checkpoint)
@@ -228,7 +230,8 @@ def setup_run(recipe: Recipe, overwrite: bool = False, console: Console | None =
     rows = training_rows(recipe, tokenizer)
     plan = build_plan(recipe, rows, world["world_size"], world["rank"])
     training = build_training(recipe, accelerator, world["world_size"], world["rank"], tokenizer, rows, plan.total_steps)
-    recorder = Recorder.start(recipe, run_dir, console, plan.total_steps, world["world_size"], is_main, resume)
+    recorder = Recorder.start(recipe, run_dir, console, plan.total_steps, world["world_size"], is_main, resume,
+                              Trackers(accelerator, recipe, run_dir, resume))
     return Run(recipe, training, plan, recorder, tokenizer)
 
 

@@ -35,12 +35,14 @@ from merge_distill.schema import SELF_TEACHER, Recipe, looks_local
 from merge_distill.signals import IGNORE_INDEX, shift_targets
 from merge_distill.align import TokenBytes, align_row, special_counterparts, tokenizer_family
 from merge_distill.sources import needs_problems
+from merge_distill.trackers import tracker_problems
 
 
 def cross_checks(recipe: Recipe, check_files: bool = True) -> list[str]:
     problems = _names(recipe)
     problems += recipe.routing.check(recipe.teacher_names, recipe.train_domains)
     problems += recipe.distributed.check()
+    problems += tracker_problems(recipe)
     if recipe.loss.hard_label_weight == 1.0 and recipe.routing.kind != "uniform":
         problems.append(
             "loss.hard_label_weight is 1.0 (plain cross-entropy, teachers unused) but routing.kind is "

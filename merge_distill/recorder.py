@@ -20,6 +20,7 @@ from merge_distill.report.live import LiveDisplay
 from merge_distill.report.stats import BlendStats
 from merge_distill.rundir import append_jsonl, model_card, write_json_atomic, write_text_atomic
 from merge_distill.schema import Recipe
+from merge_distill.trackers import Trackers
 
 
 def now_iso() -> str:
@@ -41,10 +42,11 @@ class Recorder:
     stats: BlendStats
     facts: dict[str, Any]
     is_main: bool
+    trackers: Trackers
 
     @classmethod
     def start(cls, recipe: Recipe, run_dir: Path, console: Console, total_steps: int, world_size: int,
-              is_main: bool, resume: bool) -> "Recorder":
+              is_main: bool, resume: bool, trackers: Trackers) -> "Recorder":
         """The run's first files: the resolved recipe, run.json and (new runs) an empty metrics.jsonl."""
         facts = {
             "name": recipe.name, "recipe_hash": recipe.content_hash(), "recipe_path": str(run_dir / "recipe.yaml"),
@@ -61,11 +63,12 @@ class Recorder:
                 write_text_atomic(run_dir / "metrics.jsonl", "")
         live = LiveDisplay(total_steps, recipe.teacher_names, console=console, refresh_every=recipe.train.log_every,
                            enabled=is_main)
-        return cls(recipe, run_dir, console, live, BlendStats(recipe.teacher_names), facts, is_main)
+        return cls(recipe, run_dir, console, live, BlendStats(recipe.teacher_names), facts, is_main, trackers)
 
     def record_step(self, row: dict[str, Any], tokens_seen: int, skipped: int) -> None:
         if self.is_main:
             append_jsonl(self.run_dir / "metrics.jsonl", row)
+        self.trackers.log_step(row, skipped)
         self.facts.update(steps_done=row["step"], tokens_seen=tokens_seen, skipped_steps=skipped,
                           last_metrics={k: row[k] for k in ("loss", "divergence", "ce")})
 
@@ -75,7 +78,9 @@ class Recorder:
 
     def finish(self, status: str, tokens_seen: int, skipped: int, wall: float, device: torch.device,
                evaluation: dict[str, Any] | None) -> None:
-        """Write the end-of-run files (main process; `stats` already summed over processes)."""
+        """Write the end-of-run files (main process; `stats` already summed over processes) and close
+        the trackers (every process)."""
+        self.trackers.finish(evaluation, int(self.facts["steps_done"]))
         if not self.is_main:
             return
         self.facts.update(

@@ -126,6 +126,11 @@ class OutputSection(Section):
     dir: str = Field(description="Run directory (relative to the recipe). Never overwritten silently.")
     save_every: int = Field(0, ge=0, description="Checkpoint every this many steps; 0 saves only at the end.")
     keep_last: int = Field(2, ge=1, description="Checkpoints to keep.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive",
+                            "swanlab"]] = Field(
+        default_factory=list,
+        description="Experiment trackers (accelerate's) that receive the step metrics, the evaluation and the "
+                    "resolved recipe; files under RUN_DIR/trackers/. Each needs its pip package.")
 
 
 class ReportSection(Section):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from conftest import pico_recipe_dict, run_cli, write_recipe
 from merge_distill.cache.manifest import bytes_per_token, read_manifest
