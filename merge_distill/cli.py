@@ -32,7 +32,8 @@ from merge_distill.recipe_checks import alignment_summary, preflight
 from merge_distill.report.command import report_command
 from merge_distill.report.render import render_eval_table
 from merge_distill.routing import ROUTERS
-from merge_distill.rundir import is_run_dir, write_json_atomic
+from merge_distill.rundir import is_run_dir, write_json_atomic, write_text_atomic
+from merge_distill.scaffold import parse_data, parse_teacher, recipe_text
 from merge_distill.schema import Recipe
 from merge_distill.sources import SOURCES
 
@@ -203,6 +204,23 @@ def list_plugins() -> None:
     console.print("[bold]teacher sources[/]")
     for source in SOURCES.values():
         console.print(f"  {source.name:<12} {source.summary} (provides {', '.join(sorted(source.provides))})")
+
+
+@app.command()
+def init(
+    out: Path = typer.Argument(..., help="The recipe file to write, e.g. recipes/mine.yaml."),
+    teacher: list[str] = typer.Option(..., "--teacher", help="NAME=PATH (a model directory or hub id); repeat for several."),
+    student: str = typer.Option("from_teacher", "--student", help="PATH (a model), from_teacher or from_config."),
+    data: list[str] = typer.Option(..., "--data", help="PATH[:DOMAIN] (jsonl, parquet, text file or folder, or a hub dataset); repeatable."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+) -> None:
+    """Write a commented recipe for these teachers, student and data, with defaults that fit them."""
+    if out.exists() and not force:
+        raise UserError(f"{out} exists; choose another file or pass --force to replace it")
+    text = recipe_text(out, [parse_teacher(t) for t in teacher], student, [parse_data(d) for d in data])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, text)
+    Console(highlight=False).print(f"wrote {out}; check it with: merge-distill validate {out}")
 
 
 @app.command()
