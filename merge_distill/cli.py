@@ -166,6 +166,7 @@ def launch(
     master_addr: Optional[str] = typer.Option(None, "--master-addr", help="First node's address (default MASTER_ADDR)."),
     master_port: Optional[int] = typer.Option(None, "--master-port", help="Rendezvous port (default 29500)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in output.dir (or cache)."),
+    resume: bool = typer.Option(False, "--resume", help="(run) Continue the run in output.dir from its newest complete checkpoint."),
     command: str = typer.Option("run", "--command", help="What the processes run: run (train), cache (write the "
                                 "teacher cache) or eval (evaluate the run in output.dir)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the command without running it."),
@@ -176,13 +177,16 @@ def launch(
     if command not in ("run", "cache", "eval"):
         raise UserError(f"--command: {command!r} is not one of run, cache, eval")
     loaded = load_recipe(recipe, [*(overrides or []), *(["cache.use=false"] if command == "cache" else [])])
+    if resume and command != "run":
+        raise UserError(f"--resume continues a training run; it does not apply to --command {command}")
     if command == "eval":
         if overrides or overwrite:
             raise UserError("launch --command eval evaluates the run in output.dir as recorded; drop the overrides "
                             "and --overwrite")
         args = ["eval", loaded.output.dir, "--recipe", str(recipe)]
     else:
-        args = [command, str(recipe), *(overrides or []), *(["--overwrite"] if overwrite else [])]
+        args = [command, str(recipe), *(overrides or []), *(["--overwrite"] if overwrite else []),
+                *(["--resume"] if resume else [])]
     try:
         argv = build_launch_command(args, nproc, nnodes, hostfile, launcher,  # type: ignore[arg-type]
                                     node_rank=node_rank, master_addr=master_addr, master_port=master_port)

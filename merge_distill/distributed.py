@@ -260,6 +260,8 @@ def prepare_teacher(accelerator: Accelerator, dist: DistributedConfig, model: to
     else the model moved whole to the device. Its dtype is kept as loaded."""
     model.requires_grad_(False)
     model.eval()
+    if not any(True for _ in model.parameters()):  # a LoRA student's own base (models.LoraBase): placed with it
+        return model
     if not (uses_deepspeed(accelerator) and dist.teacher_zero_stage == 3):
         return model.to(accelerator.device)
     import deepspeed  # noqa: PLC0415  heavy and optional until a teacher is sharded

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import AutoPeftModelForCausalLM
 from accelerate import Accelerator
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -162,6 +163,9 @@ def _self_weights(recipe: Recipe, names: list[str]) -> nn.Module | None:
 def load_saved_student(recipe: Recipe, accelerator: Accelerator, student_dir: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """A saved student and its tokenizer, whole on this process (students are the small model)."""
     dtype = torch.float32 if accelerator.device.type == "cpu" else DTYPES[recipe.train.precision]
+    if (student_dir / "adapter_config.json").is_file():  # a LoRA adapter on its saved base: merged for evaluation
+        model = AutoPeftModelForCausalLM.from_pretrained(str(student_dir), dtype=dtype).merge_and_unload()
+        return model.eval().to(accelerator.device), load_tokenizer(str(student_dir))
     model = load_model(str(student_dir), None, dtype, False, "student").to(accelerator.device)
     return model, load_tokenizer(str(student_dir))
 

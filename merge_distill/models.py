@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable
-from functools import lru_cache
 from contextlib import AbstractContextManager, nullcontext
+from functools import lru_cache
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 from transformers import (
@@ -22,7 +24,7 @@ from transformers import (
 )
 
 from merge_distill.errors import UserError
-from merge_distill.schema import SELF_TEACHER, Recipe, TeacherSpec
+from merge_distill.schema import SELF_TEACHER, LoraSection, Recipe, TeacherSpec
 
 # Any one of these makes a folder hold a tokenizer transformers can load.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
@@ -112,9 +114,35 @@ def load_teacher(spec: TeacherSpec, precision: str) -> PreTrainedModel:
                              f"teachers[{spec.name}]"))
 
 
-def self_teacher(student: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
-    """A frozen copy of the student's initial weights (no second load from disk or hub)."""
+def self_teacher(student: PreTrainedModel, dtype: torch.dtype) -> nn.Module:
+    """A frozen copy of the student's initial weights (no second load from disk or hub). A LoRA
+    student's base is frozen already and *is* its initial weights: the teacher shares it."""
+    if isinstance(student, PeftModel):
+        return LoraBase(student)
     return freeze(copy.deepcopy(student).to(dtype))
+
+
+class LoraBase(nn.Module):
+    """The `self` teacher of a LoRA student: the student's own frozen base, run with its adapters
+    disabled (peft's `disable_adapter`), so the base weights are held once. The student is held by
+    reference outside the module tree, so freezing, placing or switching this teacher to eval mode
+    (prepare_teacher) never touches the student; the forward runs the student in eval mode (no
+    dropout, as a teacher) and restores its mode. It computes in the student's dtype."""
+
+    def __init__(self, student: PeftModel):
+        super().__init__()
+        self._student = (student,)
+        self.config = student.config
+
+    def forward(self, **kwargs):
+        student = self._student[0]
+        was_training = student.training
+        student.eval()
+        try:
+            with student.disable_adapter():
+                return student(**kwargs)
+        finally:
+            student.train(was_training)
 
 
 def load_teachers(recipe: Recipe, specs: list[TeacherSpec], student: PreTrainedModel | None,
@@ -220,7 +248,41 @@ def load_student(recipe: Recipe) -> PreTrainedModel:
     model.train()
     for p in model.parameters():
         p.requires_grad_(True)
+    if spec.lora is not None:
+        model = with_lora(model, spec.lora)
     return model
+
+
+def with_lora(model: PreTrainedModel, lora: LoraSection) -> PeftModel:
+    """The model with LoRA adapters on `lora.target_modules` (peft); only the adapters train."""
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def merge_lora_state(state: dict[str, Tensor], lora: LoraSection) -> dict[str, Tensor]:
+    """A PeftModel's full state dict -> the plain model's, each adapted weight merged:
+    W + (alpha / r) B A, computed in float32 and stored in W's dtype (peft's own merge rule)."""
+    scale = lora.alpha / lora.r
+    prefix = "base_model.model."
+    out = {}
+    for key, value in state.items():
+        if ".lora_" in key:
+            continue
+        if key.endswith(".base_layer.weight"):
+            stem = key[: -len(".base_layer.weight")]
+            a, b = state[f"{stem}.lora_A.default.weight"], state[f"{stem}.lora_B.default.weight"]
+            value = (value.float() + scale * (b.float() @ a.float())).to(value.dtype)
+        out[key.removeprefix(prefix).replace(".base_layer.", ".")] = value
+    return out
+
+
+def linear_module_names(config: PretrainedConfig) -> list[str]:
+    """The last name part of every linear layer of a model built from `config` (on the meta device:
+    no memory, no weights): what LoRA's target_modules may name."""
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)})
 
 
 def tokenizer_source(recipe: Recipe) -> tuple[str, str | None, bool]:

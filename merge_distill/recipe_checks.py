@@ -24,6 +24,7 @@ from merge_distill.models import (
     cross_tokenizer_teachers,
     damaged_weights,
     layer_problems,
+    linear_module_names,
     load_tokenizer,
     override_problems,
     tokenizer_source,
@@ -67,9 +68,38 @@ def _collect(check, *args) -> tuple[object, list[str]]:
         return None, exc.problems
 
 
+def lora_problems(recipe: Recipe, config) -> list[str]:
+    """student.lora against the student's config: target modules it has; a base saved somewhere."""
+    spec = recipe.student
+    if spec.lora is None:
+        return ["output.merge_lora is true but the student has no lora section; add student.lora or remove "
+                "output.merge_lora"] if recipe.output.merge_lora else []
+    problems = []
+    if spec.model is None and not recipe.output.merge_lora:
+        problems.append("student.lora: the student's base is built from a teacher (from_teacher / from_config) and is "
+                        "saved nowhere, so an adapter alone could not be loaded; set output.merge_lora: true")
+    names = linear_module_names(config)
+    missing = [m for m in spec.lora.target_modules if m not in names]
+    if missing:
+        problems.append(f"student.lora.target_modules: {missing} are not linear layers of the student; it has "
+                        f"{names}")
+    return problems
+
+
 def student_problems(recipe: Recipe) -> list[str]:
     """What `load_student` would refuse, read from configs alone (no weights loaded)."""
     spec = recipe.student
+    if spec.lora is not None or recipe.output.merge_lora:
+        source = spec.model or (next(t.model for t in recipe.teachers if t.name == spec.from_teacher.teacher)
+                                if spec.from_teacher else None)
+        if spec.from_config is not None:
+            source = next((t.model for t in recipe.teachers if t.name == spec.from_config.base), spec.from_config.base)
+        try:
+            found = lora_problems(recipe, AutoConfig.from_pretrained(source))
+        except (OSError, ValueError) as exc:
+            found = [f"student: cannot read a config from {source!r}: {exc}"]
+        if found:
+            return found
     if spec.from_teacher is not None:
         source = next(t for t in recipe.teachers if t.name == spec.from_teacher.teacher)
         layers = getattr(AutoConfig.from_pretrained(source.model, revision=source.revision), "num_hidden_layers", None)

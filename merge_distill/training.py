@@ -10,16 +10,17 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from merge_distill import distributed as dist_mod
 from merge_distill.data import SourceRows
 from merge_distill.losses import DIVERGENCES
-from merge_distill.models import load_student
+from merge_distill.models import load_student, merge_lora_state
 from merge_distill.routing import build_router
 from merge_distill.routing.base import Router
 from merge_distill.rundir import save_router
-from merge_distill.schema import Recipe
+from merge_distill.schema import LoraSection, Recipe
 from merge_distill.sources import LossSetup, SourceContext, TeacherSource, training_source
 
 
@@ -54,6 +55,8 @@ class Training:
     vocab_size: int
     max_grad_norm: float | None
     teacher_names: list[str]
+    lora: LoraSection | None = None  # student.lora: the student is a PeftModel
+    merge_lora: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -64,7 +67,16 @@ class Training:
         state = dist_mod.gather_student_state_dict(self.accelerator, self.student)
         if self.is_main:
             model: PreTrainedModel = dist_mod.unwrap(self.accelerator, self.student)
-            model.save_pretrained(out, state_dict=state, safe_serialization=True)
+            if isinstance(model, PeftModel) and self.lora is not None:
+                # the adapter alone (student/, loadable on its saved base), or the merged plain model
+                # with the adapter beside it (student/adapter/)
+                adapter_dir = out / "adapter" if self.merge_lora else out
+                model.save_pretrained(adapter_dir, state_dict=state, safe_serialization=True)
+                if self.merge_lora:
+                    model.get_base_model().save_pretrained(out, state_dict=merge_lora_state(state, self.lora),
+                                                           safe_serialization=True)
+            else:
+                model.save_pretrained(out, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(out)
             if any(True for _ in self.router.parameters()):
                 save_router(self.router, out.parent / "router.safetensors")
@@ -84,9 +96,12 @@ def build_training(recipe: Recipe, accelerator: Accelerator, world_size: int, ra
     router = build_router(recipe.routing, recipe.teacher_names, student.config.hidden_size).to(accelerator.device)
     router_params = list(router.parameters())
     router_optimizer = torch.optim.AdamW(router_params, lr=recipe.routing.lr) if router_params else None
-    optimizer = torch.optim.AdamW(student.parameters(), lr=r.lr, weight_decay=r.weight_decay)
+    # only what trains (a LoRA student's adapters; every weight otherwise)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=r.lr,
+                                  weight_decay=r.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(r.schedule, r.warmup_steps, total_steps))
     student, optimizer, scheduler = dist_mod.prepare_student(accelerator, dist, student, optimizer, scheduler)
     loss = LossSetup(DIVERGENCES.get(recipe.loss.kind).impl, recipe.loss, recipe.routing.blend, r.chunk_tokens)
     return Training(accelerator, world_size, rank, student, optimizer, scheduler, router, router_optimizer, source,
-                    loss, vocab_size, r.max_grad_norm, recipe.teacher_names)
+                    loss, vocab_size, r.max_grad_norm, recipe.teacher_names, recipe.student.lora,
+                    recipe.output.merge_lora)

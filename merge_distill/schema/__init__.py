@@ -8,6 +8,7 @@ from merge_distill.schema.recipe import (
     AlignSection,
     DataSection,
     DataSource,
+    LoraSection,
     OutputSection,
     Recipe,
     ReportSection,
@@ -20,7 +21,7 @@ from merge_distill.schema.recipe import (
 )
 
 __all__ = [
-    "NAME_PATTERN", "SELF_TEACHER", "AlignSection", "CacheSection", "DataSection", "DataSource", "DistributedConfig", "OutputSection",
+    "NAME_PATTERN", "SELF_TEACHER", "AlignSection", "CacheSection", "DataSection", "DataSource", "DistributedConfig", "LoraSection", "OutputSection",
     "Recipe", "ReportSection", "StudentFromConfig", "StudentFromTeacher", "StudentSpec", "TeacherSpec", "TrainSection",
     "looks_local",
 ]

@@ -50,12 +50,23 @@ class StudentFromConfig(Section):
     )
 
 
+class LoraSection(Section):
+    r: int = Field(16, ge=1, description="Rank of the adapter matrices.")
+    alpha: float = Field(32.0, gt=0, description="Scale: the adapter's update is multiplied by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1,
+        description="Names of the linear layers that get an adapter (the last part of the module name).")
+
+
 class StudentSpec(Section):
     model: str | None = Field(None, description="A local model directory or hub id to start from.")
     revision: str | None = Field(None, description="Hub revision for `model`.")
     from_teacher: StudentFromTeacher | None = Field(None, description="Initialise from a subset of a teacher's layers.")
     from_config: StudentFromConfig | None = Field(None, description="Random init from a (modified) config.")
     trust_remote_code: bool = Field(False, description="Allow the student model's own code from the hub.")
+    lora: LoraSection | None = Field(
+        None, description="Train a LoRA adapter (peft) instead of every weight; the base stays frozen.")
 
     @model_validator(mode="after")
     def _exactly_one_init(self) -> "StudentSpec":
@@ -126,6 +137,9 @@ class OutputSection(Section):
     dir: str = Field(description="Run directory (relative to the recipe). Never overwritten silently.")
     save_every: int = Field(0, ge=0, description="Checkpoint every this many steps; 0 saves only at the end.")
     keep_last: int = Field(2, ge=1, description="Checkpoints to keep.")
+    merge_lora: bool = Field(
+        False, description="With student.lora: save student/ as the base with the adapter merged in (a plain model), "
+                           "and the adapter in student/adapter/. Needed when the base is not a saved model.")
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive",
                             "swanlab"]] = Field(
         default_factory=list,
