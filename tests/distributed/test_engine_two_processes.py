@@ -56,8 +56,9 @@ def test_two_processes_match_one_process(pico, tmp_path):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_lora_student_under_zero_resumes_exactly(pico, tmp_path, stage):
     """A LoRA student under DeepSpeed ZeRO-2/3 with 2 processes: the run completes, its merged
-    model reloads, and a run resumed from a checkpoint (the last two removed, as a kill would
-    leave them) ends with the same weights, bit for bit."""
+    model reloads, only the main process writes TensorBoard events, and a run resumed from a
+    checkpoint (the last two removed, as a kill would leave them) ends with the same weights, bit
+    for bit."""
     import shutil
 
     from safetensors.torch import load_file
@@ -65,11 +66,13 @@ def test_lora_student_under_zero_resumes_exactly(pico, tmp_path, stage):
     recipe = pico_recipe_dict(pico, tmp_path / "run")
     recipe["student"] = {"model": str(pico["student"]), "lora": {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}}
     recipe["train"].update(steps=4, micro_batch_size=2, lr=5e-3, log_every=1)
-    recipe["output"].update(save_every=1, keep_last=4, merge_lora=True)
+    recipe["output"].update(save_every=1, keep_last=4, merge_lora=True, report_to=["tensorboard"])
     recipe["distributed"] = {"use_deepspeed": "always", "student_zero_stage": stage}
     path = write_recipe(tmp_path / "r.yaml", recipe)
     full = _launch(["launch", str(path), "--nproc", "2", f"output.dir={tmp_path / 'full'}"], tmp_path)
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    events = list((tmp_path / "full" / "trackers" / "pico").glob("events.out.tfevents.*"))
+    assert len(events) == 1  # the main process logs, the other does not
     shutil.copytree(tmp_path / "full", tmp_path / "cut")
     for step in (3, 4):
         shutil.rmtree(tmp_path / "cut" / "checkpoints" / f"step-{step:06d}")
