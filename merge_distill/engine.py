@@ -231,8 +231,20 @@ def setup_run(recipe: Recipe, overwrite: bool = False, console: Console | None =
     plan = build_plan(recipe, rows, world["world_size"], world["rank"])
     training = build_training(recipe, accelerator, world["world_size"], world["rank"], tokenizer, rows, plan.total_steps)
     recorder = Recorder.start(recipe, run_dir, console, plan.total_steps, world["world_size"], is_main, resume,
-                              Trackers(accelerator, recipe, run_dir, resume))
+                              Trackers(accelerator, recipe, run_dir, resume), trained_parameters(recipe, training))
     return Run(recipe, training, plan, recorder, tokenizer)
+
+
+def trained_parameters(recipe: Recipe, training: Training) -> str:
+    """What the optimizer updates, in words for run.json and the report."""
+    counts = [(getattr(p, "ds_numel", p.numel()), p.requires_grad)
+              for p in dist_mod.unwrap(training.accelerator, training.student).parameters()]
+    total, trained = sum(n for n, _ in counts), sum(n for n, grad in counts if grad)
+    lora = recipe.student.lora
+    if lora is None:
+        return f"every student weight ({total:,} parameters)"
+    return (f"LoRA adapters r {lora.r}, alpha {lora.alpha:g} on {', '.join(lora.target_modules)}: {trained:,} of "
+            f"{total:,} parameters ({100 * trained / max(total, 1):.2f}%); the base frozen")
 
 
 def finish(run: Run, status: str, progress: ckpt.Progress, wall: float) -> None:

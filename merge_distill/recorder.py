@@ -46,7 +46,7 @@ class Recorder:
 
     @classmethod
     def start(cls, recipe: Recipe, run_dir: Path, console: Console, total_steps: int, world_size: int,
-              is_main: bool, resume: bool, trackers: Trackers) -> "Recorder":
+              is_main: bool, resume: bool, trackers: Trackers, trained: str | None = None) -> "Recorder":
         """The run's first files: the resolved recipe, run.json and (new runs) an empty metrics.jsonl."""
         facts = {
             "name": recipe.name, "recipe_hash": recipe.content_hash(), "recipe_path": str(run_dir / "recipe.yaml"),
@@ -54,7 +54,7 @@ class Recorder:
             "router": recipe.routing.kind, "blend": recipe.routing.blend, "loss": recipe.loss.kind,
             "steps_planned": total_steps, "steps_done": 0, "tokens_seen": 0, "started_at": now_iso(),
             "finished_at": None, "wall_time_s": 0.0, "world_size": world_size, "peak_memory_bytes": None,
-            "status": "running", "skipped_steps": 0,
+            "status": "running", "skipped_steps": 0, "trained": trained,
         }
         if is_main:
             write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())

@@ -77,6 +77,17 @@ def test_an_adapter_alone_is_saved_and_evaluated_on_its_base(pico, tmp_path) -> 
     run_dir = run(load_recipe(lora_recipe(pico, tmp_path, merge=False)), console=Console(file=io.StringIO()))
     student = run_dir / "student"
     assert (student / "adapter_config.json").is_file() and not (student / "model.safetensors").exists()
+    import json
+
+    trained = json.loads((run_dir / "run.json").read_text())["trained"]  # the report's "trained" row
+    from merge_distill.models import with_lora
+    from merge_distill.schema import LoraSection
+
+    reference = with_lora(AutoModelForCausalLM.from_pretrained(pico["student"]), LoraSection(**LORA))
+    total = sum(p.numel() for p in reference.parameters())
+    adapters = sum(p.numel() for n, p in reference.named_parameters() if "lora_" in n)
+    assert trained == (f"LoRA adapters r 4, alpha 8 on q_proj, v_proj: {adapters:,} of {total:,} parameters "
+                       f"({100 * adapters / total:.2f}%); the base frozen")
     recipe = load_recipe(run_dir / "recipe.yaml")
     model, _ = load_saved_student(recipe, accelerator_for(recipe), student)
     ids = torch.arange(40).unsqueeze(0) % 300 + 5

@@ -83,6 +83,7 @@ def _facts(report: Report, console: Console) -> None:
         ("world size", str(run.world_size)),
         ("peak memory", f"{fmt_bytes(run.peak_memory_bytes)} per process" if run.peak_memory_bytes is not None else "not recorded"),
         ("student", run.student_dir or "—"),
+        *([("trained", run.trained)] if run.trained else []),
         ("time", f"{run.started_at or '—'} → {run.finished_at or 'not finished'}"),
     ]
     for key, value in rows:

@@ -52,6 +52,9 @@ class RunFacts(_Model):
     )
     status: RunStatus = Field("running", description="running, complete, failed or interrupted.")
     skipped_steps: int = Field(0, ge=0, description="Steps skipped (non-finite loss or gradient overflow).")
+    trained: str | None = Field(
+        None, description="What the optimizer updates: every student weight, or LoRA adapters (rank, alpha, "
+                          "modules) and their share of the student's parameters.")
 
 
 class TeacherStats(_Model):
