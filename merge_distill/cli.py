@@ -18,6 +18,7 @@ import click
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 from transformers.utils import logging as hf_logging
 
 from merge_distill.cache.writer import write_cache
@@ -32,6 +33,8 @@ from merge_distill.recipe_checks import alignment_summary, preflight
 from merge_distill.report.command import report_command
 from merge_distill.report.render import render_eval_table
 from merge_distill.routing import ROUTERS
+from merge_distill.generation import GenerationSettings, read_prompts, run_recipe
+from merge_distill.generation import sample as run_samples
 from merge_distill.rundir import is_run_dir, write_json_atomic, write_text_atomic
 from merge_distill.scaffold import parse_data, parse_teacher, recipe_text
 from merge_distill.schema import Recipe
@@ -225,6 +228,37 @@ def init(
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, text)
     Console(highlight=False).print(f"wrote {out}; check it with: merge-distill validate {out}")
+
+
+@app.command()
+def sample(
+    run_dir: Path = typer.Argument(..., help="A run directory (output.dir of a finished run)."),
+    prompts: Path = typer.Option(..., "--prompts", help="A text file (one prompt per line) or jsonl with `messages`."),
+    teacher: Optional[list[str]] = typer.Option(None, "--teacher", help="Teachers to answer and grade (default: all but a `self` one)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Answer every prompt with the student and its teachers; grade every answer by every teacher
+    (mean NLL per token); write RUN_DIR/samples.jsonl and print a table."""
+    recipe = run_recipe(run_dir)
+    names = teacher if teacher else [t.name for t in recipe.teachers if t.model != "self" or recipe.student.model]
+    rows = run_samples(run_dir, read_prompts(prompts), names, GenerationSettings(max_new_tokens, temperature, top_p, seed),
+                       prompts)
+    table = Table(title=f"{len(rows)} answers, graded by the teachers (mean NLL per token, nats; lower: the teacher "
+                        "finds the answer more likely)", show_lines=True)
+    table.add_column("prompt", max_width=30)
+    table.add_column("model", no_wrap=True)
+    table.add_column("answer", max_width=60)
+    for name in names:
+        table.add_column(f"NLL {name}", justify="right")
+    for row in rows:
+        prompt = row["prompt"][-1]["content"]
+        table.add_row(escape(prompt), row["model"], escape(row["answer"].strip()),
+                      *["—" if row["nll"][n] is None else f"{row['nll'][n]:.3f}" for n in names])
+    Console(highlight=False).print(table)
+    Console(highlight=False).print(f"wrote {run_dir / 'samples.jsonl'}")
 
 
 @app.command()
