@@ -34,6 +34,7 @@ from merge_distill.report.command import report_command
 from merge_distill.report.render import render_eval_table
 from merge_distill.routing import ROUTERS
 from merge_distill.generation import GenerationSettings, read_prompts, run_recipe
+from merge_distill.generation import chat as run_chat
 from merge_distill.generation import sample as run_samples
 from merge_distill.rundir import is_run_dir, write_json_atomic, write_text_atomic
 from merge_distill.scaffold import parse_data, parse_teacher, recipe_text
@@ -228,6 +229,22 @@ def init(
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, text)
     Console(highlight=False).print(f"wrote {out}; check it with: merge-distill validate {out}")
+
+
+@app.command()
+def chat(
+    run_dir: Path = typer.Argument(..., help="A run directory (output.dir of a finished run)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Chat with this teacher instead of the student."),
+    compare: bool = typer.Option(False, "--compare", help="The student and every teacher answer each message, side by side."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Chat in the terminal with the run's student (its chat template; tokens stream as they come).
+    In the chat: /reset, /save FILE, /exit."""
+    run_chat(run_dir, teacher, compare, GenerationSettings(max_new_tokens, temperature, top_p, seed),
+             Console(highlight=False))
 
 
 @app.command()

@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from rich.columns import Columns
+from rich.markup import escape
+from rich.panel import Panel
+from transformers import PreTrainedTokenizerBase, TextStreamer
 
 from merge_distill.distributed import accelerator_for
 from merge_distill.errors import UserError
@@ -186,3 +189,59 @@ def sample(run_dir: Path, prompts: list[Messages], teachers: list[str], settings
                          "nll": {g.name: grade(g, messages, reply) for g in graders}})
     write_text_atomic(run_dir / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return rows
+
+
+def chat(run_dir: Path, teacher: str | None, compare: bool, settings: GenerationSettings, console: Any,
+         read_line: Any = input) -> None:
+    """An interactive chat: the student (or `teacher`, or with `compare` the student and every teacher
+    side by side). Each model keeps its own conversation. Commands: /reset, /exit, /save FILE."""
+    recipe = run_recipe(run_dir)
+    names = ([t.name for t in recipe.teachers if t.model != SELF_TEACHER or recipe.student.model] if compare
+             else [teacher] if teacher else [])
+    speakers = load_speakers(run_dir, teacher is None or compare, names)
+    histories: dict[str, Messages] = {s.name: [] for s in speakers}
+    console.print(f"chatting with {', '.join(s.name for s in speakers)}; /reset, /save FILE, /exit")
+    turn = 0
+    while True:
+        try:
+            line = read_line("you> ")
+        except EOFError:
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            return
+        if text == "/reset":
+            histories = {s.name: [] for s in speakers}
+            console.print("(conversation reset)")
+            continue
+        if text.startswith("/save"):
+            target = Path(text[len("/save"):].strip() or "chat.json")
+            target.write_text(json.dumps(histories, indent=2, ensure_ascii=False), encoding="utf-8")
+            console.print(f"(saved to {target})")
+            continue
+        panels = []
+        for m, speaker in enumerate(speakers):
+            messages = histories[speaker.name] + [{"role": "user", "content": text}]
+            try:
+                check_length(speaker, render(speaker.tokenizer, messages), settings.max_new_tokens, "chat")
+            except UserError as exc:
+                console.print(f"[red]error:[/] {escape(exc.problems[0])}; /reset starts a new conversation")
+                continue
+            seeded = GenerationSettings(settings.max_new_tokens, settings.temperature, settings.top_p,
+                                        settings.seed * 1_000_003 + turn * 101 + m)
+            if len(speakers) == 1:  # one model: its tokens stream as they come
+                console.print(f"{speaker.name}> ", end="")
+                reply = answer(speaker, messages, seeded, TextStreamer(speaker.tokenizer, skip_prompt=True,
+                                                                       skip_special_tokens=True))
+            else:
+                reply = answer(speaker, messages, seeded)
+                panels.append(Panel(escape(reply.strip()) or "(empty)", title=speaker.name, expand=True))
+            histories[speaker.name] = messages + [{"role": "assistant", "content": reply}]
+        if panels and console.width >= 40 * len(panels):  # side by side
+            console.print(Columns(panels, equal=True, expand=True))
+        else:  # stacked on a narrow terminal
+            for panel in panels:
+                console.print(panel)
+        turn += 1
