@@ -26,6 +26,7 @@ from merge_distill.errors import UserError
 from merge_distill.evaluate import load_saved_student
 from merge_distill.models import load_model, load_tokenizer
 from merge_distill.recipe import load_recipe
+from merge_distill.report.build import write_report
 from merge_distill.rundir import write_text_atomic
 from merge_distill.schema import SELF_TEACHER, Recipe
 
@@ -188,6 +189,7 @@ def sample(run_dir: Path, prompts: list[Messages], teachers: list[str], settings
             rows.append({"prompt": messages, "model": speaker.name, "answer": reply,
                          "nll": {g.name: grade(g, messages, reply) for g in graders}})
     write_text_atomic(run_dir / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_report(run_dir)  # report.json shows the first prompts' answers
     return rows
 
 

@@ -89,3 +89,14 @@ def test_a_run_without_a_student_is_refused(run_dir, tmp_path, monkeypatch, caps
     shutil.rmtree(broken / "student")
     code, out = run_cli(["sample", str(broken), "--prompts", str(prompts_file(tmp_path, "hi\n"))], monkeypatch, capsys)
     assert code == 2 and "student does not exist: the run did not finish" in " ".join(out.split())
+
+
+def test_the_report_shows_the_first_prompts_answers(run_dir, tmp_path, monkeypatch, capsys):
+    path = prompts_file(tmp_path, "".join(f"prompt number {i}\n" for i in range(5)))
+    code, _ = run_cli(["sample", str(run_dir), "--prompts", str(path), "--max-new-tokens", "4"], monkeypatch, capsys)
+    assert code == 0
+    report = json.loads((run_dir / "report.json").read_text())  # rewritten by `sample`
+    assert [(s["prompt"], s["model"]) for s in report["samples"]] == [
+        (f"prompt number {i}", m) for i in range(3) for m in ("student", "code", "prose")]
+    code, out = run_cli(["report", str(run_dir), "--no-color", "--width", "160"], monkeypatch, capsys)
+    assert code == 0 and "Samples" in out and "prompt number 2" in out and "prompt number 3" not in out

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from merge_distill.errors import UserError
-from merge_distill.report.schema import Curves, Evaluation, Report, Routing, RunFacts
+from merge_distill.report.schema import Curves, Evaluation, Report, Routing, RunFacts, SampleRow
 
 REPORT_FILE = "report.json"
 # Files the engine always writes; any absent one makes the run incomplete. eval.json is optional.
@@ -149,8 +149,32 @@ def build_report(run_dir: Path) -> Report:
     complete = run is not None and run.status == "complete" and not missing
     return Report(
         source_dir=str(run_dir), run=run, routing=routing, curves=curves, eval=evaluation,
-        complete=complete, missing=missing, warnings=warnings,
+        complete=complete, missing=missing, warnings=warnings, samples=read_samples(run_dir / SAMPLES_FILE, warnings),
     )
+
+
+SAMPLES_FILE = "samples.jsonl"
+SAMPLE_PROMPTS = 3  # prompts of samples.jsonl the report shows (every model's answer to each)
+
+
+def read_samples(path: Path, warnings: list[str]) -> list[SampleRow]:
+    """Every model's answers to the first SAMPLE_PROMPTS prompts of samples.jsonl ([] without it)."""
+    if not path.exists():
+        return []
+    rows, prompts = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            raw = json.loads(line)
+            row = SampleRow(prompt=raw["prompt"][-1]["content"], model=raw["model"], answer=raw["answer"], nll=raw["nll"])
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError, ValidationError):
+            warnings.append(f"{path} line {number} is not a sample row; samples after it are not shown")
+            break
+        if row.prompt not in prompts:
+            if len(prompts) == SAMPLE_PROMPTS:
+                break
+            prompts.append(row.prompt)
+        rows.append(row)
+    return rows
 
 
 def write_report(run_dir: Path) -> Path:
@@ -193,7 +217,7 @@ def load_report(path_or_run_dir: Path) -> Report:
     _check_run_dir(path)
     report_path = path / REPORT_FILE
     if report_path.exists():
-        sources = [path / n for n in ("run.json", "metrics.jsonl", "stats.json", "eval.json")]
+        sources = [path / n for n in ("run.json", "metrics.jsonl", "stats.json", "eval.json", SAMPLES_FILE)]
         newest_source = max((p.stat().st_mtime for p in sources if p.exists()), default=0.0)
         if report_path.stat().st_mtime >= newest_source:
             return _load_report_file(report_path)

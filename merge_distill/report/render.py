@@ -58,6 +58,7 @@ def render_report(report: Report, console: Console) -> None:
     _agreement(report, console)
     _curves(report, console)
     _evaluation(report, console)
+    _samples(report, console)
 
 
 def _facts(report: Report, console: Console) -> None:
@@ -364,3 +365,23 @@ def _compare_eval(a: Report, b: Report, console: Console) -> None:
     for d in dict.fromkeys(a.eval.domains + b.eval.domains):
         ppl.add_row(Text(d), *_compare_cells(student_a.ppl.get(d), student_b.ppl.get(d), fmt_num, "lower"))
     console.print(ppl)
+
+
+def _samples(report: Report, console: Console) -> None:
+    """A few answers from samples.jsonl, each graded by the teachers (only when the file exists)."""
+    if not report.samples:
+        return
+    _section(console, "Samples")
+    graders = list(report.samples[0].nll)
+    table = Table(box=None, show_lines=False, padding=(0, 1))
+    table.add_column("prompt", max_width=28, overflow="fold")
+    table.add_column("model", no_wrap=True)
+    table.add_column("answer", max_width=48, overflow="fold")
+    for name in graders:
+        table.add_column(f"NLL {name}", justify="right")
+    for row in report.samples:
+        table.add_row(Text(row.prompt), Text(row.model), Text(row.answer.strip() or "(empty)"),
+                      *[Text("—" if row.nll.get(n) is None else f"{row.nll[n]:.3f}") for n in graders])
+    console.print(table)
+    console.print(Text("from samples.jsonl (merge-distill sample): the first prompts' answers; NLL: the teacher's mean "
+                       "NLL per token of the answer, nats", style="dim"))

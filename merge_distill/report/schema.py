@@ -131,6 +131,15 @@ class Evaluation(_Model):
     rows: list[EvalRow] = Field(description="One row per evaluated model.")
 
 
+class SampleRow(_Model):
+    """One answer from samples.jsonl (`merge-distill sample`)."""
+
+    prompt: str = Field(description="The last user turn of the prompt.")
+    model: str = Field(description="`student` or a teacher name.")
+    answer: str = Field(description="The model's answer.")
+    nll: dict[str, float | None] = Field(description="Mean NLL per token (nats) of the answer under each teacher.")
+
+
 class Report(_Model):
     """report.json: everything the terminal report shows, built from one run directory."""
 
@@ -140,6 +149,9 @@ class Report(_Model):
     routing: Routing | None = Field(None, description="stats.json; null if that file was missing.")
     curves: Curves = Field(default_factory=Curves, description="Per-step series from metrics.jsonl (empty if missing).")
     eval: Evaluation | None = Field(None, description="eval.json; null when no evaluation ran.")
+    samples: list[SampleRow] = Field(
+        default_factory=list, description="The answers to the first prompts of samples.jsonl (`merge-distill sample`); "
+                                          "empty when that file does not exist.")
     complete: bool = Field(description="True only if status is 'complete' and no expected file is missing.")
     missing: list[str] = Field(
         default_factory=list, description="Expected files that were absent (e.g. 'stats.json', 'student/')."
