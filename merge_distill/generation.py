@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.columns import Columns
 from rich.markup import escape
 from rich.panel import Panel
+from rich.table import Table
 from transformers import PreTrainedTokenizerBase, TextStreamer
 
 from merge_distill.distributed import accelerator_for
@@ -241,8 +241,12 @@ def chat(run_dir: Path, teacher: str | None, compare: bool, settings: Generation
                 reply = answer(speaker, messages, seeded)
                 panels.append(Panel(escape(reply.strip()) or "(empty)", title=speaker.name, expand=True))
             histories[speaker.name] = messages + [{"role": "assistant", "content": reply}]
-        if panels and console.width >= 40 * len(panels):  # side by side
-            console.print(Columns(panels, equal=True, expand=True))
+        if panels and console.width >= 40 * len(panels):  # side by side, equal widths
+            grid = Table.grid(expand=True, padding=(0, 1))
+            for _ in panels:
+                grid.add_column(ratio=1)
+            grid.add_row(*panels)
+            console.print(grid)
         else:  # stacked on a narrow terminal
             for panel in panels:
                 console.print(panel)
