@@ -75,6 +75,28 @@ def build_assets(work: Path) -> None:
         (work / f"{variant}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
 
 
+def teacher_tokens(work: Path, rows: int = 64, batch: int = 8) -> dict[str, tuple[float, float]]:
+    """Per cross teacher: its mean tokens per student row of SEQ_LEN tokens, and the mean longest
+    row of each batch of `batch` (what one padded forward would compute per row)."""
+    from merge_distill.align import TokenBytes, align_row
+    from merge_distill.models import load_tokenizer
+    from merge_distill.plan import training_rows
+    from merge_distill.recipe import load_recipe
+
+    recipe = load_recipe(work / "cross.yaml")
+    student = load_tokenizer(str(work / "student"))
+    source = training_rows(recipe, student)[0]
+    student_bytes = TokenBytes(student)
+    out = {}
+    for name in ("cross_sp", "cross_dg"):
+        teacher = TokenBytes(load_tokenizer(str(work / name)))
+        lengths = [len(align_row(source.input_ids[i][source.attention_mask[i].bool()].tolist(), student_bytes,
+                                 teacher).teacher_ids) for i in range(min(rows, len(source)))]
+        longest = [max(lengths[i: i + batch]) for i in range(0, len(lengths), batch)]
+        out[name] = (statistics.mean(lengths), statistics.mean(longest))
+    return out
+
+
 def worker(work: Path, warmup: int, steps: int) -> dict:
     """Both variants in one process, their steps alternated (same, cross, same, cross, ...), so that
     the machine's drift reaches both alike. Per variant: ms per step (median over steps) and the
@@ -158,6 +180,9 @@ def main() -> None:
           f"{align:.0f} ms | {project:.0f} ms |")
     print(f"\ncross / same per process (median over its step pairs): {', '.join(f'{r:.2f}' for r in ratios)}; "
           f"largest {max(ratios):.2f}")
+    for name, (mean, longest) in teacher_tokens(args.work).items():
+        print(f"{name}: {mean:.0f} tokens per {SEQ_LEN}-token student row; the longest row of a batch of 8: {longest:.0f} "
+              "on average (what one padded forward computes per row)")
 
 
 if __name__ == "__main__":
