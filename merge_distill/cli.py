@@ -26,7 +26,7 @@ from merge_distill.checkpoint import RunInterrupted
 from merge_distill.distributed import accelerator_for, build_launch_command
 from merge_distill.engine import run as run_engine
 from merge_distill.errors import USER_ERROR_EXIT_CODE, NonFiniteError, UserError
-from merge_distill.evaluate import evaluate_run, load_saved_student
+from merge_distill.evaluate import eval_teacher_names, evaluate_run, load_saved_student
 from merge_distill.losses import DIVERGENCES
 from merge_distill.recipe import load_recipe, read_yaml
 from merge_distill.recipe_checks import alignment_summary, preflight
@@ -260,7 +260,7 @@ def sample(
     """Answer every prompt with the student and its teachers; grade every answer by every teacher
     (mean NLL per token); write RUN_DIR/samples.jsonl and print a table."""
     recipe = run_recipe(run_dir)
-    names = teacher if teacher else [t.name for t in recipe.teachers if t.model != "self" or recipe.student.model]
+    names = teacher if teacher else eval_teacher_names(recipe)
     rows = run_samples(run_dir, read_prompts(prompts), names, GenerationSettings(max_new_tokens, temperature, top_p, seed),
                        prompts)
     table = Table(title=f"{len(rows)} answers, graded by the teachers (mean NLL per token, nats; lower: the teacher "

@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase, TextStreamer
 
 from merge_distill.distributed import accelerator_for
 from merge_distill.errors import UserError
-from merge_distill.evaluate import load_saved_student
+from merge_distill.evaluate import eval_teacher_names, load_saved_student
 from merge_distill.models import load_model, load_tokenizer
 from merge_distill.recipe import load_recipe
 from merge_distill.report.build import write_report
@@ -96,7 +96,7 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: Messages, answer: str |
     (and the answer after it, for grading); without a template, the turns' text one per line."""
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding in recent transformers
     else:
         ids = tokenizer("\n".join(m["content"] for m in messages) + "\n", add_special_tokens=True)["input_ids"]
     if answer is not None:
@@ -198,7 +198,7 @@ def chat(run_dir: Path, teacher: str | None, compare: bool, settings: Generation
     """An interactive chat: the student (or `teacher`, or with `compare` the student and every teacher
     side by side). Each model keeps its own conversation. Commands: /reset, /exit, /save FILE."""
     recipe = run_recipe(run_dir)
-    names = ([t.name for t in recipe.teachers if t.model != SELF_TEACHER or recipe.student.model] if compare
+    names = (eval_teacher_names(recipe) if compare
              else [teacher] if teacher else [])
     speakers = load_speakers(run_dir, teacher is None or compare, names)
     histories: dict[str, Messages] = {s.name: [] for s in speakers}

@@ -87,30 +87,31 @@ def lora_problems(recipe: Recipe, config) -> list[str]:
 
 
 def student_problems(recipe: Recipe) -> list[str]:
-    """What `load_student` would refuse, read from configs alone (no weights loaded)."""
+    """What `load_student` would refuse, read from configs alone (no weights loaded): the config the
+    student is built from is read once, for the layer, override and LoRA checks."""
     spec = recipe.student
-    if spec.lora is not None or recipe.output.merge_lora:
-        source = spec.model or (next(t.model for t in recipe.teachers if t.name == spec.from_teacher.teacher)
-                                if spec.from_teacher else None)
-        if spec.from_config is not None:
-            source = next((t.model for t in recipe.teachers if t.name == spec.from_config.base), spec.from_config.base)
-        try:
-            found = lora_problems(recipe, AutoConfig.from_pretrained(source))
-        except (OSError, ValueError) as exc:
-            found = [f"student: cannot read a config from {source!r}: {exc}"]
-        if found:
-            return found
+    lora = spec.lora is not None or recipe.output.merge_lora
     if spec.from_teacher is not None:
         source = next(t for t in recipe.teachers if t.name == spec.from_teacher.teacher)
-        layers = getattr(AutoConfig.from_pretrained(source.model, revision=source.revision), "num_hidden_layers", None)
-        if layers is not None and layer_problems(spec.from_teacher.layers, layers):
-            return layer_problems(spec.from_teacher.layers, layers)
+        path, revision, key = source.model, source.revision, "student.from_teacher"
+    elif spec.from_config is not None:
+        path = next((t.model for t in recipe.teachers if t.name == spec.from_config.base), spec.from_config.base)
+        revision, key = None, "student.from_config.base"
+    elif lora:
+        path, revision, key = spec.model, spec.revision, "student"
+    else:
+        return []  # a pretrained student without LoRA: its files are checked elsewhere
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision)
+    except (OSError, ValueError) as exc:
+        return [f"{key}: cannot read a config from {path!r}: {exc}"]
+    found = lora_problems(recipe, config) if lora else []
+    if found:
+        return found
+    if spec.from_teacher is not None:
+        layers = getattr(config, "num_hidden_layers", None)
+        return layer_problems(spec.from_teacher.layers, layers) if layers is not None else []
     if spec.from_config is not None:
-        base = next((t.model for t in recipe.teachers if t.name == spec.from_config.base), spec.from_config.base)
-        try:
-            config = AutoConfig.from_pretrained(base)
-        except (OSError, ValueError) as exc:
-            return [f"student.from_config.base: cannot read a config from {base!r}: {exc}"]
         return override_problems(config, spec.from_config.overrides)
     return []
 
