@@ -32,7 +32,7 @@ from merge_distill import distributed as dist_mod
 from merge_distill.align import TokenBytes, align_row, special_counterparts
 from merge_distill.align.projection import project_topk, token_map
 from merge_distill.models import aligned_teachers, cross_tokenizer_teachers, cut_vocab, load_teachers, load_tokenizer
-from merge_distill.schema import Recipe
+from merge_distill.schema import Recipe, TeacherSpec
 from merge_distill.signals import IGNORE_INDEX, TokenBatch, normalizes_in_place, per_token_stats, tail_logmass
 from merge_distill.sources.base import SourceContext, register_source
 from merge_distill.sources.signals import SparseSignals, check_finite
@@ -40,6 +40,14 @@ from merge_distill.sources.signals import SparseSignals, check_finite
 
 def _selects(recipe: Recipe) -> bool:
     return (recipe.cache is None or not recipe.cache.use) and bool(aligned_teachers(recipe))
+
+
+def teacher_tokenizers(recipe: Recipe, teachers: list[TeacherSpec],
+                       student_tokenizer: PreTrainedTokenizerBase) -> list[PreTrainedTokenizerBase]:
+    """Each teacher's tokenizer: its own when it differs from the student's, else the student's."""
+    cross = set(cross_tokenizer_teachers(recipe))
+    return [load_tokenizer(t.model, t.revision, t.trust_remote_code) if t.name in cross else student_tokenizer
+            for t in teachers]
 
 
 @register_source("aligned", {"gold_nll", "entropy", "top1", "hidden"}, _selects,
@@ -70,9 +78,7 @@ class AlignedTeachers:
         models = load_teachers(recipe, wanted, student,
                                lambda dtype: dist_mod.teacher_init_context(accelerator, dist, dtype))
         placed = [dist_mod.prepare_teacher(accelerator, dist, m) for m in models]
-        cross = set(cross_tokenizer_teachers(recipe))
-        tokenizers = [load_tokenizer(t.model, t.revision, t.trust_remote_code) if t.name in cross else student_tokenizer
-                      for t in wanted]
+        tokenizers = teacher_tokenizers(recipe, wanted, student_tokenizer)
         aligned = [t.name in aligned_teachers(recipe) for t in wanted]
         sharded = dist_mod.uses_deepspeed(accelerator) and dist.teacher_zero_stage == 3
         return cls([t.name for t in wanted], placed, tokenizers, student_tokenizer, recipe.align.k,

@@ -21,10 +21,9 @@ from merge_distill.cache.manifest import full_manifest, read_manifest, recipe_pr
 from merge_distill.cache.reader import TeacherCache
 from merge_distill.data import SourceRows
 from merge_distill.errors import NonFiniteError, UserError
-from merge_distill.models import cross_tokenizer_teachers, load_tokenizer
 from merge_distill.schema import Recipe
 from merge_distill.signals import IGNORE_INDEX, TokenBatch
-from merge_distill.sources.aligned import AlignedTargets, projected_signals
+from merge_distill.sources.aligned import AlignedTargets, projected_signals, teacher_tokenizers
 from merge_distill.sources.base import SourceContext, register_source
 from merge_distill.sources.signals import SparseSignals
 
@@ -58,10 +57,8 @@ class CachedTeachers:
         maps = None
         if manifest["aligned"]:
             student = TokenBytes(tokenizer)
-            cross = set(cross_tokenizer_teachers(recipe))
-            maps = [token_map(TokenBytes(load_tokenizer(t.model, t.revision, t.trust_remote_code))
-                              if t.name in cross else student, student) if t.name in manifest["aligned"] else None
-                    for t in recipe.teachers]
+            maps = [token_map(TokenBytes(own), student) if t.name in manifest["aligned"] else None
+                    for t, own in zip(recipe.teachers, teacher_tokenizers(recipe, recipe.teachers, tokenizer))]
         return cls(recipe.teacher_names, TeacherCache(root, manifest), maps)
 
     @classmethod
