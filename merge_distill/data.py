@@ -8,13 +8,15 @@ targets (others -100). Each row keeps its source's domain tag through to the bat
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import datasets
+import numpy as np
 import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
@@ -40,18 +42,73 @@ def source_files(path: str) -> list[str]:
 
 
 
-@dataclass
-class SourceRows:
-    """All rows of one source: input_ids, labels, attention_mask, each [N, seq_len] long."""
+def rows_features(seq_len: int) -> datasets.Features:
+    """The stored row columns: ids, the target mask, tokens before padding, shifted targets."""
+    return datasets.Features({"input_ids": datasets.Sequence(datasets.Value("uint32"), length=seq_len),
+                              "target": datasets.Sequence(datasets.Value("bool"), length=seq_len),
+                              "length": datasets.Value("int32"), "targets": datasets.Value("int32")})
 
-    label: str
-    domain: str
+
+class RowTensors(NamedTuple):
+    """Rows as the model takes them: input_ids, labels (-100: no target), attention_mask, each [n, seq_len] long."""
+
     input_ids: Tensor
     labels: Tensor
     attention_mask: Tensor
 
+
+@dataclass
+class SourceRows:
+    """All rows of one source, memory-mapped from Arrow (see rowstore): read them with `take`.
+
+    `digest` identifies the rows' contents (the cache manifest records it)."""
+
+    label: str
+    domain: str
+    table: datasets.Dataset
+    pad_id: int
+    digest: str
+
+    def __post_init__(self) -> None:
+        self.table = self.table.with_format("numpy")
+
     def __len__(self) -> int:
-        return self.input_ids.shape[0]
+        return len(self.table)
+
+    @property
+    def seq_len(self) -> int:
+        return self.table.features["input_ids"].length
+
+    def take(self, index: "Tensor | list[int] | range | slice") -> RowTensors:
+        """Rows `index` (positions in this source) as long tensors [n, seq_len]."""
+        if isinstance(index, Tensor):
+            index = index.tolist()
+        count = len(range(*index.indices(len(self)))) if isinstance(index, slice) else len(index)
+        if count == 0:
+            blank = torch.zeros(0, self.seq_len, dtype=torch.long)
+            return RowTensors(blank, blank.clone(), blank.clone())
+        if isinstance(index, range):
+            index = list(index)
+        cols = self.table[index]
+        ids = torch.from_numpy(cols["input_ids"].astype(np.int64))
+        target = torch.from_numpy(cols["target"].astype(bool))
+        mask = torch.arange(self.seq_len)[None, :] < torch.from_numpy(cols["length"].astype(np.int64))[:, None]
+        return RowTensors(ids, torch.where(target, ids, IGNORE_INDEX), mask.long())
+
+    def targets(self) -> np.ndarray:
+        """Targets per row at positions 1.. (what the shifted loss sees), int64 [N]."""
+        return np.asarray(self.table.with_format("arrow")["targets"]).astype(np.int64)
+
+    @classmethod
+    def from_tensors(cls, label: str, domain: str, input_ids: Tensor, labels: Tensor, attention_mask: Tensor) -> "SourceRows":
+        """In-memory rows from tensors [N, seq_len] (tests, tools); attention must be a prefix of each row."""
+        target = labels != IGNORE_INDEX
+        length = attention_mask.sum(1).to(torch.int32)
+        columns = {"input_ids": input_ids.to(torch.int64).numpy().astype(np.uint32), "target": target.numpy(),
+                   "length": length.numpy(), "targets": target[:, 1:].sum(1).to(torch.int32).numpy()}
+        digest = hashlib.sha256(b"".join(np.ascontiguousarray(c).tobytes() for c in columns.values())).hexdigest()[:20]
+        table = datasets.Dataset.from_dict({k: list(v) for k, v in columns.items()}, features=rows_features(input_ids.shape[1]))
+        return cls(label, domain, table, 0, digest)
 
 
 def first_bad_json_line(files: list[str]) -> str | None:
@@ -137,9 +194,10 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_genera
     return list(out)
 
 
-def check_messages(conversations: list[list[Any]], source: "DataSource", key: str) -> None:
-    """Every chat message must be {"role": str, "content": str}; name the first that is not."""
-    for i, messages in enumerate(conversations):
+def check_messages(conversations: list[list[Any]], source: "DataSource", key: str, first: int = 0) -> None:
+    """Every chat message must be {"role": str, "content": str}; name the first that is not
+    (`first`: the index of conversations[0] in the source)."""
+    for i, messages in enumerate(conversations, start=first):
         for j, message in enumerate(messages):
             missing = [k for k in ("role", "content") if not isinstance(message, dict) or not isinstance(message.get(k), str)]
             if missing:
@@ -148,54 +206,34 @@ def check_messages(conversations: list[list[Any]], source: "DataSource", key: st
                                 '{"role": "user", "content": "..."}')
 
 
-def tokenize_source(source: "DataSource", key: str, tokenizer: PreTrainedTokenizerBase) -> tuple[list[list[int]], list[list[int]]]:
-    """(ids, labels) per example."""
-    ds = read_source(source, key)
-    values = ds[source.field]
-    if is_chat(source, ds):
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError(f"{key}: chat data needs a tokenizer with a chat template; this tokenizer has none")
-        if not all(isinstance(v, list) for v in values):
-            raise UserError(f"{key}.field: {source.field!r} must hold a list of messages in every example for chat data")
-        check_messages(values, source, key)
-        pairs = [chat_tokens(v, tokenizer) for v in values]
-        return [p[0] for p in pairs], [p[1] for p in pairs]
-    bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
-    if bad is not None:
-        raise UserError(f"{key}.field: example {bad + 1} of {source.path} holds {type(values[bad]).__name__} in "
-                        f"{source.field!r}, not text; every example needs text there (or set format: chat for messages)")
-    texts = [v for v in values if v.strip()]
-    if not texts:
-        raise UserError(f"{key}.path: {source.path} holds only empty text; give a file with text")
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids = [row + eos for row in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
-    return ids, [list(r) for r in ids]
+@dataclass
+class TokenizeBatch:
+    """`datasets.map` function (batched, with indices): examples -> token ids per example.
 
+    Text: {"ids"}; every token is a target and each example ends with EOS; blank texts are dropped.
+    Chat: {"ids", "target"}; the chat template, only assistant tokens are targets."""
 
-def build_rows(source: "DataSource", key: str, tokenizer: PreTrainedTokenizerBase, seq_len: int, packing: bool) -> SourceRows:
-    ids, labels = tokenize_source(source, key, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    if packing:
-        flat_ids = [t for row in ids for t in row]
-        flat_labels = [t for row in labels for t in row]
-        n_rows = max(1, len(flat_ids) // seq_len)
-        chunks = [(flat_ids[i * seq_len:(i + 1) * seq_len], flat_labels[i * seq_len:(i + 1) * seq_len]) for i in range(n_rows)]
-    else:
-        chunks = [(i[:seq_len], l[:seq_len]) for i, l in zip(ids, labels)]
-    input_ids = torch.full((len(chunks), seq_len), pad_id, dtype=torch.long)
-    label_rows = torch.full((len(chunks), seq_len), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((len(chunks), seq_len), dtype=torch.long)
-    for r, (row_ids, row_labels) in enumerate(chunks):
-        input_ids[r, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
-        label_rows[r, : len(row_labels)] = torch.tensor(row_labels, dtype=torch.long)
-        attention[r, : len(row_ids)] = 1
-    if int((label_rows[:, 1:] != IGNORE_INDEX).sum()) == 0:
-        if any(t != IGNORE_INDEX for row in labels for t in row):
-            raise UserError(f"{key}: {source.path} gives no training target at seq_len {seq_len}; "
-                            "give longer examples or a larger data.seq_len")
-        raise UserError(f"{key}: no example of {source.path} has an assistant turn, and chat data trains only on "
-                        "assistant replies; add assistant messages or set format: text")
-    return SourceRows(source.label, source.domain, input_ids, label_rows, attention)
+    source: DataSource
+    key: str
+    tokenizer: PreTrainedTokenizerBase
+    chat: bool
+
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        source, key, values = self.source, self.key, batch[self.source.field]
+        if self.chat:
+            if not all(isinstance(v, list) for v in values):
+                raise UserError(f"{key}.field: {source.field!r} must hold a list of messages in every example for chat data")
+            check_messages(values, source, key, first=indices[0])
+            pairs = [chat_tokens(v, self.tokenizer) for v in values]
+            return {"ids": [p[0] for p in pairs], "target": [[t != IGNORE_INDEX for t in p[1]] for p in pairs]}
+        bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+        if bad is not None:
+            raise UserError(f"{key}.field: example {indices[bad] + 1} of {source.path} holds {type(values[bad]).__name__} in "
+                            f"{source.field!r}, not text; every example needs text there (or set format: chat for messages)")
+        texts = [v for v in values if v.strip()]
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        ids = [row + eos for row in self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]] if texts else []
+        return {"ids": ids}
 
 
 class MixedStream:
@@ -225,12 +263,13 @@ class MixedStream:
     def rows(self, start: int, count: int) -> TokenBatch:
         """Global rows start .. start + count - 1 as one batch (one gather per source, not per row)."""
         choice, index = self.choice[start:start + count], self.index[start:start + count]
-        seq_len = self.sources[0].input_ids.shape[1]
+        seq_len = self.sources[0].seq_len
         fields = {f: torch.empty(len(choice), seq_len, dtype=torch.long) for f in ("input_ids", "attention_mask", "labels")}
         for s in choice.unique().tolist():
             where = (choice == s).nonzero().squeeze(-1)
+            rows = self.sources[s].take(index[where])
             for name, out in fields.items():
-                out[where] = getattr(self.sources[s], name)[index[where]]
+                out[where] = getattr(rows, name)
         chosen = [self.sources[s] for s in choice.tolist()]
         return TokenBatch(**fields, domains=[s.domain for s in chosen], sources=[s.label for s in chosen],
                           row_index=index.tolist())

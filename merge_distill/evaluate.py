@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from peft import AutoPeftModelForCausalLM
 from accelerate import Accelerator
@@ -29,11 +30,12 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from merge_distill import distributed as dist_mod
-from merge_distill.data import build_rows
+from merge_distill.data import SourceRows
+from merge_distill.plan import source_rows
 from merge_distill.errors import UserError
 from merge_distill.models import DTYPES, cross_tokenizer_teachers, load_model, load_tokenizer, tokenizer_source
 from merge_distill.schema import SELF_TEACHER, Recipe
-from merge_distill.signals import IGNORE_INDEX, TokenBatch, per_token_stats, shift_targets
+from merge_distill.signals import IGNORE_INDEX, TokenBatch, per_token_stats
 from merge_distill.align import TokenBytes
 from merge_distill.sources import AlignedTeachers, OnlineTeachers
 
@@ -42,18 +44,20 @@ def eval_rows(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, t
     """domain -> (input_ids, labels, attention_mask) [N, seq_len], capped at data.eval_tokens targets."""
     if not recipe.data.eval:
         raise UserError("data.eval: the recipe has no evaluation sources; add held-out files under data.eval")
-    by_domain: dict[str, list] = {}
-    for i, source in enumerate(recipe.data.eval):
-        rows = build_rows(source, f"data.eval[{i}]", tokenizer, recipe.data.seq_len, recipe.data.packing)
+    by_domain: dict[str, list[SourceRows]] = {}
+    for source, rows in zip(recipe.data.eval, source_rows(recipe, tokenizer, "eval")):
         by_domain.setdefault(source.domain, []).append(rows)
     out = {}
     for domain, parts in by_domain.items():
-        ids = torch.cat([p.input_ids for p in parts])
-        labels = torch.cat([p.labels for p in parts])
-        mask = torch.cat([p.attention_mask for p in parts])
-        targets_per_row = (shift_targets(labels) != IGNORE_INDEX).sum(1).cumsum(0)
+        targets_per_row = torch.from_numpy(np.concatenate([p.targets() for p in parts])).cumsum(0)
         keep = int((targets_per_row < recipe.data.eval_tokens).sum()) + 1
-        out[domain] = (ids[:keep], labels[:keep], mask[:keep])
+        taken = []
+        for part in parts:  # only the rows kept are read from the store
+            taken.append(part.take(slice(0, min(keep, len(part)))))
+            keep -= len(part)
+            if keep <= 0:
+                break
+        out[domain] = tuple(torch.cat([getattr(t, name) for t in taken]) for name in ("input_ids", "labels", "attention_mask"))
     return out
 
 

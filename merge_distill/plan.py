@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from merge_distill.data import MixedStream, SourceRows, build_rows, steps_for_epochs
+from merge_distill.data import MixedStream, SourceRows, steps_for_epochs
+from merge_distill.rowstore import build_rows, store_dir
 from merge_distill.schema import Recipe
 from merge_distill.signals import TokenBatch
 
@@ -44,8 +45,14 @@ class DataPlan:
 
 def training_rows(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> list[SourceRows]:
     """Every training source tokenized and cut into rows (UserError naming data.train[i] on bad data)."""
-    return [build_rows(s, f"data.train[{i}]", tokenizer, recipe.data.seq_len, recipe.data.packing)
-            for i, s in enumerate(recipe.data.train)]
+    return source_rows(recipe, tokenizer, "train")
+
+
+def source_rows(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, split: str) -> list[SourceRows]:
+    """The rows of data.train or data.eval, memory-mapped from the tokenized store (built there once)."""
+    data = recipe.data
+    return [build_rows(s, f"data.{split}[{i}]", tokenizer, data.seq_len, data.packing, store_dir(data), data.num_proc)
+            for i, s in enumerate(getattr(data, split))]
 
 
 def build_plan(recipe: Recipe, sources: list[SourceRows], world_size: int, rank: int) -> DataPlan:

@@ -98,6 +98,8 @@ def resolve_paths(recipe: Recipe, base: Path) -> None:
     recipe.output.dir = str((base / Path(recipe.output.dir).expanduser()).resolve())
     if recipe.cache is not None:
         recipe.cache.dir = str((base / Path(recipe.cache.dir).expanduser()).resolve())
+    if recipe.data.tokenized_dir is not None:
+        recipe.data.tokenized_dir = str((base / Path(recipe.data.tokenized_dir).expanduser()).resolve())
     for key in ("deepspeed_config", "teacher_deepspeed_config"):
         value = getattr(recipe.distributed, key)
         if value is not None:

@@ -281,10 +281,11 @@ def alignment_coverage(student: TokenBytes, teacher: TokenBytes, rows: list[Sour
     counts: dict[str, tuple[int, int]] = {}
     for source in rows:
         aligned = total = 0
-        for i in range(min(max_rows, len(source))):
-            keep = source.attention_mask[i].bool()
-            has_target = (shift_targets(source.labels[i: i + 1])[0][keep] != IGNORE_INDEX).tolist()
-            row = align_row(source.input_ids[i][keep].tolist(), student, teacher, counterparts)
+        head = source.take(slice(0, max_rows))
+        for i in range(len(head.input_ids)):
+            keep = head.attention_mask[i].bool()
+            has_target = (shift_targets(head.labels[i: i + 1])[0][keep] != IGNORE_INDEX).tolist()
+            row = align_row(head.input_ids[i][keep].tolist(), student, teacher, counterparts)
             aligned += sum(1 for t, target in enumerate(has_target) if target and row.to_teacher[t] >= 0)
             total += sum(has_target)
         before = counts.get(source.domain, (0, 0))

@@ -13,6 +13,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tokenized_store(tmp_path_factory) -> Path:
+    """Tokenized rows of the whole session in one temporary store (not the user's ~/.cache);
+    CLI subprocesses inherit it through the environment."""
+    store = tmp_path_factory.mktemp("md-cache")
+    os.environ["MERGE_DISTILL_CACHE"] = str(store)
+    return store / "tokenized"
+
+
 @pytest.fixture(scope="session")
 def pico(tmp_path_factory) -> dict[str, Path]:
     from merge_distill.pico import build_pico

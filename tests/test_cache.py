@@ -62,11 +62,12 @@ def test_round_trip_equals_the_dense_teacher(cached_recipe, dtype: str, toleranc
     source = parts.plan.stream.sources[1]
     rows = [0, 2, 1]
     got = store.read([source.label] * 3, rows)
-    batch_ids = source.input_ids[rows]
-    targets = torch.cat([source.labels[rows][:, 1:], torch.full((3, 1), -100)], dim=1)
+    taken = source.take(rows)
+    batch_ids = taken.input_ids
+    targets = torch.cat([taken.labels[:, 1:], torch.full((3, 1), -100)], dim=1)
     for j, model in enumerate(parts.training.source.models):
         with torch.no_grad():
-            logits = model(input_ids=batch_ids, attention_mask=source.attention_mask[rows]).logits[..., : parts.training.vocab_size]
+            logits = model(input_ids=batch_ids, attention_mask=taken.attention_mask).logits[..., : parts.training.vocab_size]
         nll, entropy, top1 = per_token_stats(logits, targets)
         torch.testing.assert_close(got["nll"][j], nll, rtol=0, atol=0)  # exact: the function routers get online
         torch.testing.assert_close(got["entropy"][j], entropy, rtol=0, atol=0)

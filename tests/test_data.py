@@ -7,7 +7,8 @@ import json
 import torch
 from transformers import AutoTokenizer
 
-from merge_distill.data import MixedStream, SourceRows, build_rows, chat_tokens
+from merge_distill.data import MixedStream, SourceRows, chat_tokens
+from merge_distill.rowstore import build_rows
 from merge_distill.models import compare_vocabs, cut_vocab
 from merge_distill.schema import DataSource
 from merge_distill.signals import IGNORE_INDEX, shift_targets
@@ -27,12 +28,12 @@ def test_chat_targets_are_exactly_the_assistant_turns(pico):
     assert tok.decode(ids).startswith("<|user|>\nWhere is my order?")
 
 
-def test_chat_source_rows_mask_prompts(pico):
+def test_chat_source_rows_mask_prompts(pico, tokenized_store):
     tok = AutoTokenizer.from_pretrained(pico["tokenizer"])
     source = DataSource(type="jsonl", path=str(pico["chat"]), field="messages", domain="support")
-    rows = build_rows(source, "data.train[0]", tok, seq_len=64, packing=False)
+    rows = build_rows(source, "data.train[0]", tok, 64, False, tokenized_store)
     assert len(rows) == 12
-    for ids, labels, mask in zip(rows.input_ids, rows.labels, rows.attention_mask):
+    for ids, labels, mask in zip(*rows.take(slice(0, len(rows)))):
         kept = labels[labels != IGNORE_INDEX]
         assert "reset it" in tok.decode(kept) and "How do I" not in tok.decode(kept)
         assert torch.equal(labels[labels != IGNORE_INDEX], ids[labels != IGNORE_INDEX])
@@ -45,16 +46,17 @@ def test_packing_concatenates_with_eos_and_keeps_every_token(pico, tmp_path):
     texts = ["alpha beta gamma " * 5, "delta epsilon " * 7, "zeta eta theta " * 3]
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     source = DataSource(type="jsonl", path=str(path), domain="x")
-    rows = build_rows(source, "data.train[0]", tok, seq_len=8, packing=True)
+    rows = build_rows(source, "data.train[0]", tok, 8, True, tmp_path / "store")
     stream = [t for t in tok(texts, add_special_tokens=False)["input_ids"] for t in t + [tok.eos_token_id]]
     n = len(stream) // 8
-    assert torch.equal(rows.input_ids.flatten(), torch.tensor(stream[: n * 8]))
-    assert torch.equal(rows.labels, rows.input_ids) and bool(rows.attention_mask.all())
+    got = rows.take(slice(0, len(rows)))
+    assert torch.equal(got.input_ids.flatten(), torch.tensor(stream[: n * 8]))
+    assert torch.equal(got.labels, got.input_ids) and bool(got.attention_mask.all())
 
 
 def _rows(label: str, n: int, offset: int) -> SourceRows:
     ids = torch.arange(offset, offset + n).unsqueeze(1).repeat(1, 4)
-    return SourceRows(label, label, ids, ids.clone(), torch.ones_like(ids))
+    return SourceRows.from_tensors(label, label, ids, ids.clone(), torch.ones_like(ids))
 
 
 def test_mixing_follows_weights_is_seeded_and_keeps_domains():

@@ -61,6 +61,7 @@ def test_shell_completion_completes_commands_and_options() -> None:
                               capture_output=True, text=True, env=env, check=True).stdout.split()
     assert complete("merge-distill ru", 1) == ["run"]
     assert "--overwrite" in complete("merge-distill run --ov", 2)
-    script = subprocess.run([str(Path(sys.executable).parent / "merge-distill"), "--show-completion", "bash"],
-                            capture_output=True, text=True, check=True).stdout
-    assert "_MERGE_DISTILL_COMPLETE" in script
+    shown = subprocess.run([str(Path(sys.executable).parent / "merge-distill"), "--show-completion", "bash"],
+                           capture_output=True, text=True)
+    assert shown.returncode == 0, (shown.stdout, shown.stderr)
+    assert "_MERGE_DISTILL_COMPLETE" in shown.stdout

@@ -87,7 +87,7 @@ def build_assets(work: Path, args: argparse.Namespace) -> dict:
     import yaml
 
     from merge_distill.cache.writer import write_cache
-    from merge_distill.data import build_rows
+    from merge_distill.plan import training_rows
     from merge_distill.pico import build_bpe_tokenizer, stdlib_texts
     from merge_distill.recipe import load_recipe
 
@@ -104,8 +104,8 @@ def build_assets(work: Path, args: argparse.Namespace) -> dict:
     for k in range(1, K_MAX + 1):
         (work / f"k{k}.yaml").write_text(yaml.safe_dump(recipe(work, k, args), sort_keys=False))
     loaded = load_recipe(work / "k1.yaml")
-    rows = build_rows(loaded.data.train[0], "data.train[0]", tokenizer, SEQ_LEN, True)
-    torch.save(rows.input_ids, work / "rows.pt")
+    rows = training_rows(loaded, tokenizer)[0]
+    torch.save(rows.take(slice(0, len(rows))).input_ids, work / "rows.pt")
     cache_times = {}
     for k in range(1, K_MAX + 1):
         shutil.rmtree(work / f"cache-k{k}", ignore_errors=True)  # a kept cache would resume: time a full write

@@ -90,8 +90,9 @@ def teacher_tokens(work: Path, rows: int = 64, batch: int = 8) -> dict[str, tupl
     out = {}
     for name in ("cross_sp", "cross_dg"):
         teacher = TokenBytes(load_tokenizer(str(work / name)))
-        lengths = [len(align_row(source.input_ids[i][source.attention_mask[i].bool()].tolist(), student_bytes,
-                                 teacher).teacher_ids) for i in range(min(rows, len(source)))]
+        head = source.take(slice(0, rows))
+        lengths = [len(align_row(ids[mask.bool()].tolist(), student_bytes, teacher).teacher_ids)
+                   for ids, mask in zip(head.input_ids, head.attention_mask)]
         longest = [max(lengths[i: i + batch]) for i in range(0, len(lengths), batch)]
         out[name] = (statistics.mean(lengths), statistics.mean(longest))
     return out

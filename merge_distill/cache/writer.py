@@ -206,8 +206,8 @@ def write_cache(recipe: Recipe, console: Console | None = None, overwrite: bool 
         for i in range(rounds):
             shard_index, sl = batches[min(i, len(batches) - 1)] if batches else (-1, slice(0, min(batch_rows, len(rows[0]))))
             source_rows = mine[shard_index][0] if batches else rows[0]
-            batch = TokenBatch(source_rows.input_ids[sl].to(device), source_rows.attention_mask[sl].to(device),
-                               source_rows.labels[sl].to(device), [], [])
+            taken = source_rows.take(sl)
+            batch = TokenBatch(taken.input_ids.to(device), taken.attention_mask.to(device), taken.labels.to(device), [], [])
             try:
                 stored = _teacher_columns(teachers, batch, recipe)  # type: ignore[arg-type]
             except NonFiniteError as exc:

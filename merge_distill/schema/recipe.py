@@ -104,6 +104,11 @@ class DataSection(Section):
     train: list[DataSource] = Field(min_length=1, description="Training sources, mixed by weight.")
     eval: list[DataSource] = Field(default_factory=list, description="Held-out sources for evaluation.")
     eval_tokens: int = Field(32768, ge=1, description="At most this many held-out target tokens per domain are evaluated.")
+    tokenized_dir: str | None = Field(
+        None, description="Where tokenized rows are kept (memory-mapped Arrow, one folder per fingerprint of data, "
+        "tokenizer, seq_len and packing; relative to the recipe). Default: $MERGE_DISTILL_CACHE/tokenized, "
+        "else ~/.cache/merge_distill/tokenized.")
+    num_proc: int | None = Field(None, ge=1, description="Processes that tokenize a source; default: up to 8 by size.")
 
 
 class TrainSection(Section):

@@ -21,11 +21,12 @@ from merge_distill.sources import AlignedTeachers, LossSetup, OnlineTeachers, tr
 def packed_batch(recipe, tokenizer, rows: int = 3) -> TokenBatch:
     """The first `rows` training rows that pack two documents (an EOS inside the row)."""
     source = training_rows(recipe, tokenizer)[0]
+    every = source.take(slice(0, len(source)))
     eos = tokenizer.eos_token_id
-    keep = [i for i in range(len(source)) if eos in source.input_ids[i, 1:-1].tolist()][:rows]
+    keep = [i for i in range(len(source)) if eos in every.input_ids[i, 1:-1].tolist()][:rows]
     assert len(keep) == rows
-    return TokenBatch(source.input_ids[keep], source.attention_mask[keep], source.labels[keep],
-                      [source.domain] * rows, [source.label] * rows)
+    ids, labels, mask = source.take(keep)
+    return TokenBatch(ids, mask, labels, [source.domain] * rows, [source.label] * rows)
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"])
@@ -204,8 +205,8 @@ def test_validate_coverage_equals_the_coverage_training_sees(pico, sp_teacher, t
     rows = training_rows(loaded, tokenizer)
     counts = alignment_coverage(TokenBytes(tokenizer), TokenBytes(load_tokenizer(str(sp_teacher))), rows[:1], max_rows=3)
     source = rows[0]
-    batch = TokenBatch(source.input_ids[:3], source.attention_mask[:3], source.labels[:3], [source.domain] * 3,
-                       [source.label] * 3)
+    ids, labels, mask = source.take(slice(0, 3))
+    batch = TokenBatch(ids, mask, labels, [source.domain] * 3, [source.label] * 3)
     signals = AlignedTeachers.open(loaded, accelerator_for(loaded), tokenizer).signals(batch)
     mask = batch.targets != IGNORE_INDEX
     assert counts == {source.domain: (int((signals.covered[..., 1] & mask).sum()), int(mask.sum()))}

@@ -76,7 +76,7 @@ def test_support_chatbot_recipe_runs_two_steps(converted, tmp_path) -> None:
     import make_support_data
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from merge_distill.data import build_rows
+    from merge_distill.plan import training_rows
     from merge_distill.engine import run
     from merge_distill.recipe import load_recipe
 
@@ -89,8 +89,8 @@ def test_support_chatbot_recipe_runs_two_steps(converted, tmp_path) -> None:
         "train.epochs=null", "train.steps=2", "train.micro_batch_size=2", f"output.dir={tmp_path / 'run'}",
     ])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    rows = build_rows(recipe.data.train[0], "data.train[0]", tokenizer, recipe.data.seq_len, packing=False)
-    answers = tokenizer.decode(rows.labels[0][rows.labels[0] != -100])
+    labels = training_rows(recipe, tokenizer)[0].take([0]).labels[0]
+    answers = tokenizer.decode(labels[labels != -100])
     assert "<|im_start|>user" not in answers and answers.rstrip().endswith("<|im_end|>")
     run_dir = run(recipe)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
