@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import tempfile
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,9 @@ from rich.markup import escape
 from rich.table import Table
 from transformers.utils import logging as hf_logging
 
-from merge_distill.cache.writer import write_cache
+from merge_distill.cache.writer import verify_cache, write_cache
+from merge_distill import distributed as dist_mod
+from merge_distill import procstatus
 from merge_distill.checkpoint import RunInterrupted
 from merge_distill.distributed import accelerator_for, build_launch_command
 from merge_distill.engine import run as run_engine
@@ -87,6 +90,8 @@ def cache(
     recipe: Path = typer.Argument(..., help="The recipe YAML (it needs a cache: section)."),
     overrides: Optional[list[str]] = OVERRIDES,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache written for other settings."),
+    verify: bool = typer.Option(False, "--verify", help="Check the cache in cache.dir (complete, every shard's "
+                                "checksum) instead of writing it."),
     no_color: bool = typer.Option(False, "--no-color", help="Plain text output."),
 ) -> None:
     """Run RECIPE's teachers once over its training data and store their top-k log-probs in
@@ -97,6 +102,11 @@ def cache(
     # Loaded as a writer: cache.use would require the cache that is about to be written.
     loaded = load_recipe(recipe, [*overrides, "cache.use=false"])
     console = Console(no_color=no_color, highlight=False)
+    if verify:
+        assert loaded.cache is not None
+        checked = verify_cache(Path(loaded.cache.dir))
+        console.print(f"cache ok: {loaded.cache.dir} ({checked} shards, every checksum matches manifest.json)")
+        return
     result = write_cache(loaded, console=console, overwrite=overwrite)
     manifest = result.root / "manifest.json"
     if int(os.environ.get("RANK", "0")) == 0:
@@ -197,8 +207,20 @@ def launch(
     except ValueError as exc:
         raise UserError(f"launch: {exc}") from None
     Console(highlight=False, soft_wrap=True).print(shlex.join(argv))
-    if not dry_run:
-        raise typer.Exit(subprocess.call(argv))
+    if dry_run:
+        return
+    with tempfile.TemporaryDirectory(prefix="merge-distill-launch-") as status:
+        code = subprocess.call(argv, env={**os.environ, procstatus.STATUS_ENV: status})
+        if code != 0:
+            lines = procstatus.failures(Path(status), nproc if nnodes == 1 else None)
+            for line in lines or [f"the launcher exited with code {code}"]:
+                err_console.print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
+            if command == "run":
+                again = shlex.join(["merge-distill", "launch", str(recipe), *(overrides or []), "--nproc", str(nproc),
+                                    *(["--nnodes", str(nnodes)] if nnodes > 1 else []), "--resume"])
+                err_console.print(escape(f"every checkpoint is complete or absent (each is written aside and renamed); "
+                                         f"continue with: {again}"), soft_wrap=True)
+    raise typer.Exit(code)
 
 
 @app.command("ls")
@@ -315,6 +337,11 @@ def quiet_libraries() -> None:
 
 def main() -> None:
     quiet_libraries()
+    with procstatus.reported():  # for `merge-distill launch`: which processes ended, and how
+        _main()
+
+
+def _main() -> None:
     try:
         code = app(standalone_mode=False)  # click returns (not raises) a command's typer.Exit code here
         if isinstance(code, int) and code:
@@ -334,6 +361,13 @@ def main() -> None:
             sys.exit(exc.exit_code)
         if isinstance(exc, NonFiniteError):
             err_console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            sys.exit(1)
+        if dist_mod.is_collective_failure(exc):
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            err_console.print(f"[red]error:[/] process rank {os.environ.get('RANK', '0')}: a collective with the other "
+                              f"processes failed ({escape(first[:300])}); another process stopped, hangs or was lost "
+                              "(distributed.collective_timeout_s bounds the wait); the launcher's report names it",
+                              soft_wrap=True)
             sys.exit(1)
         raise
 

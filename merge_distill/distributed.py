@@ -23,6 +23,7 @@ import os
 import socket
 import sys
 from collections.abc import Iterator, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +31,7 @@ import torch
 from accelerate import Accelerator, DeepSpeedPlugin
 from accelerate.scheduler import AcceleratedScheduler
 from accelerate.state import AcceleratorState, GradientState, PartialState
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from torch import Tensor
 from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
@@ -69,6 +70,14 @@ def deepspeed_wanted(dist: DistributedConfig) -> bool:
     if dist.use_deepspeed == "auto":
         return int(os.environ.get("WORLD_SIZE", 1)) > 1
     return dist.use_deepspeed == "always"
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """A collective that failed because another process died, hung past the timeout or was lost
+    (gloo and NCCL raise RuntimeError subclasses with these words), in a launch of several processes."""
+    words = ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out", "Timed out", "Broken pipe")
+    return (int(os.environ.get("WORLD_SIZE", "1")) > 1 and isinstance(exc, RuntimeError)
+            and any(w in str(exc) for w in words))
 
 
 def uses_deepspeed(accelerator: Accelerator) -> bool:
@@ -148,7 +157,8 @@ def make_accelerator(dist: DistributedConfig, precision: Precision, grad_accum: 
                      project_dir: str | None = None) -> Accelerator:
     """The run's Accelerator. Plain (no DeepSpeed) costs nothing over `Accelerator(...)`.
     log_with / project_dir: accelerate's experiment trackers and where they write (trackers.py)."""
-    trackers = {"log_with": log_with or None, "project_dir": project_dir}
+    trackers = {"log_with": log_with or None, "project_dir": project_dir,
+                "kwargs_handlers": [InitProcessGroupKwargs(timeout=timedelta(seconds=dist.collective_timeout_s))]}
     if not deepspeed_wanted(dist):
         # `accelerate launch --use_deepspeed` exports this; it would make Accelerator() build a
         # default DeepSpeed plugin behind our back.

@@ -148,6 +148,7 @@ def train_step(t: Training, plan: DataPlan, step: int) -> StepResult:
             if micro is None:
                 continue
             acc.backward(micro.loss)
+            guard.backward_done = True
             if micro.router_loss is not None:
                 (micro.router_loss / max(n_global, 1.0)).backward()
                 router_sum = (router_sum or 0.0) + float(micro.router_loss.detach())

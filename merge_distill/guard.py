@@ -7,8 +7,11 @@ dropped, and `problems` says what and from which sources. Two cases differ:
 
 - fp16 overflow: DeepSpeed's/accelerate's loss scaler skipped the update itself. Routine: the
   step counts as skipped, never as a reason to stop.
-- fatal: under DeepSpeed the update happens inside backward, before the gradient norm can be
-  checked; such a step cannot be undone, so the run must stop.
+- fatal: under DeepSpeed gradients accumulate inside its engine from the first backward of a
+  step, and the update happens inside backward, before the gradient norm can be checked. A
+  problem found after any backward of the step (a later micro-batch, or the gradient norm)
+  cannot be undone, so the run must stop. A problem in the first micro-batch's forward, before
+  any backward, is skipped like everywhere else.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class StepGuard:
     def __init__(self, accelerator: Accelerator):
         self.accelerator = accelerator
         self.problems: list[str] = []
+        self.backward_done = False  # set by the step after each backward
 
     @property
     def failed(self) -> bool:
@@ -58,5 +62,5 @@ class StepGuard:
         return True
 
     def fatal(self) -> bool:
-        """Whether a failed step had already been applied (DeepSpeed steps inside backward)."""
-        return dist_mod.uses_deepspeed(self.accelerator)
+        """Whether a failed step already changed DeepSpeed's state (a backward ran in this step)."""
+        return self.backward_done and dist_mod.uses_deepspeed(self.accelerator)

@@ -8,13 +8,15 @@ import math
 import shutil
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import run_cli
 import merge_distill.cache.writer as cache_writer
-from merge_distill.cache.manifest import bytes_per_token, read_manifest
+from merge_distill.cache import codec
+from merge_distill.cache.manifest import read_manifest
 from merge_distill.cache.reader import TeacherCache
 from merge_distill.cache.writer import write_cache
 from merge_distill.sources import CachedTeachers, SparseSignals, needs_problems
@@ -50,13 +52,21 @@ def quiet() -> dict:
     return {"show_progress": False}
 
 
-@pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-6), ("float16", 2e-2), ("bfloat16", 1.3e-1)])
+@pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-6), ("float16", 2e-2), ("bfloat16", 1.3e-1),
+                                             ("uint8", codec.QUANT_STEP / 2 + 1e-6)])
 def test_round_trip_equals_the_dense_teacher(cached_recipe, dtype: str, tolerance: float) -> None:
     path = cached_recipe(dtype=dtype)
     recipe = load_recipe(path, ["loss.temperature=2.0"])
     result = write_cache(recipe, **quiet())
     manifest = read_manifest(result.root)
-    assert manifest["complete"] and manifest["bytes_per_token_per_teacher"] == bytes_per_token(8, dtype)
+    bits = codec.id_bits(manifest["vocab_size"])
+    assert manifest["complete"] and manifest["id_bits"] == [bits, bits]
+    # what the format promises per row: k ids at `bits` bits and k values per position, nothing more
+    shard = datasets.load_from_disk(str(result.root / next(iter(manifest["checksums"])))).data.table
+    T = manifest["seq_len"]
+    assert {len(b) for b in shard.column("t0_ids").to_pylist()} == {math.ceil(T * 8 * bits / 8)}
+    assert {len(b) for b in shard.column("t1_values").to_pylist()} == {T * 8 * codec.VALUE_BYTES[dtype]}
+    assert manifest["bytes_per_token_per_teacher"] >= codec.bytes_per_token(8, dtype, manifest["vocab_size"], False, False)
     parts = setup_run(load_recipe(path, ["loss.temperature=2.0", "train.steps=1"]), overwrite=True)
     store = TeacherCache(result.root, manifest)
     source = parts.plan.stream.sources[1]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,6 +68,24 @@ def test_nan_teacher_skip_counts_steps_and_changes_nothing(pico, make_recipe, na
     trained = load_file(str(run_dir / "student" / "model.safetensors"))
     assert all(torch.equal(initial[k], trained[k]) for k in initial), "a skipped step never updates the student"
     assert json.loads((run_dir / "report.json").read_text())["run"]["skipped_steps"] == 2
+
+
+def test_under_deepspeed_a_nan_teacher_is_skipped_before_any_backward(pico, make_recipe, nan_teacher):
+    """DeepSpeed accumulates inside its engine from the first backward: a NaN found in the first
+    micro-batch's forward touches nothing, so `skip` skips it as without DeepSpeed."""
+    recipe = make_recipe(train={"steps": 2, "micro_batch_size": 2, "lr": 1e-3, "on_nonfinite": "skip"})
+    # its own process: DeepSpeed's process group and accelerate's state stay out of this one
+    done = subprocess.run([sys.executable, "-m", "merge_distill.cli", "run", str(recipe), f"teachers.1.model={nan_teacher}",
+                           "distributed.use_deepspeed=always", "distributed.student_zero_stage=2", "--no-color"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    run_dir = Path(load_recipe(recipe).output.dir)
+    facts = json.loads((run_dir / "run.json").read_text())
+    assert facts["status"] == "complete" and facts["skipped_steps"] == 2, done.stdout[-2000:]
+    assert "skipped step 1: teacher 'prose' produced NaN/inf" in " ".join(done.stdout.split())
+    initial = load_file(str(pico["student"] / "model.safetensors"))
+    trained = load_file(str(run_dir / "student" / "model.safetensors"))
+    assert all(torch.equal(initial[k], trained[k]) for k in initial), "a skipped step never updates the student"
 
 
 def test_nan_loss_from_the_student_is_caught(make_recipe):

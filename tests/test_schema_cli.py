@@ -61,7 +61,10 @@ def test_shell_completion_completes_commands_and_options() -> None:
                               capture_output=True, text=True, env=env, check=True).stdout.split()
     assert complete("merge-distill ru", 1) == ["run"]
     assert "--overwrite" in complete("merge-distill run --ov", 2)
+    # typer otherwise detects the shell from the parent processes, which a detached test run may lack;
+    # with detection off, --show-completion takes the shell's name
+    no_detection = {**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
     shown = subprocess.run([str(Path(sys.executable).parent / "merge-distill"), "--show-completion", "bash"],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, env=no_detection)
     assert shown.returncode == 0, (shown.stdout, shown.stderr)
     assert "_MERGE_DISTILL_COMPLETE" in shown.stdout

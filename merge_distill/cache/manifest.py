@@ -17,7 +17,6 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 
 from merge_distill.models import TOKENIZER_FILES, aligned_teachers, tokenizer_source
 from merge_distill.schema import SELF_TEACHER, Recipe
@@ -27,18 +26,14 @@ if TYPE_CHECKING:
 
     from merge_distill.data import SourceRows
 
-CACHE_FORMAT = 2  # 2: per-teacher tokenizer fingerprints, teachers aligned across tokenizers
-VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# 2: per-teacher tokenizer fingerprints, teachers aligned across tokenizers;
+# 3: packed ids, quantised values, adaptive k (codec.py), shard checksums
+CACHE_FORMAT = 3
+CHECKSUM_FILE = "checksum"
 # The files that define a tokenizer (hashed into a teacher's fingerprint): those that hold one,
 # and the two that only accompany one.
 TOKENIZER_DEFINITION = (*TOKENIZER_FILES, "special_tokens_map.json", "merges.txt")
 REWRITE = "rewrite it with `merge-distill cache RECIPE --overwrite` (or point cache.dir elsewhere)"
-
-
-def bytes_per_token(k: int, dtype: str, aligned: bool = False) -> int:
-    """Stored bytes per token per teacher: k values + k int32 ids + tail, NLL, entropy (float32),
-    and for a cache with teachers aligned across tokenizers the span (int32)."""
-    return k * (VALUE_DTYPES[dtype].itemsize + 4) + 3 * 4 + (4 if aligned else 0)
 
 
 # ---- fingerprints and the manifest ---------------------------------------------------------
@@ -127,7 +122,7 @@ def cheap_manifest(recipe: Recipe) -> dict[str, Any]:
                      for i, t in enumerate(recipe.teachers)],
         "aligned": aligned_teachers(recipe),
         "seq_len": recipe.data.seq_len, "packing": recipe.data.packing,
-        "k": section.k, "temperature": recipe.loss.temperature, "dtype": section.dtype,
+        "k": section.k, "temperature": recipe.loss.temperature, "dtype": section.dtype, "mass": section.mass,
     }
 
 
@@ -137,11 +132,50 @@ def full_manifest(recipe: Recipe, tokenizer: "PreTrainedTokenizerBase", sources:
     return {
         **cheap_manifest(recipe), "complete": False, "vocab_size": len(tokenizer), "tokenizer": tokenizer_hash(tokenizer),
         "rows_per_shard": section.rows_per_shard,
-        "bytes_per_token_per_teacher": bytes_per_token(section.k, section.dtype, bool(aligned_teachers(recipe))),
         "teacher_dtype": recipe.train.precision,
         "sources": [{"label": s.label, "folder": _folder_name(s.label), "rows": len(s), "data_hash": rows_hash(s),
                      "shards": math.ceil(len(s) / section.rows_per_shard)} for s in sources],
     }
+
+
+def shard_checksum(folder: Path) -> str:
+    """sha256 of a shard's Arrow files (what a flipped or missing byte changes)."""
+    h = hashlib.sha256()
+    for path in sorted(folder.glob("*.arrow")):
+        h.update(path.name.encode() + b"\0")
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def shard_folders(root: Path, manifest: dict[str, Any]) -> list[tuple[str, Path]]:
+    """("sources/<folder>/shard-N", its path) for every shard the manifest lists."""
+    return [(f"sources/{s['folder']}/shard-{i:05d}", root / "sources" / s["folder"] / f"shard-{i:05d}")
+            for s in manifest["sources"] for i in range(s["shards"])]
+
+
+def collect_checksums(root: Path, manifest: dict[str, Any]) -> tuple[dict[str, str], int]:
+    """Every shard's checksum, as its writer recorded it beside the data, and the Arrow bytes stored."""
+    sums, stored = {}, 0
+    for name, folder in shard_folders(root, manifest):
+        sums[name] = (folder / CHECKSUM_FILE).read_text().strip()
+        stored += sum(p.stat().st_size for p in folder.glob("*.arrow"))
+    return sums, stored
+
+
+def corrupt_shard(root: Path, manifest: dict[str, Any], name: str) -> str | None:
+    """Why shard `name` cannot be trusted (missing, or its bytes differ from the manifest's checksum), else None."""
+    folder = root / name
+    if not folder.is_dir():
+        return f"cache.dir: shard {name} of {root} is missing"
+    if shard_checksum(folder) != manifest.get("checksums", {}).get(name):
+        return f"cache.dir: shard {name} of {root} is corrupt (its bytes differ from the checksum in manifest.json)"
+    return None
+
+
+REWRITE_SHARD = ("delete that folder and run `merge-distill cache RECIPE`, which writes the missing shards again "
+                 "(`merge-distill cache RECIPE --verify` checks every shard)")
 
 
 def read_manifest(root: Path) -> dict[str, Any] | None:
@@ -180,7 +214,7 @@ def manifest_differences(cached: dict[str, Any], expected: dict[str, Any], root:
                    f"tokenizers, the recipe aligns {expected['aligned'] or 'none'} (a teacher's tokenizer, the "
                    f"student's or align.force changed); {REWRITE}")
     keys = {"seq_len": "data.seq_len", "packing": "data.packing", "k": "cache.k", "temperature": "loss.temperature",
-            "dtype": "cache.dtype", "vocab_size": "the vocabulary size", "rows_per_shard": "cache.rows_per_shard"}
+            "dtype": "cache.dtype", "mass": "cache.mass", "vocab_size": "the vocabulary size", "rows_per_shard": "cache.rows_per_shard"}
     for field, key in keys.items():
         if field in expected and (writing or field != "rows_per_shard") and cached.get(field) != expected[field]:
             out.append(f"{key} is {expected[field]!r} but {where} was written with {cached.get(field)!r}; set it back "

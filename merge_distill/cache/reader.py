@@ -11,52 +11,65 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from merge_distill.cache.manifest import VALUE_DTYPES
+from merge_distill.cache import codec
+from merge_distill.cache.manifest import REWRITE_SHARD, corrupt_shard
+from merge_distill.errors import UserError
 
 
 class TeacherCache:
-    """Read access to a complete cache: rows by (source label, row index), shards memory-mapped."""
+    """Read access to a complete cache: rows by (source label, row index), shards memory-mapped.
+
+    Each shard's bytes are checked against the manifest's checksum when this process first opens
+    it; a corrupt or missing shard is a UserError naming it and how to rewrite it."""
 
     def __init__(self, root: Path, manifest: dict[str, Any]):
         self.root = root
         self.manifest = manifest
         self.k, self.dtype, self.seq_len = int(manifest["k"]), str(manifest["dtype"]), int(manifest["seq_len"])
         self.num_teachers = len(manifest["teachers"])
+        self.id_bits = [int(b) for b in manifest["id_bits"]]
+        self.adaptive = float(manifest["mass"]) < 1.0
         # with teachers aligned across tokenizers every teacher also has its span (-1: not aligned)
-        self.fields = ("ids", "values", "tail", "nll", "entropy") + (("span",) if manifest["aligned"] else ())
+        self.fields = ("tail", "nll", "entropy") + (("span",) if manifest["aligned"] else ())
         self.sources = {s["label"]: s for s in manifest["sources"]}
         self._tables: dict[tuple[str, int], Any] = {}
 
     def _table(self, label: str, shard: int) -> Any:
         key = (label, shard)
         if key not in self._tables:
-            path = self.root / "sources" / self.sources[label]["folder"] / f"shard-{shard:05d}"
-            self._tables[key] = datasets.load_from_disk(str(path)).data.table  # memory-mapped Arrow
+            name = f"sources/{self.sources[label]['folder']}/shard-{shard:05d}"
+            problem = corrupt_shard(self.root, self.manifest, name)
+            if problem:
+                raise UserError(f"{problem}; {REWRITE_SHARD}")
+            self._tables[key] = datasets.load_from_disk(str(self.root / name)).data.table  # memory-mapped Arrow
         return self._tables[key]
 
     def read(self, labels: list[str], rows: list[int]) -> dict[str, list[Tensor]]:
         """B (label, row) pairs -> {"ids", "values", "tail", "nll", "entropy"} (+ "span" when teachers
-        are aligned across tokenizers): K tensors each, [B, T, k] for ids/values, [B, T] for the rest
-        (CPU, values in the storage dtype)."""
+        are aligned across tokenizers): K tensors each, ids [B, T, k] int64 and values [B, T, k]
+        float32 (-inf past the entries kept), [B, T] for the rest (CPU)."""
         per_shard = int(self.manifest["rows_per_shard"])
+        B, T, k = len(rows), self.seq_len, self.k
+        out: dict[str, list[Tensor]] = {f: [torch.empty(B, T) for _ in range(self.num_teachers)] for f in self.fields}
+        if "span" in out:
+            out["span"] = [torch.empty(B, T, dtype=torch.int32) for _ in range(self.num_teachers)]
+        out["ids"] = [torch.empty(B, T, k, dtype=torch.long) for _ in range(self.num_teachers)]
+        out["values"] = [torch.empty(B, T, k) for _ in range(self.num_teachers)]
         groups: dict[tuple[str, int], list[tuple[int, int]]] = {}
         for position, (label, row) in enumerate(zip(labels, rows)):
             groups.setdefault((label, row // per_shard), []).append((position, row % per_shard))
-        out: dict[str, list[np.ndarray | None]] = {f: [None] * self.num_teachers for f in self.fields}
         for (label, shard), picks in groups.items():
             taken = self._table(label, shard).take(pa.array([offset for _, offset in picks]))
             where = [position for position, _ in picks]
-            for field, targets in out.items():
-                for j in range(self.num_teachers):
-                    values = taken.column(f"t{j}_{field}").combine_chunks().flatten().to_numpy().reshape(len(picks), -1)
-                    if targets[j] is None:
-                        targets[j] = np.empty((len(rows), values.shape[1]), dtype=values.dtype)
-                    targets[j][where] = values
-        result: dict[str, list[Tensor]] = {}
-        for field, arrays in out.items():
-            shape = (len(rows), self.seq_len, self.k) if field in ("ids", "values") else (len(rows), self.seq_len)
-            tensors = [torch.from_numpy(a).view(shape) for a in arrays]  # type: ignore[arg-type]
-            if field == "values" and self.dtype != "float32":
-                tensors = [t.view(VALUE_DTYPES[self.dtype]) for t in tensors]  # int16 bits -> 16-bit floats
-            result[field] = tensors
-        return result
+            for j in range(self.num_teachers):
+                for field in self.fields:
+                    values = taken.column(f"t{j}_{field}").combine_chunks().flatten().to_numpy()
+                    out[field][j][where] = torch.from_numpy(values.reshape(len(picks), T).copy()).to(out[field][j].dtype)
+                counts = (taken.column(f"t{j}_n").combine_chunks().flatten().to_numpy().reshape(len(picks), T)
+                          if self.adaptive else np.full((len(picks), T), k))
+                ids_col, values_col = taken.column(f"t{j}_ids"), taken.column(f"t{j}_values")
+                for i, position in enumerate(where):
+                    ids, values = codec.decode_row(ids_col[i].as_py(), values_col[i].as_py(), counts[i], k, self.dtype,
+                                                   self.id_bits[j])
+                    out["ids"][j][position], out["values"][j][position] = ids, values
+        return out

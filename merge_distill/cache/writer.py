@@ -21,7 +21,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor
 
 from merge_distill import distributed as dist_mod
-from merge_distill.cache.manifest import VALUE_DTYPES, full_manifest, manifest_differences, read_manifest
+from merge_distill.cache import codec
+from merge_distill.cache.manifest import (CACHE_FORMAT, CHECKSUM_FILE, REWRITE_SHARD, collect_checksums, corrupt_shard,
+                                            full_manifest, manifest_differences, read_manifest, shard_checksum,
+                                            shard_folders)
 from merge_distill.data import SourceRows
 from merge_distill.errors import NonFiniteError, UserError
 from merge_distill.models import load_student, load_tokenizer, tokenizer_source
@@ -89,25 +92,46 @@ def _teacher_columns(teachers: OnlineTeachers | AlignedTeachers, batch: TokenBat
     return out
 
 
-def _to_storage(values: Tensor, dtype: str) -> np.ndarray:
-    """float32 log-probs -> numpy in the storage dtype (16-bit kinds as int16 bit patterns)."""
-    stored = values.to(VALUE_DTYPES[dtype]).cpu()
-    return (stored if dtype == "float32" else stored.view(torch.int16)).numpy()
+def _encode_teacher(out: dict[str, Tensor], j: int, dtype: str, mass: float, bits: int) -> dict[str, Any]:
+    """One teacher's columns for a batch of rows (codec.py): per row its kept ids and values as
+    bytes, the kept counts when k is adaptive, and tail / NLL / entropy (/ span) [B, T]."""
+    ids, values, tail = out["ids"].cpu(), out["values"].cpu().float(), out["tail"].cpu().float()
+    B, T, k = values.shape
+    if int(ids.max()) >= 1 << bits:
+        raise ValueError(f"teacher {j}: token id {int(ids.max())} does not fit the cache's {bits}-bit ids")
+    n = codec.kept_counts(values.reshape(B * T, k), mass).view(B, T)
+    if mass < 1.0:
+        tail = codec.kept_tail(values.reshape(B * T, k), tail.reshape(B * T), n.reshape(-1)).view(B, T)
+    rows = [codec.encode_row(ids[b], values[b], n[b], dtype, bits) for b in range(B)]
+    columns: dict[str, Any] = {f"t{j}_ids": [r[0] for r in rows], f"t{j}_values": [r[1] for r in rows],
+                               f"t{j}_tail": tail.numpy()}
+    if mass < 1.0:
+        columns[f"t{j}_n"] = n.numpy().astype(codec.count_dtype(k))
+    for field in ("nll", "entropy", "span"):
+        if field in out:
+            columns[f"t{j}_{field}"] = out[field].cpu().numpy()
+    return columns
 
 
-def _shard_table(columns: dict[str, np.ndarray]) -> Any:
+def _shard_table(columns: dict[str, Any]) -> Any:
+    """numpy arrays [rows, ...] -> fixed-size list columns; lists of bytes (one per row) -> binary."""
     arrays = {}
     for name, array in columns.items():
+        if isinstance(array, list):
+            arrays[name] = pa.array(array, type=pa.binary())
+            continue
         flat = pa.array(array.reshape(-1))
         arrays[name] = flat if array.ndim == 1 else pa.FixedSizeListArray.from_arrays(flat, int(np.prod(array.shape[1:])))
     return pa.table(arrays)
 
 
-def _save_shard(columns: dict[str, np.ndarray], final: Path) -> None:
-    """Write a shard as a `datasets` folder, atomically: into `<final>.partial`, then rename."""
+def _save_shard(columns: dict[str, Any], final: Path) -> None:
+    """Write a shard as a `datasets` folder, atomically: into `<final>.partial`, then rename. Its
+    checksum (shard_checksum) goes beside the data; the manifest collects it at the end."""
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     datasets.Dataset(datasets.table.InMemoryTable(_shard_table(columns))).save_to_disk(str(partial))
+    (partial / CHECKSUM_FILE).write_text(shard_checksum(partial))
     partial.replace(final)
 
 
@@ -168,12 +192,16 @@ def write_cache(recipe: Recipe, console: Console | None = None, overwrite: bool 
         raise UserError(f"cache.k is {section.k} but the vocabulary has {vocab_size} tokens; use at most {vocab_size}")
     rows = training_rows(recipe, tokenizer)
     manifest = full_manifest(recipe, tokenizer, rows)
+    id_bits = []
     for t in recipe.teachers:
+        size = vocab_size
         if t.name in manifest["aligned"] and t.model != SELF_TEACHER:
             size = len(load_tokenizer(t.model, t.revision, t.trust_remote_code))
             if section.k > size:
                 raise UserError(f"cache.k is {section.k} but teacher {t.name!r} has {size} tokens in its own vocabulary, "
                                 f"where its top-k is stored; use at most {size}")
+        id_bits.append(codec.id_bits(size))
+    manifest["id_bits"] = id_bits
     root = Path(section.dir)
     accelerator = dist_mod.accelerator_for(recipe)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -215,16 +243,16 @@ def write_cache(recipe: Recipe, console: Console | None = None, overwrite: bool 
             if i >= len(batches):
                 continue  # a repeated batch only keeps the collectives in step
             for j, out in enumerate(stored):
-                for field, values in out.items():
-                    array = _to_storage(values, section.dtype) if field == "values" else values.cpu().numpy()
-                    parts.setdefault(f"t{j}_{field}", []).append(array)
+                for name, column in _encode_teacher(out, j, section.dtype, section.mass, id_bits[j]).items():
+                    parts.setdefault(name, []).append(column)
             progress.advance(task, sl.stop - sl.start)
             last_of_shard = i + 1 == len(batches) or batches[i + 1][0] != shard_index
             if last_of_shard:
                 _, shard, final = mine[shard_index]
                 start = shard * per_shard
                 columns = {"row": np.arange(start, sl.stop, dtype=np.int64)}
-                columns.update({name: np.concatenate(chunks) for name, chunks in parts.items()})
+                columns.update({name: (sum(chunks, []) if isinstance(chunks[0], list) else np.concatenate(chunks))
+                                for name, chunks in parts.items()})
                 final.parent.mkdir(parents=True, exist_ok=True)
                 _save_shard(columns, final)
                 written += sl.stop - start
@@ -232,7 +260,29 @@ def write_cache(recipe: Recipe, console: Console | None = None, overwrite: bool 
     accelerator.wait_for_everyone()
     written = int(dist_mod.global_sum(accelerator, written))
     if is_main:
+        manifest["checksums"], stored_bytes = collect_checksums(root, manifest)
+        total_tokens = sum(s["rows"] for s in manifest["sources"]) * manifest["seq_len"] * len(manifest["teachers"])
+        manifest["bytes_per_token_per_teacher"] = round(stored_bytes / max(total_tokens, 1), 2)
         manifest["complete"] = True
         write_json_atomic(root / "manifest.json", manifest)
     accelerator.wait_for_everyone()
     return CacheWriteResult(root, len(todo), kept, written, time.perf_counter() - started)
+
+
+def verify_cache(root: Path) -> int:
+    """Check a cache: a complete manifest of this format, every shard present with the checksum the
+    manifest records. Returns the shards checked; raises UserError listing every bad shard."""
+    manifest = read_manifest(root)
+    if manifest is None:
+        raise UserError(f"cache.dir: {root} holds no cache (no manifest.json); write it with `merge-distill cache RECIPE`")
+    if manifest.get("format") != CACHE_FORMAT:
+        raise UserError(f"cache.dir: {root} was written by another version of merge_distill (format {manifest.get('format')}, "
+                        f"this one reads {CACHE_FORMAT}); rewrite it with `merge-distill cache RECIPE --overwrite`")
+    if not manifest.get("complete"):
+        raise UserError(f"cache.dir: the cache in {root} is incomplete; finish it with `merge-distill cache RECIPE` "
+                        "(it resumes where it stopped)")
+    names = [name for name, _ in shard_folders(root, manifest)]
+    problems = [p for p in (corrupt_shard(root, manifest, name) for name in names) if p]
+    if problems:
+        raise UserError([*problems, f"for each: {REWRITE_SHARD}"])
+    return len(names)

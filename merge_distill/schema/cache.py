@@ -14,7 +14,12 @@ class CacheSection(BaseModel):
 
     dir: str = Field(description="Cache folder (relative to the recipe); `merge-distill cache` writes it.")
     use: bool = Field(False, description="Train from the cache: no teacher is loaded or run. Write the cache first.")
-    k: int = Field(64, ge=1, description="Top-k log-probs stored per token and teacher (at most the vocabulary size).")
-    dtype: Literal["float16", "bfloat16", "float32"] = Field(
-        "float16", description="Storage dtype of the top-k log-probs (ids are int32; tail, NLL and entropy float32).")
+    k: int = Field(40, ge=1, description="Top-k log-probs stored per token and teacher (at most the vocabulary size). "
+                   "With the default uint8 values, 40 keeps a token under 150 bytes per teacher for vocabularies up to 262,144.")
+    dtype: Literal["float16", "bfloat16", "float32", "uint8"] = Field(
+        "uint8", description="Storage of the top-k log-probs: 16- or 32-bit floats, or uint8 (steps of 1/16 nat; "
+        "probabilities within 3.2%). Ids are packed to the bits the vocabulary needs; tail, NLL and entropy are float32.")
+    mass: float = Field(
+        1.0, gt=0, le=1, description="Adaptive k: keep the fewest top entries whose probability reaches this share, "
+        "at most k (1.0: always k). The tail holds the rest exactly.")
     rows_per_shard: int = Field(256, ge=1, description="Source rows per Arrow shard (the unit of resume).")

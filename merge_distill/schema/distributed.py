@@ -33,6 +33,10 @@ class DistributedConfig(BaseModel):
     deepspeed_config: Path | None = Field(
         None, description="A DeepSpeed JSON for the student, merged over the one built from these fields "
         "and `train:` (its values win). Must not define `optimizer` or `scheduler`.")
+    collective_timeout_s: int = Field(
+        1800, ge=10, description="Seconds a collective (all-reduce, barrier) waits for every process before it "
+        "fails: a process stuck or lost on another node then stops the others within this time. Raise it when "
+        "one process may spend long alone between collectives (e.g. saving a large checkpoint).")
     teacher_deepspeed_config: Path | None = Field(
         None, description="A DeepSpeed JSON merged over the built teacher config (e.g. offload to nvme).")
 

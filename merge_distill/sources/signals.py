@@ -96,9 +96,10 @@ class DenseSignals:
 class SparseSignals:
     """Top-k targets read from the offline cache.
 
-    topk_ids: K tensors [B, T, k] int32, ordered by log-prob (the first is the argmax);
-    topk_logprobs: K tensors [B, T, k] (storage dtype) at the loss temperature;
-    tail_logprobs: K tensors [B, T] float32, log of the mass outside the top k;
+    topk_ids: K tensors [B, T, k] int64, ordered by log-prob (the first is the argmax);
+    topk_logprobs: K tensors [B, T, k] float32 at the loss temperature; -inf past the entries an
+        adaptive k kept (such an entry lists nothing);
+    tail_logprobs: K tensors [B, T] float32, log of the mass outside the listed entries;
     gold_nll, entropy [B, T, K] float32 at temperature 1 (exact: stored from the full distribution).
     covered [B, T, K] bool or None: where each teacher has a target (teachers with another tokenizer
         cover only aligned positions; there gold_nll and entropy are per byte). None: everywhere.

@@ -9,10 +9,12 @@ import json
 import pytest
 
 from conftest import pico_recipe_dict, run_cli, write_recipe
-from merge_distill.cache.manifest import bytes_per_token, read_manifest
+from merge_distill.cache import codec
+from merge_distill.cache.manifest import read_manifest
 from merge_distill.cache.writer import write_cache
 from merge_distill.engine import setup_run, train_step
 from merge_distill.errors import UserError
+from merge_distill.models import load_tokenizer
 from merge_distill.pico import build_bpe_tokenizer, pico_llama, prose_texts, stdlib_texts
 from merge_distill.recipe import load_recipe
 from merge_distill.sources import AlignedTeachers, CachedTeachers
@@ -34,14 +36,14 @@ def mixed_recipe(pico, sp_teacher, tmp_path):
     return write_recipe(tmp_path / "mixed.yaml", recipe)
 
 
-def test_the_cache_of_a_mixed_recipe_gives_the_online_steps(mixed_recipe) -> None:
+def test_the_cache_of_a_mixed_recipe_gives_the_online_steps(mixed_recipe, sp_teacher) -> None:
     """Same student and rows: the step losses read from the cache equal those of the teachers run
     online through the alignment (float32 storage, the same k): the cache stores exactly what the
     aligned source computes, before the projection that both then apply."""
     result = write_cache(load_recipe(mixed_recipe), show_progress=False)
     manifest = read_manifest(result.root)
     assert manifest["complete"] and manifest["aligned"] == ["prose"]
-    assert manifest["bytes_per_token_per_teacher"] == bytes_per_token(16, "float32", aligned=True)
+    assert manifest["id_bits"] == [codec.id_bits(manifest["vocab_size"]), codec.id_bits(len(load_tokenizer(str(sp_teacher))))]
     assert manifest["teachers"][0]["tokenizer"] != manifest["teachers"][1]["tokenizer"]
     losses = {}
     for use in ("false", "true"):

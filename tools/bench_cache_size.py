@@ -1,0 +1,120 @@
+"""Cache size against loss fidelity: bytes per token per teacher and the forward-KL loss from the
+cache's storage relative to the dense path, on the demo's trained teachers.
+
+Workload: recipes/quickstart.yaml (three teachers trained by tools/build_demo.py on real code,
+prose and math; 4,096-token vocabulary, seq_len 128), its student at initialisation (ce router; the weights here are uniform), the first
+--steps micro-batches of its data plan (8 rows each), uniform weights over the teachers, forward
+KL at temperature 1. For each setting the teachers' logits go through exactly what
+`merge-distill cache` stores and a cached run reads (cache/writer._encode_teacher, then
+codec.decode_row); bytes per token are the encoded bytes of every field (ids, values, the kept
+counts when k is adaptive, tail + NLL + entropy) divided by the tokens. The loss difference is
+(cache loss - dense loss) / dense loss over the same positions; the gradient cosine compares
+the loss's gradient with respect to the student's logits, cache against dense (1.0: the same
+direction of update).
+
+    make demo   # once: builds the demo's teachers and data
+    python tools/bench_cache_size.py --steps 6     # the table in docs/CACHE.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from merge_distill.cache import codec  # noqa: E402
+from merge_distill.cache.writer import _encode_teacher, topk_targets  # noqa: E402
+from merge_distill.engine import setup_run  # noqa: E402
+from merge_distill.recipe import load_recipe  # noqa: E402
+from merge_distill.signals import IGNORE_INDEX  # noqa: E402
+from merge_distill.sources import SparseSignals  # noqa: E402
+
+SETTINGS = [(64, "float32", 1.0), (64, "float16", 1.0), (64, "uint8", 1.0), (40, "uint8", 1.0), (32, "float16", 1.0),
+            (32, "uint8", 1.0), (16, "float16", 1.0), (64, "uint8", 0.9), (64, "uint8", 0.5)]
+
+
+def decoded(out: dict, j: int, dtype: str, mass: float, bits: int) -> tuple[dict, int]:
+    """One teacher's stored columns for a batch, read back as a run reads them; and their bytes."""
+    columns = _encode_teacher(out, j, dtype, mass, bits)
+    B, T, k = out["ids"].shape
+    counts = columns.get(f"t{j}_n", torch.full((B, T), k).numpy())
+    rows = [codec.decode_row(columns[f"t{j}_ids"][b], columns[f"t{j}_values"][b], counts[b], k, dtype, bits) for b in range(B)]
+    stored = (sum(map(len, columns[f"t{j}_ids"])) + sum(map(len, columns[f"t{j}_values"]))
+              + (columns[f"t{j}_n"].nbytes if f"t{j}_n" in columns else 0) + 12 * B * T)
+    return {"ids": torch.stack([r[0] for r in rows]), "values": torch.stack([r[1] for r in rows]),
+            "tail": torch.from_numpy(columns[f"t{j}_tail"])}, stored
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=6, help="micro-batches of 8 rows")
+    args = parser.parse_args()
+    if not (ROOT / ".cache" / "demo" / "teachers" / "code").is_dir():
+        raise SystemExit("the demo's teachers are missing: run `make demo` first")
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"output.dir={tmp}/run"])
+        parts = setup_run(recipe, overwrite=True)
+        t = parts.training
+        bits = codec.id_bits(t.vocab_size)
+        dense_sum, tokens = 0.0, 0
+        sums, stored, kept = ({s: 0.0 for s in SETTINGS} for _ in range(3))
+        dot, norm = {s: 0.0 for s in SETTINGS}, {s: 0.0 for s in SETTINGS}
+        dense_norm = 0.0
+
+        def loss_and_grad(signals, student_logits, weights, targets) -> tuple[float, torch.Tensor]:
+            logits = student_logits.detach().requires_grad_(True)
+            out = signals.loss(logits, weights, targets, t.loss)
+            out.divergence_sum.backward()
+            return float(out.divergence_sum), logits.grad.flatten()
+
+        for step in range(args.steps):
+            batch = parts.plan.micro_batches(step, "cpu")[0]
+            with torch.no_grad():
+                signals = t.source.signals(batch)
+                targets = batch.targets
+                student_logits = t.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[..., : t.vocab_size]
+            K = len(signals.names)
+            weights = torch.full((*targets.shape, K), 1.0 / K) * (targets != IGNORE_INDEX)[..., None]
+            dense, dense_grad = loss_and_grad(signals, student_logits, weights, targets)
+            dense_sum += dense
+            dense_norm += float(dense_grad @ dense_grad)
+            tokens += targets.numel()
+            for setting in SETTINGS:
+                k, dtype, mass = setting
+                read = []
+                with torch.no_grad():
+                    for j, logits in enumerate(signals.logits):
+                        top = topk_targets(logits, k, recipe.loss.temperature, recipe.train.chunk_tokens)
+                        columns, nbytes = decoded(top, j, dtype, mass, bits)
+                        read.append(columns)
+                        stored[setting] += nbytes
+                        kept[setting] += float((columns["values"] > -torch.inf).sum())
+                sparse = SparseSignals(signals.names, [c["ids"] for c in read], [c["values"] for c in read],
+                                       [c["tail"] for c in read], signals.gold_nll, signals.entropy)
+                loss, grad = loss_and_grad(sparse, student_logits, weights, targets)
+                sums[setting] += loss
+                dot[setting] += float(grad @ dense_grad)
+                norm[setting] += float(grad @ grad)
+    per_teacher_tokens = tokens * K
+    print(f"demo teachers (vocabulary {t.vocab_size}: {bits}-bit ids), {tokens} positions x {K} teachers, "
+          f"forward KL, uniform blend; dense loss {dense_sum / tokens:.4f} nats/token\n")
+    print("| k | values | mass | mean entries kept | bytes/token/teacher | loss vs dense | gradient cosine |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| 64 | float16, int32 ids (format 2) | 1.0 | 64 | {64 * 6 + 12} | as float16 below | as float16 below |")
+    for setting in SETTINGS:
+        k, dtype, mass = setting
+        diff = (sums[setting] - dense_sum) / dense_sum
+        print(f"| {k} | {dtype} | {mass} | {kept[setting] / per_teacher_tokens:.1f} | "
+              f"{stored[setting] / per_teacher_tokens:.1f} | {100 * diff:+.2f}% | "
+              f"{dot[setting] / (norm[setting] * dense_norm) ** 0.5:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
