@@ -65,8 +65,17 @@ def pack_ids(ids: np.ndarray, bits: int) -> bytes:
 
 
 def unpack_ids(data: bytes, n: int, bits: int) -> np.ndarray:
-    planes = np.unpackbits(np.frombuffer(data, np.uint8), count=n * bits, bitorder="little").reshape(n, bits)
-    return planes.astype(np.int64) @ (np.int64(1) << np.arange(bits, dtype=np.int64))
+    """Inverse of pack_ids -> int64 [n]. Id i starts at bit i * bits: the ceil((bits + 7) / 8)
+    bytes from there, read as one little-endian integer, shifted and masked (no per-bit work)."""
+    raw = np.frombuffer(data, np.uint8)
+    padded = np.zeros(len(raw) + 5, np.uint64)
+    padded[: len(raw)] = raw
+    start = np.arange(n, dtype=np.int64) * bits
+    byte, shift = start // 8, (start % 8).astype(np.uint64)
+    word = np.zeros(n, np.uint64)
+    for j in range((bits + 7 + 7) // 8):  # shift <= 7, so shift + bits bits hold the id
+        word |= padded[byte + j] << np.uint64(8 * j)
+    return ((word >> shift) & np.uint64((1 << bits) - 1)).astype(np.int64)
 
 
 def encode_values(values: torch.Tensor, dtype: str) -> bytes:
@@ -97,9 +106,11 @@ def decode_row(ids_bytes: bytes, values_bytes: bytes, n: np.ndarray, k: int, dty
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of encode_row -> ids [T, k] int64, values [T, k] float32 (-inf past n)."""
     counts = torch.from_numpy(n.astype(np.int64))
-    keep = torch.arange(k)[None, :] < counts[:, None]
     total = int(counts.sum())
     flat_ids = torch.from_numpy(unpack_ids(ids_bytes, total, bits))
+    if total == len(counts) * k:  # every position keeps k entries: no padding to place
+        return flat_ids.view(len(counts), k), decode_values(values_bytes, dtype).view(len(counts), k)
+    keep = torch.arange(k)[None, :] < counts[:, None]
     ids = torch.zeros(len(counts), k, dtype=torch.long)
     values = torch.full((len(counts), k), -torch.inf)
     ids[keep] = flat_ids
