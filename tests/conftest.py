@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -67,6 +68,34 @@ def make_recipe(pico, tmp_path):
         return write_recipe(tmp_path / name, pico_recipe_dict(pico, tmp_path / "run", **sections))
 
     return make
+
+
+@pytest.fixture
+def cached_recipe(pico, make_recipe, tmp_path):
+    """cached_recipe(**cache_fields) -> recipe path: pico teachers, 3 + 3 short examples, a cache section."""
+
+    def make(name: str = "recipe.yaml", **fields):
+        data = {"seq_len": 32, "train": [
+            {"type": "jsonl", "path": str(pico["code"]), "domain": "code", "max_examples": 3},
+            {"type": "jsonl", "path": str(pico["prose"]), "domain": "prose", "max_examples": 3}]}
+        section = {"dir": str(tmp_path / "cache"), "k": 8, "rows_per_shard": 16, **fields}
+        return make_recipe(name, data=data, cache=section,
+                           train={"steps": 3, "micro_batch_size": 4, "lr": 1e-3, "seed": 0, "log_every": 1})
+
+    return make
+
+
+def cli_env() -> dict:
+    """The environment of a `python -m merge_distill.cli` subprocess: this venv's tools first on
+    PATH (the launchers), this checkout importable."""
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+
+
+def cli_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`merge-distill ARGS` in a subprocess (launches of several processes), output captured."""
+    return subprocess.run([sys.executable, "-m", "merge_distill.cli", *args], cwd=cwd, env=cli_env(),
+                          capture_output=True, text=True, timeout=900)
 
 
 def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str]:

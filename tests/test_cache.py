@@ -33,21 +33,6 @@ from merge_distill.signals import per_token_stats
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def cached_recipe(pico, make_recipe, tmp_path):
-    """cached_recipe(**cache_fields) -> recipe path: pico teachers, 3 + 3 short examples, a cache section."""
-
-    def make(name: str = "recipe.yaml", **fields):
-        data = {"seq_len": 32, "train": [
-            {"type": "jsonl", "path": str(pico["code"]), "domain": "code", "max_examples": 3},
-            {"type": "jsonl", "path": str(pico["prose"]), "domain": "prose", "max_examples": 3}]}
-        section = {"dir": str(tmp_path / "cache"), "k": 8, "rows_per_shard": 16, **fields}
-        return make_recipe(name, data=data, cache=section,
-                           train={"steps": 3, "micro_batch_size": 4, "lr": 1e-3, "seed": 0, "log_every": 1})
-
-    return make
-
-
 def quiet() -> dict:
     return {"show_progress": False}
 

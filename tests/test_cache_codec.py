@@ -69,19 +69,8 @@ def test_row_round_trip_pads_with_entries_that_list_nothing() -> None:
         assert bool((got_values[t, n[t]:] == -math.inf).all()) and bool((got_ids[t, n[t]:] == ids[t, 0]).all())
 
 
-@pytest.fixture
-def small_cache(pico, make_recipe, tmp_path):
-    def make(**fields):
-        data = {"seq_len": 32, "train": [
-            {"type": "jsonl", "path": str(pico["code"]), "domain": "code", "max_examples": 3},
-            {"type": "jsonl", "path": str(pico["prose"]), "domain": "prose", "max_examples": 3}]}
-        section = {"dir": str(tmp_path / "cache"), "k": 8, "rows_per_shard": 4, **fields}
-        return make_recipe(data=data, cache=section, train={"steps": 2, "micro_batch_size": 4, "lr": 1e-3, "seed": 0})
-    return make
-
-
-def test_adaptive_k_keeps_the_fewest_entries_reaching_the_mass_and_an_exact_tail(small_cache) -> None:
-    path = small_cache(mass=0.5, dtype="float32")
+def test_adaptive_k_keeps_the_fewest_entries_reaching_the_mass_and_an_exact_tail(cached_recipe) -> None:
+    path = cached_recipe(mass=0.5, dtype="float32")
     sharp = "loss.temperature=0.05"  # pico teachers are near uniform; at a low temperature top entries hold the mass
     result = write_cache(load_recipe(path, [sharp]), show_progress=False)
     manifest = read_manifest(result.root)
@@ -104,8 +93,8 @@ def test_adaptive_k_keeps_the_fewest_entries_reaching_the_mass_and_an_exact_tail
         torch.testing.assert_close(got["tail"][j], torch.logsumexp(rest, -1), rtol=1e-5, atol=1e-5)
 
 
-def test_a_corrupt_shard_is_named_by_verify_and_by_a_run_then_rewritten(small_cache, monkeypatch, capsys) -> None:
-    path = small_cache()
+def test_a_corrupt_shard_is_named_by_verify_and_by_a_run_then_rewritten(cached_recipe, monkeypatch, capsys) -> None:
+    path = cached_recipe(rows_per_shard=4)
     code, out = run_cli(["cache", str(path), "--no-color"], monkeypatch, capsys)
     assert code == 0, out
     code, out = run_cli(["cache", str(path), "--verify", "--no-color"], monkeypatch, capsys)

@@ -9,33 +9,22 @@ on losses and 1e-4 absolute on logits; the only differences are float reduction 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import pico_recipe_dict, write_recipe
+from conftest import cli_process, pico_recipe_dict, write_recipe
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "merge_distill.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
 
 
 def test_two_processes_match_one_process(pico, tmp_path):
     recipe = pico_recipe_dict(pico, tmp_path / "run")
     recipe["train"].update(steps=3, micro_batch_size=2, lr=5e-3, log_every=1)
     path = write_recipe(tmp_path / "r.yaml", recipe)
-    two = _launch(["launch", str(path), "--nproc", "2", f"output.dir={tmp_path / 'two'}"], tmp_path)
+    two = cli_process(["launch", str(path), "--nproc", "2", f"output.dir={tmp_path / 'two'}"], tmp_path)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    one = _launch(["run", str(path), f"output.dir={tmp_path / 'one'}", "train.micro_batch_size=4"], tmp_path)
+    one = cli_process(["run", str(path), f"output.dir={tmp_path / 'one'}", "train.micro_batch_size=4"], tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
 
     rows = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
@@ -69,7 +58,7 @@ def test_lora_student_under_zero_resumes_exactly(pico, tmp_path, stage):
     recipe["output"].update(save_every=1, keep_last=4, merge_lora=True, report_to=["tensorboard"])
     recipe["distributed"] = {"use_deepspeed": "always", "student_zero_stage": stage}
     path = write_recipe(tmp_path / "r.yaml", recipe)
-    full = _launch(["launch", str(path), "--nproc", "2", f"output.dir={tmp_path / 'full'}"], tmp_path)
+    full = cli_process(["launch", str(path), "--nproc", "2", f"output.dir={tmp_path / 'full'}"], tmp_path)
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
     events = list((tmp_path / "full" / "trackers" / "pico").glob("events.out.tfevents.*"))
     assert len(events) == 1  # the main process logs, the other does not
@@ -77,7 +66,7 @@ def test_lora_student_under_zero_resumes_exactly(pico, tmp_path, stage):
     for step in (3, 4):
         shutil.rmtree(tmp_path / "cut" / "checkpoints" / f"step-{step:06d}")
     shutil.rmtree(tmp_path / "cut" / "student")
-    resumed = _launch(["launch", str(path), "--nproc", "2", "--resume", f"output.dir={tmp_path / 'cut'}"], tmp_path)
+    resumed = cli_process(["launch", str(path), "--nproc", "2", "--resume", f"output.dir={tmp_path / 'cut'}"], tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     for part in ("model.safetensors", "adapter/adapter_model.safetensors"):
         want, got = (load_file(str(tmp_path / name / "student" / part)) for name in ("full", "cut"))

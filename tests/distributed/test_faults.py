@@ -19,19 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import pico_recipe_dict, write_recipe
+from conftest import cli_env, cli_process, pico_recipe_dict, write_recipe
 
-REPO = Path(__file__).resolve().parents[2]
 STEPS = 6
-
-
-def _env() -> dict:
-    return dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONPATH=str(REPO))
-
-
-def _launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "merge_distill.cli", "launch", *args], cwd=cwd, env=_env(),
-                          capture_output=True, text=True, timeout=900)
 
 
 def _rank_pid(rank: int, launcher_pid: int) -> int | None:
@@ -68,12 +58,12 @@ def test_sigkill_of_rank_1_stops_the_launch_and_resume_is_exact(pico, tmp_path, 
     recipe["distributed"] = {"use_deepspeed": "always", "student_zero_stage": stage, "collective_timeout_s": 30}
     path = write_recipe(tmp_path / "r.yaml", recipe)
 
-    full = _launch([str(path), "--nproc", "2", f"output.dir={tmp_path / 'full'}"], tmp_path)
+    full = cli_process(["launch", str(path), "--nproc", "2", f"output.dir={tmp_path / 'full'}"], tmp_path)
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
 
     cut = tmp_path / "cut"
     launcher = subprocess.Popen([sys.executable, "-m", "merge_distill.cli", "launch", str(path), "--nproc", "2",
-                                 f"output.dir={cut}"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                                 f"output.dir={cut}"], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     while time.time() < deadline and not (cut / "checkpoints" / "step-000002").is_dir():
@@ -93,7 +83,7 @@ def test_sigkill_of_rank_1_stops_the_launch_and_resume_is_exact(pico, tmp_path, 
     facts = json.loads((cut / "run.json").read_text())
     assert facts["status"] != "complete"
 
-    resumed = _launch([str(path), "--nproc", "2", "--resume", f"output.dir={cut}"], tmp_path)
+    resumed = cli_process(["launch", str(path), "--nproc", "2", "--resume", f"output.dir={cut}"], tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     want, got = (load_file(str(d / "student" / "model.safetensors")) for d in (tmp_path / "full", cut))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
