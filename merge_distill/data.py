@@ -127,27 +127,38 @@ def first_bad_json_line(files: list[str]) -> str | None:
     return None
 
 
+def read_error(source: "DataSource", key: str, exc: Exception) -> UserError:
+    """What is wrong with a source that `datasets` failed to read, in the recipe's words."""
+    files = source_files(source.path) if source.type != "hub" else []
+    if files and all(not Path(f).read_bytes().strip() for f in files):
+        return UserError(f"{key}.path: {source.path} is empty; give a file with examples "
+                         f"({'one JSON object per line' if source.type == 'jsonl' else 'text'})")
+    bad_line = first_bad_json_line(files) if source.type == "jsonl" else None
+    if bad_line:
+        return UserError(f"{key}.path: {bad_line}; each line of a jsonl file must be one JSON object "
+                         'such as {"text": "..."}')
+    cause = exc.__cause__ or exc
+    detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return UserError(f"{key}.path: cannot read {source.path} as {source.type}: {detail}; "
+                     f"check that the {'dataset' if source.type == 'hub' else 'file'} is valid {source.type}")
+
+
+def load_source(source: "DataSource", streaming: bool = False) -> "datasets.Dataset | datasets.IterableDataset":
+    """`datasets.load_dataset` for a source: the hub dataset, or the builder of its file type."""
+    if source.type == "hub":
+        return datasets.load_dataset(source.path, name=source.subset, split=source.split, revision=source.revision,
+                                     streaming=streaming)
+    kwargs: dict[str, Any] = {"sample_by": "document"} if source.type == "text" else {}
+    return datasets.load_dataset(_BUILDERS[source.type], data_files=source_files(source.path), split="train",
+                                 streaming=streaming, **kwargs)
+
+
 def read_source(source: "DataSource", key: str) -> datasets.Dataset:
     """The raw examples of a source; `key` (e.g. `data.train[0]`) names it in errors."""
-    files = source_files(source.path) if source.type != "hub" else []
     try:
-        if source.type == "hub":
-            ds = datasets.load_dataset(source.path, name=source.subset, split=source.split, revision=source.revision)
-        else:
-            kwargs: dict[str, Any] = {"sample_by": "document"} if source.type == "text" else {}
-            ds = datasets.load_dataset(_BUILDERS[source.type], data_files=files, split="train", **kwargs)
+        ds = load_source(source)
     except Exception as exc:  # datasets wraps parse errors in several exception types
-        if files and all(not Path(f).read_bytes().strip() for f in files):
-            raise UserError(f"{key}.path: {source.path} is empty; give a file with examples "
-                            f"({'one JSON object per line' if source.type == 'jsonl' else 'text'})") from None
-        bad_line = first_bad_json_line(files) if source.type == "jsonl" else None
-        if bad_line:
-            raise UserError(f"{key}.path: {bad_line}; each line of a jsonl file must be one JSON object "
-                            'such as {"text": "..."}') from None
-        cause = exc.__cause__ or exc
-        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise UserError(f"{key}.path: cannot read {source.path} as {source.type}: {detail}; "
-                        f"check that the file is valid {source.type}") from None
+        raise read_error(source, key, exc) from None
     if source.field not in ds.column_names:
         raise UserError(f"{key}.field: {source.path} has no column {source.field!r}; "
                         f"its columns are: {', '.join(ds.column_names)}")
@@ -241,8 +252,9 @@ class MixedStream:
 
     Global row r (counted over the whole run, all processes) comes from source s_r, drawn with
     probability proportional to the sources' weights by a seeded generator; within a source
-    rows are taken in a seeded permutation that is redrawn at every pass. The mapping is a pure
-    function of (seed, r), so resuming at any step and sharding over processes need no state.
+    rows are taken in a seeded permutation that is redrawn at every pass (a streamed source: in
+    its stream's order, streaming.py). The mapping is a pure function of (seed, r), so resuming at
+    any step and sharding over processes need no state.
     """
 
     def __init__(self, sources: list[SourceRows], weights: list[float], seed: int, total_rows: int):
@@ -253,6 +265,9 @@ class MixedStream:
         self.index = torch.empty(total_rows, dtype=torch.long)
         for s, rows in enumerate(sources):
             where = (self.choice == s).nonzero().squeeze(-1)
+            if not isinstance(rows, SourceRows):  # a stream (streaming.StreamRows): its k-th draw is its row k
+                self.index[where] = torch.arange(len(where))
+                continue
             n = len(rows)
             passes = math.ceil(len(where) / n) if len(where) else 0
             perms = [torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + s * 7919 + p))

@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from merge_distill.data import MixedStream, SourceRows, steps_for_epochs
 from merge_distill.rowstore import build_rows, store_dir
+from merge_distill.streaming import StreamRows
 from merge_distill.schema import Recipe
 from merge_distill.signals import TokenBatch
 
@@ -48,11 +49,19 @@ def training_rows(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> list[So
     return source_rows(recipe, tokenizer, "train")
 
 
-def source_rows(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, split: str) -> list[SourceRows]:
-    """The rows of data.train or data.eval, memory-mapped from the tokenized store (built there once)."""
+def source_rows(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, split: str) -> list[SourceRows | StreamRows]:
+    """The rows of data.train or data.eval: memory-mapped from the tokenized store (built there
+    once), or read from a stream (`streaming: true`; held-out streams: their first eval_tokens)."""
     data = recipe.data
-    return [build_rows(s, f"data.{split}[{i}]", tokenizer, data.seq_len, data.packing, store_dir(data), data.num_proc)
-            for i, s in enumerate(getattr(data, split))]
+    out: list[SourceRows | StreamRows] = []
+    for i, s in enumerate(getattr(data, split)):
+        key = f"data.{split}[{i}]"
+        if not s.streaming:
+            out.append(build_rows(s, key, tokenizer, data.seq_len, data.packing, store_dir(data), data.num_proc))
+            continue
+        stream = StreamRows(s, key, tokenizer, data.seq_len, data.packing, recipe.train.seed)
+        out.append(stream.head(data.eval_tokens) if split == "eval" else stream)
+    return out
 
 
 def build_plan(recipe: Recipe, sources: list[SourceRows], world_size: int, rank: int) -> DataPlan:

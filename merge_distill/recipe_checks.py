@@ -44,6 +44,7 @@ def cross_checks(recipe: Recipe, check_files: bool = True) -> list[str]:
     problems += recipe.routing.check(recipe.teacher_names, recipe.train_domains)
     problems += recipe.distributed.check()
     problems += tracker_problems(recipe)
+    problems += _streaming(recipe)
     if recipe.loss.hard_label_weight == 1.0 and recipe.routing.kind != "uniform":
         problems.append(
             "loss.hard_label_weight is 1.0 (plain cross-entropy, teachers unused) but routing.kind is "
@@ -57,6 +58,22 @@ def cross_checks(recipe: Recipe, check_files: bool = True) -> list[str]:
             problems += tokenizer_problems(recipe)
     problems += needs_problems(recipe, recipe.routing.kind, ROUTERS.get(recipe.routing.kind).impl.needs)
     problems += recipe_problems(recipe, check_files and not problems)  # cache.use: manifest (cheap fields)
+    return problems
+
+
+def _streaming(recipe: Recipe) -> list[str]:
+    """What a streamed source cannot do: be counted (epochs) or be read by row index (the cache)."""
+    problems = []
+    for i, source in enumerate(recipe.data.train):
+        if not source.streaming:
+            continue
+        if recipe.train.steps is None:
+            problems.append(f"data.train[{i}].streaming: a stream's length is unknown until it ends, so "
+                            "train.epochs cannot be turned into steps; give train.steps instead")
+        if recipe.cache is not None:
+            problems.append(f"data.train[{i}].streaming: the teacher cache stores rows by their index in a "
+                            "stored corpus, which a stream does not have; set streaming: false (the rows are "
+                            "then stored once, docs/DATA.md) or remove the cache section")
     return problems
 
 

@@ -9,8 +9,9 @@
 3. Otherwise one process builds it under a file lock while any other process that needs the
    same rows waits on the lock, then maps the finished folder. The build tokenizes with
    `datasets.map` (batched, fast tokenizer, `num_proc` workers), then packs the tokens into rows
-   of seq_len in blocks and writes rows.arrow into STORE/<fingerprint>.partial-<pid>/. Memory
-   is bounded by a block, not by the corpus. A killed build leaves only a `.partial-*` folder,
+   of seq_len a record batch at a time (read from the tokenized files with plain reads) and
+   writes rows.arrow into STORE/<fingerprint>.partial-<pid>/. Memory is bounded by a batch, not
+   by the corpus. A killed build leaves only a `.partial-*` folder,
    which nothing reads and the next build removes.
 
 rows.arrow columns, one row per training row: input_ids uint32[seq_len] (padding: the pad id),
@@ -45,7 +46,6 @@ from merge_distill.schema import DataSection, DataSource
 
 ROWS_FORMAT = 1
 ROWS_FILE, META_FILE = "rows.arrow", "meta.json"
-BLOCK_EXAMPLES = 2048  # examples per packing block: bounds the builder's memory
 # Examples per tokenizer call: the fast tokenizer keeps offsets and more per token for a whole
 # call (about 35 bytes per token: 1000 examples of 25 kB took 1.1 GiB), so calls stay small.
 MAP_BATCH = 128
@@ -109,27 +109,33 @@ def rows_fingerprint(source: DataSource, tokenizer: PreTrainedTokenizerBase, seq
 
 
 def _blocks(tokens: datasets.Dataset) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(ids uint32 [n_tokens], target bool [n_tokens], offsets int64 [n_examples + 1]) per block."""
-    for table in tokens.with_format("arrow").iter(batch_size=BLOCK_EXAMPLES):
-        ids = table.column("ids").combine_chunks()
-        lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        flat = ids.flatten().to_numpy(zero_copy_only=False).astype(np.uint32, copy=False)
-        target = (table.column("target").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(bool, copy=False)
-                  if "target" in table.column_names else np.ones(len(flat), bool))
-        yield flat, target, offsets
+    """(ids uint32 [n_tokens], target bool [n_tokens], offsets int64 [n_examples + 1]) per record
+    batch of the tokenized files, in order. The files are read with plain reads, one batch at a
+    time, not memory-mapped: every page of a memory map that is read stays in this process's
+    resident set until the map is closed, so the packer's RSS would grow with the corpus."""
+    for name in [f["filename"] for f in tokens.cache_files]:
+        with pa.OSFile(name) as fh:
+            for batch in pa.ipc.open_stream(fh):
+                ids = batch.column("ids")
+                lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
+                offsets = np.concatenate([[0], np.cumsum(lengths)])
+                flat = ids.flatten().to_numpy(zero_copy_only=False).astype(np.uint32, copy=False)
+                target = (batch.column("target").flatten().to_numpy(zero_copy_only=False).astype(bool, copy=False)
+                          if "target" in batch.schema.names else np.ones(len(flat), bool))
+                yield flat, target, offsets
 
 
-def _pack(tokens: datasets.Dataset, seq_len: int, packing: bool, pad_id: int
-          ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
-    """Rows (ids [n, L] uint32, target [n, L] bool, length [n] int32, examples consumed).
+def pack(blocks: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]], seq_len: int, packing: bool, pad_id: int
+         ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+    """Blocks of tokenized examples (ids uint32 [n_tokens], target bool [n_tokens], offsets int64
+    [n_examples + 1]) -> rows (ids [n, L] uint32, target [n, L] bool, length [n] int32, examples consumed).
 
     packing: all examples concatenated and cut into rows of seq_len; the tail shorter than a
     row is dropped, except when it is the only row (then it is padded). Else each example is
     one row, truncated or padded to seq_len."""
     carry_ids, carry_target = np.empty(0, np.uint32), np.empty(0, bool)
     emitted = 0
-    for ids, target, offsets in _blocks(tokens):
+    for ids, target, offsets in blocks:
         examples = len(offsets) - 1
         if packing:
             ids, target = np.concatenate([carry_ids, ids]), np.concatenate([carry_target, target])
@@ -151,6 +157,11 @@ def _pack(tokens: datasets.Dataset, seq_len: int, packing: bool, pad_id: int
         row_target = np.zeros((1, seq_len), bool)
         row_ids[0, :n], row_target[0, :n] = carry_ids, carry_target
         yield row_ids, row_target, np.array([n], np.int32), 0
+
+
+def row_pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that pads rows: the pad token, else EOS, else 0."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
 def _auto_procs(n_examples: int, num_proc: int | None) -> int:
@@ -191,7 +202,7 @@ def _build(source: DataSource, key: str, tokenizer: PreTrainedTokenizerBase, seq
         tokens = _tokenize(raw, source, key, tokenizer, work, num_proc, fingerprint)
         if len(tokens) == 0:
             raise UserError(f"{key}.path: {source.path} holds only empty text; give a file with text")
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        pad_id = row_pad_id(tokenizer)
         digest = hashlib.sha256()
         counts = {"rows": 0, "tokens": 0, "targets": 0, "any_target": False}
         console = Console(stderr=True)
@@ -200,7 +211,7 @@ def _build(source: DataSource, key: str, tokenizer: PreTrainedTokenizerBase, seq
         writer = ArrowWriter(features=rows_features(seq_len), path=str(work / ROWS_FILE))
         with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
             task = progress.add_task("pack", total=len(tokens), rate="")
-            for ids, target, length, examples in _pack(tokens, seq_len, packing, pad_id):
+            for ids, target, length, examples in pack(_blocks(tokens), seq_len, packing, pad_id):
                 counts["any_target"] |= bool(target.any())
                 shifted = target[:, 1:].sum(1).astype(np.int32)
                 counts["rows"] += len(ids)

@@ -81,7 +81,7 @@ def test_a_build_that_fails_leaves_nothing_that_looks_complete(pico, tmp_path, m
     tok = AutoTokenizer.from_pretrained(pico["tokenizer"])
     source = DataSource(type="jsonl", path=str(_jsonl(tmp_path / "d.jsonl", TEXTS * 50)), domain="code")
     store = tmp_path / "store"
-    monkeypatch.setattr(rowstore, "BLOCK_EXAMPLES", 8)
+    monkeypatch.setattr(rowstore, "MAP_BATCH", 8)
     calls = []
 
     def fail_on_second(self, table, *args, **kwargs):
@@ -107,15 +107,15 @@ _BUILDER = textwrap.dedent("""
     from merge_distill import rowstore
     from merge_distill.schema import DataSource
     tok_dir, data, store, mode = sys.argv[1:5]
-    real_pack = rowstore._pack
+    real_pack = rowstore.pack
     def slow_pack(*args, **kwargs):
         for i, block in enumerate(real_pack(*args, **kwargs)):
             if mode == "hang" and i == 1:
                 print("packing", flush=True)
                 time.sleep(600)
             yield block
-    rowstore.BLOCK_EXAMPLES = 8
-    rowstore._pack = slow_pack
+    rowstore.MAP_BATCH = 8
+    rowstore.pack = slow_pack
     real_build = rowstore._build
     def build(*args, **kwargs):
         print("built", flush=True)

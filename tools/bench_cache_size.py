@@ -14,11 +14,19 @@ direction of update).
 
     make demo   # once: builds the demo's teachers and data
     python tools/bench_cache_size.py --steps 6     # the table in docs/CACHE.md
+
+--train-seeds trains instead: the quickstart student (uniform router) for its 100 steps from the
+dense teachers and from caches (k = 64 and the default k = 40, uint8), once per seed, and
+measures what the student learned: its held-out forward KL to the dense mixture of the teachers.
+
+    python tools/bench_cache_size.py --train-seeds 0 1 2   # the trained-student table in docs/CACHE.md
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import math
 import sys
 import tempfile
 import time
@@ -67,12 +75,80 @@ def decode_ms(rows: int = 8, teachers: int = 3, seq_len: int = 256, k: int = 64,
     return (time.perf_counter() - started) / reps * 1000
 
 
+TRAINED_ARMS = [("dense (online teachers)", None), ("cache k = 64, uint8", 64), ("cache k = 40, uint8 (default)", 40)]
+
+
+@torch.no_grad()
+def held_out_kl(recipe, run_dir: Path) -> float:
+    """Forward KL(uniform mixture of the dense teachers || trained student), nats per held-out
+    target token, over the recipe's evaluation rows (all domains)."""
+    from transformers import AutoModelForCausalLM
+
+    from merge_distill.evaluate import eval_rows
+    from merge_distill.models import load_tokenizer
+
+    student = AutoModelForCausalLM.from_pretrained(run_dir / "student").eval()
+    teachers = [AutoModelForCausalLM.from_pretrained(t.model).eval() for t in recipe.teachers]
+    tokenizer = load_tokenizer(str(run_dir / "student"))
+    V = len(tokenizer)
+    total, count = 0.0, 0
+    for ids, labels, mask in eval_rows(recipe, tokenizer).values():
+        for b in range(0, len(ids), 8):
+            x, m = ids[b: b + 8], mask[b: b + 8]
+            where = torch.cat([labels[b: b + 8, 1:] != IGNORE_INDEX, torch.zeros_like(x[:, :1], dtype=torch.bool)], 1)
+            logq = torch.log_softmax(student(input_ids=x, attention_mask=m).logits[..., :V].float(), -1)[where]
+            logp = torch.stack([torch.log_softmax(t(input_ids=x, attention_mask=m).logits[..., :V].float(), -1)[where]
+                                for t in teachers]).logsumexp(0) - math.log(len(teachers))
+            total += float((logp.exp() * (logp - logq)).sum())
+            count += int(where.sum())
+    return total / count
+
+
+def trained_fidelity(seeds: list[int]) -> None:
+    """The quickstart recipe (uniform router, so that every arm trains towards the same target)
+    trained from the dense teachers and from caches, per seed; the held-out forward KL of each
+    student to the dense mixture, and its difference from the dense arm's."""
+    from rich.console import Console
+
+    from merge_distill.cache.writer import write_cache
+    from merge_distill.engine import run
+
+    quiet = Console(file=io.StringIO())
+    results: dict[str, dict[int, float]] = {name: {} for name, _ in TRAINED_ARMS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, k in TRAINED_ARMS:
+            cache = [f"cache.dir={tmp}/cache-{k}", f"cache.k={k}", "cache.dtype=uint8"] if k else []
+            if k:
+                write_cache(load_recipe(ROOT / "recipes" / "quickstart.yaml", [*cache, f"output.dir={tmp}/w"]),
+                            console=quiet, overwrite=True, show_progress=False)
+            for seed in seeds:
+                overrides = ["routing.kind=uniform", f"train.seed={seed}", f"output.dir={tmp}/run-{k}-{seed}",
+                             "report.eval_at_end=false", *cache, *(["cache.use=true"] if k else [])]
+                recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides)
+                results[name][seed] = held_out_kl(recipe, run(recipe, console=quiet))
+                print(f"{name}, seed {seed}: held-out forward KL {results[name][seed]:.4f}", flush=True)
+    dense = results[TRAINED_ARMS[0][0]]
+    print(f"\nquickstart recipe, uniform router, {', '.join(map(str, seeds))} as train.seed; held-out forward KL "
+          "(nats per target token) of the trained student to the dense uniform mixture of the teachers\n")
+    print("| student trained from | " + " | ".join(f"seed {s}" for s in seeds) + " | largest difference from dense |")
+    print("|---|" + "---|" * len(seeds) + "---|")
+    for name, _ in TRAINED_ARMS:
+        diffs = [(results[name][s] - dense[s]) / dense[s] for s in seeds]
+        cells = " | ".join(f"{results[name][s]:.4f} ({100 * d:+.2f}%)" for s, d in zip(seeds, diffs))
+        print(f"| {name} | {cells} | {100 * max(diffs, key=abs):+.2f}% |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6, help="micro-batches of 8 rows")
+    parser.add_argument("--train-seeds", type=int, nargs="+",
+                        help="instead: train the quickstart student from the dense teachers and from caches, per seed")
     args = parser.parse_args()
     if not (ROOT / ".cache" / "demo" / "teachers" / "code").is_dir():
         raise SystemExit("the demo's teachers are missing: run `make demo` first")
+    if args.train_seeds:
+        trained_fidelity(args.train_seeds)
+        return
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"output.dir={tmp}/run"])

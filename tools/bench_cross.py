@@ -8,10 +8,12 @@ hidden 128, 4 layers, MLP 384; student hidden 96, 2 layers; rows of 256 tokens, 
 uniform router, forward KL, align.k 64. Each of --reps fresh processes sets up both runs, takes
 --warmup steps of each, then times --steps train_step calls of each, alternating between them
 (drift on a shared machine reaches both alike); the ratio is the median of the per-pair ratios.
-The cross run also reports the time inside the alignment (align_row) and the projection
-(project_topk).
+Both variants run with glibc malloc keeping freed memory (STEADY_MALLOC, as tools/bench.py;
+--glibc-defaults runs without, and every rep prints page faults and system time per step). Per variant the time inside the teacher
+forwards, and for the cross run inside the top-k, the alignment (align_row) and the projection
+(project_topk): where the extra time goes.
 
-    python tools/bench_cross.py --reps 3 --steps 8      # the table in docs/CROSS_TOKENIZER.md
+    python tools/bench_cross.py --reps 5 --steps 8      # the table in docs/CROSS_TOKENIZER.md
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -28,6 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+from bench import STEADY_MALLOC  # noqa: E402  (the same malloc settings as tools/bench.py, and why)
 SEQ_LEN, VOCAB = 256, 4096
 VARIANTS = ("same", "cross")
 
@@ -110,7 +115,7 @@ def worker(work: Path, warmup: int, steps: int) -> dict:
     from merge_distill.recipe import load_recipe
 
     torch.set_num_threads(1)
-    spent = {"align": 0.0, "project": 0.0}
+    spent = {"align": 0.0, "project": 0.0, "topk": 0.0}
 
     def timed(name: str, fn):
         def wrapper(*args, **kwargs):
@@ -123,21 +128,37 @@ def worker(work: Path, warmup: int, steps: int) -> dict:
 
     aligned.align_row = timed("align", aligned.align_row)
     aligned.project_topk = timed("project", aligned.project_topk)
+    torch.Tensor.topk = timed("topk", torch.Tensor.topk)
     runs = {v: setup_run(load_recipe(work / f"{v}.yaml"), overwrite=True, console=Console(file=io.StringIO()))
             for v in VARIANTS}
+    forward_s = dict.fromkeys(VARIANTS, 0.0)
+    for variant, run in runs.items():  # teacher forwards, timed by hooks on every teacher model
+        for model in run.training.source.models:
+            model.register_forward_pre_hook(lambda *_: spent.__setitem__("t0", time.perf_counter()))
+            model.register_forward_hook(lambda *_, v=variant: forward_s.__setitem__(
+                v, forward_s[v] + time.perf_counter() - spent["t0"]))
     for step in range(warmup):
         for run in runs.values():
             train_step(run.training, run.plan, step)
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    spent = dict.fromkeys(spent, 0.0)
+    faults: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    system: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    spent = {"align": 0.0, "project": 0.0, "topk": 0.0}
+    forward_s = dict.fromkeys(VARIANTS, 0.0)
     for step in range(warmup, warmup + steps):
         for variant, run in runs.items():
-            start = time.perf_counter()
+            usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             train_step(run.training, run.plan, step)
             times[variant].append(time.perf_counter() - start)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            faults[variant].append(after.ru_minflt - usage.ru_minflt)
+            system[variant].append(after.ru_stime - usage.ru_stime)
     return {"ms_per_step": {v: 1e3 * statistics.median(t) for v, t in times.items()},
             "ratio": statistics.median(c / s for s, c in zip(times["same"], times["cross"])),
             "align_ms": 1e3 * spent["align"] / steps, "project_ms": 1e3 * spent["project"] / steps,
+            "topk_ms": 1e3 * spent["topk"] / steps, "forward_ms": {v: 1e3 * t / steps for v, t in forward_s.items()},
+            "faults": {v: statistics.median(f) for v, f in faults.items()},
+            "system_ms": {v: 1e3 * statistics.median(t) for v, t in system.items()},
             "source": {v: type(r.training.source).__name__ for v, r in runs.items()}}
 
 
@@ -147,6 +168,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help="run with glibc malloc's defaults instead of STEADY_MALLOC (to see their effect)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -154,7 +177,9 @@ def main() -> None:
         return
     build_assets(args.work)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(ROOT)}
+           "PYTHONPATH": str(ROOT), **({} if args.glibc_defaults else STEADY_MALLOC)}
+    for name in STEADY_MALLOC if args.glibc_defaults else ():
+        env.pop(name, None)
     reps = []
     for rep in range(args.reps):
         cmd = [sys.executable, __file__, "--worker", "--work", str(args.work), "--steps", str(args.steps),
@@ -166,19 +191,27 @@ def main() -> None:
         r = json.loads(lines[-1])
         reps.append(r)
         print(f"rep {rep + 1}: same {r['ms_per_step']['same']:.0f} ms/step ({r['source']['same']}), cross "
-              f"{r['ms_per_step']['cross']:.0f} ms/step ({r['source']['cross']}; align {r['align_ms']:.0f} ms, "
-              f"projection {r['project_ms']:.0f} ms); cross / same {r['ratio']:.2f}", flush=True)
-    same = statistics.median(r["ms_per_step"]["same"] for r in reps)
-    cross = statistics.median(r["ms_per_step"]["cross"] for r in reps)
-    align, project = (statistics.median(r[k] for r in reps) for k in ("align_ms", "project_ms"))
+              f"{r['ms_per_step']['cross']:.0f} ms/step ({r['source']['cross']}; teacher forwards "
+              f"{r['forward_ms']['cross']:.0f} vs {r['forward_ms']['same']:.0f} ms, top-k {r['topk_ms']:.0f} ms, "
+              f"align {r['align_ms']:.0f} ms, projection {r['project_ms']:.0f} ms); cross / same {r['ratio']:.2f}; "
+              f"per step: page faults {r['faults']['same']:.0f} / {r['faults']['cross']:.0f}, system time "
+              f"{r['system_ms']['same']:.0f} / {r['system_ms']['cross']:.0f} ms (same / cross)", flush=True)
+
+    def median(key: str, variant: str | None = None) -> float:
+        return statistics.median(r[key][variant] if variant else r[key] for r in reps)
+
     ratios = [r["ratio"] for r in reps]
     print(f"\nK = 3, batch 8 x {SEQ_LEN}, 1 thread, {args.reps} processes x {args.steps} timed steps per variant "
-          f"(after {args.warmup}), steps alternated between the variants; medians\n")
-    print("| teachers | ms per step | vs same tokenizer | of which alignment | of which projection |")
-    print("|---|---:|---:|---:|---:|")
-    print(f"| 3 x the student's tokenizer | {same:.0f} | 1.00 | 0 ms | 0 ms |")
-    print(f"| byte-level BPE + SentencePiece + digit-split BPE | {cross:.0f} | {statistics.median(ratios):.2f} | "
-          f"{align:.0f} ms | {project:.0f} ms |")
+          f"(after {args.warmup}), steps alternated between the variants, "
+          f"{'glibc malloc defaults' if args.glibc_defaults else 'glibc malloc keeping freed memory (STEADY_MALLOC, tools/bench.py)'}; "
+          "medians\n")
+    print("| teachers | ms per step | vs same tokenizer | teacher forwards | top-k | alignment | projection |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| 3 x the student's tokenizer | {median('ms_per_step', 'same'):.0f} | 1.00 | "
+          f"{median('forward_ms', 'same'):.0f} ms | 0 ms | 0 ms | 0 ms |")
+    print(f"| byte-level BPE + SentencePiece + digit-split BPE | {median('ms_per_step', 'cross'):.0f} | "
+          f"{statistics.median(ratios):.2f} | {median('forward_ms', 'cross'):.0f} ms | {median('topk_ms'):.0f} ms | "
+          f"{median('align_ms'):.0f} ms | {median('project_ms'):.0f} ms |")
     print(f"\ncross / same per process (median over its step pairs): {', '.join(f'{r:.2f}' for r in ratios)}; "
           f"largest {max(ratios):.2f}")
     for name, (mean, longest) in teacher_tokens(args.work).items():

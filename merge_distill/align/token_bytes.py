@@ -22,6 +22,7 @@ import json
 import re
 from functools import lru_cache
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from merge_distill.errors import UserError
@@ -86,6 +87,8 @@ class TokenBytes:
                 fallback = _BYTE_FALLBACK.match(token)
                 self.table[i] = bytes([int(fallback.group(1), 16)]) if fallback else token.replace(SPACE_MARK, " ").encode()
         self.special = special
+        # byte length of every id's piece ([len(table)] long): row byte counts as one gather
+        self.lengths = torch.tensor([len(piece) for piece in self.table], dtype=torch.long)
         # What the tokenizer puts around a text of its own (e.g. [BOS] before it): a document start.
         probe = self.tokenizer("a", add_special_tokens=True)["input_ids"]
         plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]

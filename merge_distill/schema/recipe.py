@@ -92,6 +92,9 @@ class DataSource(Section):
     domain: str = Field(description="Domain tag carried to every batch row (routing and reports).", pattern=NAME_PATTERN)
     weight: float = Field(1.0, gt=0, description="Mixing weight: share of training rows drawn from this source.")
     max_examples: int | None = Field(None, ge=1, description="Use at most this many examples.")
+    streaming: bool = Field(False, description="Stream the examples (datasets streaming), tokenizing on the fly; nothing "
+                            "is stored. For corpora beyond the disk budget. Order: a 10,000-example shuffle buffer "
+                            "seeded by train.seed, pass after pass (docs/DATA.md). Needs train.steps; not with cache.")
 
     @property
     def label(self) -> str:

@@ -99,8 +99,11 @@ class AlignedTeachers:
         if not self.aligned[j]:
             position = torch.arange(T, device=device).expand(B, T).clone()
             position[:, -1] = -1
-            nbytes = torch.tensor([[len(p) for p in self.student_bytes(row[1:].tolist())] + [0]
-                                   for row in batch.input_ids.cpu()], device=device, dtype=torch.float32)
+            lengths = self.student_bytes.lengths.to(device)
+            ids = batch.input_ids[:, 1:]
+            inside = (ids >= 0) & (ids < lengths.numel())  # an id outside the table spells nothing
+            nbytes = torch.where(inside, lengths[ids.clamp(0, lengths.numel() - 1)], 0).float()
+            nbytes = torch.nn.functional.pad(nbytes, (0, 1))  # the last position has no next token
             return batch.input_ids, batch.attention_mask, position, nbytes, batch.targets
         rows = []
         for b in range(B):
