@@ -44,7 +44,7 @@ from merge_distill.data import SourceRows, TokenizeBatch, is_chat, read_source, 
 from merge_distill.errors import UserError
 from merge_distill.schema import DataSection, DataSource
 
-ROWS_FORMAT = 1
+ROWS_FORMAT = 2  # 2: the rows digest no longer depends on how the build batched them
 ROWS_FILE, META_FILE = "rows.arrow", "meta.json"
 # Examples per tokenizer call: the fast tokenizer keeps offsets and more per token for a whole
 # call (about 35 bytes per token: 1000 examples of 25 kB took 1.1 GiB), so calls stay small.
@@ -203,7 +203,8 @@ def _build(source: DataSource, key: str, tokenizer: PreTrainedTokenizerBase, seq
         if len(tokens) == 0:
             raise UserError(f"{key}.path: {source.path} holds only empty text; give a file with text")
         pad_id = row_pad_id(tokenizer)
-        digest = hashlib.sha256()
+        # one running hash per column: the digest depends on the rows, not on the batches they came in
+        column_hashes = [hashlib.sha256() for _ in range(3)]
         counts = {"rows": 0, "tokens": 0, "targets": 0, "any_target": False}
         console = Console(stderr=True)
         columns = [TextColumn(f"packing {key}"), BarColumn(), MofNCompleteColumn(), TextColumn("examples"),
@@ -217,8 +218,8 @@ def _build(source: DataSource, key: str, tokenizer: PreTrainedTokenizerBase, seq
                 counts["rows"] += len(ids)
                 counts["tokens"] += int(length.sum())
                 counts["targets"] += int(shifted.sum())
-                for part in (ids, target, length):
-                    digest.update(np.ascontiguousarray(part).tobytes())
+                for h, part in zip(column_hashes, (ids, target, length)):
+                    h.update(np.ascontiguousarray(part).tobytes())
                 writer.write_table(pa.table({
                     "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), seq_len),
                     "target": pa.FixedSizeListArray.from_arrays(pa.array(target.reshape(-1)), seq_len),
@@ -231,7 +232,7 @@ def _build(source: DataSource, key: str, tokenizer: PreTrainedTokenizerBase, seq
         for leftover in work.glob("tokens*.arrow"):
             leftover.unlink()
         meta = {"format": ROWS_FORMAT, "fingerprint": fingerprint, "source": source.path, "seq_len": seq_len,
-                "packing": packing, "pad_id": pad_id, "digest": digest.hexdigest()[:20],
+                "packing": packing, "pad_id": pad_id, "digest": hashlib.sha256(b"".join(h.digest() for h in column_hashes)).hexdigest()[:20],
                 "seconds": round(time.perf_counter() - started, 3), **counts}
         (work / META_FILE).write_text(json.dumps(meta, indent=1))
         os.replace(work, final)  # the one step that makes the rows visible: atomic

@@ -104,6 +104,23 @@ def held_out_kl(recipe, run_dir: Path) -> float:
     return total / count
 
 
+def uniform_quickstart(folder: Path) -> Path:
+    """recipes/quickstart.yaml with the uniform router, written into `folder` (its relative paths
+    made absolute)."""
+    import yaml
+
+    here = ROOT / "recipes"
+    raw = yaml.safe_load((here / "quickstart.yaml").read_text())
+    raw["routing"] = {"kind": "uniform"}
+    for teacher in raw["teachers"]:
+        teacher["model"] = str((here / teacher["model"]).resolve())
+    for source in raw["data"]["train"] + raw["data"]["eval"]:
+        source["path"] = str((here / source["path"]).resolve())
+    path = folder / "quickstart-uniform.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
 def trained_fidelity(seeds: list[int]) -> None:
     """The quickstart recipe (uniform router, so that every arm trains towards the same target)
     trained from the dense teachers and from caches, per seed; the held-out forward KL of each
@@ -116,15 +133,16 @@ def trained_fidelity(seeds: list[int]) -> None:
     quiet = Console(file=io.StringIO())
     results: dict[str, dict[int, float]] = {name: {} for name, _ in TRAINED_ARMS}
     with tempfile.TemporaryDirectory() as tmp:
+        quickstart = uniform_quickstart(Path(tmp))
         for name, k in TRAINED_ARMS:
             cache = [f"cache.dir={tmp}/cache-{k}", f"cache.k={k}", "cache.dtype=uint8"] if k else []
             if k:
-                write_cache(load_recipe(ROOT / "recipes" / "quickstart.yaml", [*cache, f"output.dir={tmp}/w"]),
+                write_cache(load_recipe(quickstart, [*cache, f"output.dir={tmp}/w"]),
                             console=quiet, overwrite=True, show_progress=False)
             for seed in seeds:
-                overrides = ["routing.kind=uniform", f"train.seed={seed}", f"output.dir={tmp}/run-{k}-{seed}",
-                             "report.eval_at_end=false", *cache, *(["cache.use=true"] if k else [])]
-                recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides)
+                overrides = [f"train.seed={seed}", f"output.dir={tmp}/run-{k}-{seed}", "report.eval_at_end=false",
+                             *cache, *(["cache.use=true"] if k else [])]
+                recipe = load_recipe(quickstart, overrides)
                 results[name][seed] = held_out_kl(recipe, run(recipe, console=quiet))
                 print(f"{name}, seed {seed}: held-out forward KL {results[name][seed]:.4f}", flush=True)
     dense = results[TRAINED_ARMS[0][0]]
