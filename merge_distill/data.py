@@ -56,6 +56,17 @@ class RowTensors(NamedTuple):
     labels: Tensor
     attention_mask: Tensor
 
+    @classmethod
+    def from_arrays(cls, ids: np.ndarray, target: np.ndarray, length: np.ndarray, seq_len: int) -> "RowTensors":
+        """Stored columns (ids [n, seq_len] uint32, target [n, seq_len] bool, length [n]) -> RowTensors."""
+        if len(ids) == 0:
+            blank = torch.zeros(0, seq_len, dtype=torch.long)
+            return cls(blank, blank.clone(), blank.clone())
+        ids_t = torch.from_numpy(np.asarray(ids).astype(np.int64))
+        target_t = torch.from_numpy(np.asarray(target).astype(bool))
+        mask = torch.arange(seq_len)[None, :] < torch.from_numpy(np.asarray(length).astype(np.int64))[:, None]
+        return cls(ids_t, torch.where(target_t, ids_t, IGNORE_INDEX), mask.long())
+
 
 @dataclass
 class SourceRows:
@@ -85,15 +96,11 @@ class SourceRows:
             index = index.tolist()
         count = len(range(*index.indices(len(self)))) if isinstance(index, slice) else len(index)
         if count == 0:
-            blank = torch.zeros(0, self.seq_len, dtype=torch.long)
-            return RowTensors(blank, blank.clone(), blank.clone())
+            return RowTensors.from_arrays(np.empty((0, self.seq_len)), np.empty((0, self.seq_len)), np.empty(0), self.seq_len)
         if isinstance(index, range):
             index = list(index)
         cols = self.table[index]
-        ids = torch.from_numpy(cols["input_ids"].astype(np.int64))
-        target = torch.from_numpy(cols["target"].astype(bool))
-        mask = torch.arange(self.seq_len)[None, :] < torch.from_numpy(cols["length"].astype(np.int64))[:, None]
-        return RowTensors(ids, torch.where(target, ids, IGNORE_INDEX), mask.long())
+        return RowTensors.from_arrays(cols["input_ids"], cols["target"], cols["length"], self.seq_len)
 
     def targets(self) -> np.ndarray:
         """Targets per row at positions 1.. (what the shifted loss sees), int64 [N]."""

@@ -29,7 +29,6 @@ from merge_distill.data import RowTensors, SourceRows, TokenizeBatch, load_sourc
 from merge_distill.errors import UserError
 from merge_distill.rowstore import MAP_BATCH, pack, row_pad_id, rows_fingerprint
 from merge_distill.schema import DataSource
-from merge_distill.signals import IGNORE_INDEX
 
 STREAM_BUFFER = 10_000  # examples in the shuffle buffer
 Row = tuple[np.ndarray, np.ndarray, int]  # ids [seq_len] uint32, target [seq_len] bool, tokens before padding
@@ -136,11 +135,8 @@ class StreamRows:
 
 
 def _tensors(rows: list[Row], seq_len: int) -> RowTensors:
+    """Rows read from the stream -> RowTensors [n, seq_len]."""
     if not rows:
-        blank = torch.zeros(0, seq_len, dtype=torch.long)
-        return RowTensors(blank, blank.clone(), blank.clone())
-    ids = torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.int64))
-    target = torch.from_numpy(np.stack([r[1] for r in rows]))
-    length = torch.tensor([r[2] for r in rows], dtype=torch.long)
-    mask = torch.arange(seq_len)[None, :] < length[:, None]
-    return RowTensors(ids, torch.where(target, ids, IGNORE_INDEX), mask.long())
+        return RowTensors.from_arrays(np.empty((0, seq_len)), np.empty((0, seq_len)), np.empty(0), seq_len)
+    return RowTensors.from_arrays(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]),
+                                  np.array([r[2] for r in rows]), seq_len)
