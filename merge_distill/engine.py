@@ -9,6 +9,7 @@ is the same whatever the micro-batch size, accumulation or world size.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,15 +22,18 @@ from torch import Tensor
 
 from merge_distill import checkpoint as ckpt
 from merge_distill import distributed as dist_mod
-from merge_distill.errors import NonFiniteError
+from merge_distill.errors import NonFiniteError, UserError
 from merge_distill.evaluate import evaluate_run
 from merge_distill.guard import StepGuard
 from merge_distill.models import load_tokenizer, tokenizer_source
+from merge_distill.onpolicy import SampledStats, fixed_samples, rollout
 from merge_distill.plan import DataPlan, build_plan, training_rows
+from merge_distill.recipe_checks import on_policy_problems
 from merge_distill.recorder import Recorder
+from merge_distill.report.build import ON_POLICY_SAMPLES
 from merge_distill.report.stats import BlendStats
 from merge_distill.routing.base import RouterInputs
-from merge_distill.rundir import prepare_run_dir
+from merge_distill.rundir import prepare_run_dir, write_json_atomic
 from merge_distill.schema import Recipe
 from merge_distill.signals import IGNORE_INDEX, TokenBatch
 from merge_distill.training import Training, build_training
@@ -50,6 +54,7 @@ class MicroResult:
     ce_sum: float
     share_sum: Tensor            # [K] float64: routing weights summed over valid tokens
     router_loss: Tensor | None   # the learned gate's objective (a sum over valid tokens), or None
+    sampled: SampledStats | None = None  # an on-policy micro-batch: what the teachers said of its samples
 
 
 @dataclass
@@ -61,6 +66,7 @@ class StepResult:
     share: dict[str, float]
     router_nll: float | None = None  # the learned gate's objective per valid token of this process
     stats: BlendStats | None = None  # the step's routing statistics (None when skipped)
+    on_policy: dict | None = None  # with onpolicy.lmbda > 0: sampled tokens, their routing shares, teachers' reverse KL
     skipped: bool = False
     problems: list[str] = field(default_factory=list)  # what was NaN/inf, and the batch's sources
     fatal: bool = False  # the update already happened (DeepSpeed steps inside backward): cannot skip
@@ -88,7 +94,9 @@ def forward_micro(t: Training, batch: TokenBatch, n_global: float, stats: BlendS
                     output_hidden_states=router.needs_hidden, use_cache=False)
     student_logits = out.logits[..., : t.vocab_size]
     share_sum = torch.zeros(len(t.teacher_names), dtype=torch.float64)
-    router_loss = None
+    router_loss, sampled = None, None
+    if batch.on_policy:
+        w_ce = 0.0  # sampled tokens are not gold labels: the teachers alone grade them
     if w_ce < 1.0:
         signals = t.source.signals(batch)
         hidden = out.hidden_states[-1].detach().float() if router.needs_hidden else None
@@ -102,6 +110,8 @@ def forward_micro(t: Training, batch: TokenBatch, n_global: float, stats: BlendS
                      signals.covered, signals.next_bytes)
         share_sum = weights.double().sum(dim=(0, 1)).cpu()
         div_sum, ce_sum = result.divergence_sum, result.ce_sum
+        if batch.on_policy:
+            sampled = SampledStats.of(signals, student_logits, weights, targets, setup)
     else:
         ce_sum = torch.nn.functional.cross_entropy(
             student_logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
@@ -114,7 +124,7 @@ def forward_micro(t: Training, batch: TokenBatch, n_global: float, stats: BlendS
     # sum over all tokens / n_global.
     scale = t.world_size * t.accelerator.gradient_accumulation_steps / max(n_global, 1.0)
     return MicroResult(loss_sum * scale, float(loss_sum.detach()), float(div_sum.detach()), float(ce_sum.detach()),
-                       share_sum, router_loss)
+                       share_sum, router_loss, sampled)
 
 
 def _not_finite(micro: MicroResult) -> str | None:
@@ -128,7 +138,7 @@ def _not_finite(micro: MicroResult) -> str | None:
 def train_step(t: Training, plan: DataPlan, step: int) -> StepResult:
     """One optimizer step over grad_accum micro-batches (the non-finite policy: guard.py)."""
     acc = t.accelerator
-    batches = plan.micro_batches(step, acc.device)
+    batches = on_policy_batches(t, plan.micro_batches(step, acc.device), step)
     n_local = sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches)
     n_global = dist_mod.global_sum(acc, n_local)
     all_sources = [s for b in batches for s in b.sources]
@@ -137,6 +147,7 @@ def train_step(t: Training, plan: DataPlan, step: int) -> StepResult:
     sums = {"loss": 0.0, "div": 0.0, "ce": 0.0}
     share = torch.zeros(len(t.teacher_names), dtype=torch.float64)
     router_sum: float | None = None
+    sampled = SampledStats.zero(len(t.teacher_names))
     overflow = False
     for batch in batches:
         # After a problem the remaining micro-batches still pass through accumulate(): accelerate
@@ -156,6 +167,8 @@ def train_step(t: Training, plan: DataPlan, step: int) -> StepResult:
             sums["div"] += micro.divergence_sum
             sums["ce"] += micro.ce_sum
             share += micro.share_sum
+            if micro.sampled is not None:
+                sampled.add(micro.sampled)
             if acc.sync_gradients:
                 # Without clipping, max_norm=inf only measures: the gradients are scaled by exactly 1.
                 norm = acc.clip_grad_norm_(t.student.parameters(), t.max_grad_norm or math.inf)
@@ -180,7 +193,22 @@ def train_step(t: Training, plan: DataPlan, step: int) -> StepResult:
     loss, div, ce = (dist_mod.global_sum(acc, sums[k]) / max(n_global, 1.0) for k in ("loss", "div", "ce"))
     shares = dist_mod.all_reduce_sum(acc, share.to(acc.device)).cpu() / max(n_global, 1.0)
     router_nll = router_sum / max(n_local, 1) if router_sum is not None else None
-    return StepResult(loss, div, ce, int(n_global), dict(zip(t.teacher_names, shares.tolist())), router_nll, stats)
+    on_policy = sampled.summary(t.teacher_names, lambda x: dist_mod.all_reduce_sum(acc, x.to(acc.device)).cpu()) \
+        if t.onpolicy is not None and t.onpolicy.enabled else None
+    return StepResult(loss, div, ce, int(n_global), dict(zip(t.teacher_names, shares.tolist())), router_nll, stats,
+                      on_policy=on_policy)
+
+
+def on_policy_batches(t: Training, batches: list[TokenBatch], step: int) -> list[TokenBatch]:
+    """The step's micro-batches, the on-policy ones (onpolicy.chosen) replaced by the student's
+    samples of their prompts. Sampling comes before the step's token count: the targets of an
+    on-policy micro-batch are its sampled tokens."""
+    policy = t.onpolicy
+    if policy is None or not policy.enabled:
+        return batches
+    model = dist_mod.unwrap(t.accelerator, t.student)
+    return [rollout(model, b, policy, policy.sampling_seed(step, m)) if policy.chosen(step, m) else b
+            for m, b in enumerate(batches)]
 
 
 def metrics_row(t: Training, step: int, result: StepResult, seconds: float, elapsed: float) -> dict:
@@ -193,6 +221,8 @@ def metrics_row(t: Training, step: int, result: StepResult, seconds: float, elap
     }
     if result.router_nll is not None:
         row["router_nll"] = result.router_nll
+    if result.on_policy is not None:
+        row["on_policy"] = result.on_policy
     return row
 
 
@@ -229,6 +259,9 @@ def setup_run(recipe: Recipe, overwrite: bool = False, console: Console | None =
     torch.manual_seed(r.seed)
     tokenizer = load_tokenizer(*tokenizer_source(recipe))
     rows = training_rows(recipe, tokenizer)
+    problems = on_policy_problems(recipe, rows)
+    if problems:
+        raise UserError(problems)
     plan = build_plan(recipe, rows, world["world_size"], world["rank"])
     training = build_training(recipe, accelerator, world["world_size"], world["rank"], tokenizer, rows, plan.total_steps)
     recorder = Recorder.start(recipe, run_dir, console, plan.total_steps, world["world_size"], is_main, resume,
@@ -255,6 +288,7 @@ def finish(run: Run, status: str, progress: ckpt.Progress, wall: float) -> None:
     evaluation = None
     if status == "complete":
         t.save_student(run.run_dir / "student", run.tokenizer)
+        record_samples(run, "end")
         if recipe.data.eval and recipe.report.eval_at_end:
             if t.is_main:
                 recorder.console.print("evaluating student and teachers on held-out data ...")
@@ -263,6 +297,21 @@ def finish(run: Run, status: str, progress: ckpt.Progress, wall: float) -> None:
         recorder.stats = recorder.stats.all_reduce(
             lambda x: dist_mod.all_reduce_sum(t.accelerator, x.to(t.accelerator.device)).cpu(), recipe.train_domains)
     recorder.finish(status, progress.tokens_seen, progress.skipped, wall, t.accelerator.device, evaluation)
+
+
+def record_samples(run: Run, when: str) -> None:
+    """With on-policy steps: the student's greedy answers to the prompts of the run's first
+    onpolicy.samples rows, at the start or the end ("start" / "end"), into onpolicy_samples.json.
+    Every process generates (a ZeRO-3 student's forwards are collectives); the main one writes."""
+    t, policy = run.training, run.training.onpolicy
+    if policy is None or not policy.enabled or not policy.config.samples:
+        return
+    rows = run.plan.stream.rows(0, policy.config.samples).to(t.accelerator.device)
+    answers = fixed_samples(dist_mod.unwrap(t.accelerator, t.student), rows, policy, run.tokenizer)
+    if t.is_main:
+        path = run.run_dir / ON_POLICY_SAMPLES
+        recorded = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        write_json_atomic(path, {**recorded, when: answers})
 
 
 def run(recipe: Recipe, overwrite: bool = False, console: Console | None = None, resume: bool = False) -> Path:
@@ -279,6 +328,8 @@ def run(recipe: Recipe, overwrite: bool = False, console: Console | None = None,
     clock = time.perf_counter() - progress.elapsed_s  # wall time continues across resumes
     save_every = recipe.output.save_every
     status = "failed"
+    if not resume:
+        record_samples(current, "start")
 
     def checkpoint() -> Path:
         """Save the state after `progress.step` steps, unless the newest checkpoint holds it."""

@@ -19,6 +19,7 @@ from merge_distill.checkpoint import check_resumable
 from merge_distill.data import SourceRows, source_files
 from merge_distill.errors import UserError
 from merge_distill.evaluate import eval_rows
+from merge_distill.onpolicy import ON_POLICY_PROVIDES, last_run_start, prompt_of
 from merge_distill.models import (
     TOKENIZER_FILES,
     cross_tokenizer_teachers,
@@ -36,6 +37,7 @@ from merge_distill.schema import SELF_TEACHER, Recipe, looks_local
 from merge_distill.signals import IGNORE_INDEX, shift_targets
 from merge_distill.align import TokenBytes, align_row, special_counterparts, tokenizer_family
 from merge_distill.sources import needs_problems
+from merge_distill.streaming import StreamRows
 from merge_distill.trackers import tracker_problems
 
 
@@ -45,6 +47,7 @@ def cross_checks(recipe: Recipe, check_files: bool = True) -> list[str]:
     problems += recipe.distributed.check()
     problems += tracker_problems(recipe)
     problems += _streaming(recipe)
+    problems += _on_policy(recipe)
     if recipe.loss.hard_label_weight == 1.0 and recipe.routing.kind != "uniform":
         problems.append(
             "loss.hard_label_weight is 1.0 (plain cross-entropy, teachers unused) but routing.kind is "
@@ -74,6 +77,59 @@ def _streaming(recipe: Recipe) -> list[str]:
             problems.append(f"data.train[{i}].streaming: the teacher cache stores rows by their index in a "
                             "stored corpus, which a stream does not have; set streaming: false (the rows are "
                             "then stored once, docs/DATA.md) or remove the cache section")
+    return problems
+
+
+def _on_policy(recipe: Recipe) -> list[str]:
+    """What on-policy steps (onpolicy.lmbda > 0) cannot work with: a cache (nobody stored the
+    teachers' view of tokens the student samples during the run), no teachers (hard label only:
+    sampled tokens have no gold label), a router that needs what sampled tokens do not give."""
+    if recipe.onpolicy.lmbda == 0:
+        return []
+    problems = []
+    if recipe.cache is not None and recipe.cache.use:
+        problems.append(f"onpolicy.lmbda: {recipe.onpolicy.lmbda:g} samples tokens during the run, which no offline "
+                        "cache holds, and cache.use: true loads no teacher to grade them; set cache.use: false "
+                        "(the teachers run live) or onpolicy.lmbda: 0")
+    if recipe.loss.hard_label_weight == 1.0:
+        problems.append("onpolicy.lmbda: on-policy tokens are graded by the teachers only (a sampled token is no gold "
+                        "label), but loss.hard_label_weight is 1.0 (teachers unused); lower hard_label_weight")
+    needs = ROUTERS.get(recipe.routing.kind).impl.needs
+    missing = sorted(needs - ON_POLICY_PROVIDES)
+    if missing:
+        problems.append(f"onpolicy.lmbda: routing.kind {recipe.routing.kind!r} needs {', '.join(missing)}, which the "
+                        f"student's sampled tokens do not give (they give {', '.join(sorted(ON_POLICY_PROVIDES))}); "
+                        "choose another router or onpolicy.lmbda: 0")
+    return problems
+
+
+def on_policy_problems(recipe: Recipe, rows: list[SourceRows], probe: int = 256) -> list[str]:
+    """Checks that need the tokenized rows: every training source gives prompts (among its first
+    `probe` rows), and the longest prompt it can give plus max_new_tokens fits every local model's
+    context (chat rows: up to seq_len - 1 prompt tokens; text rows: prompt_tokens)."""
+    policy = recipe.onpolicy
+    if policy.lmbda == 0:
+        return []
+    problems = []
+    longest = 0
+    for i, source in enumerate(rows):
+        head = source.take(range(probe if isinstance(source, StreamRows) else min(probe, len(source))))
+        starts = [last_run_start(head.attention_mask[b], head.labels[b]) for b in range(len(head.input_ids))]
+        given = [b for b in range(len(starts))
+                 if prompt_of(head.input_ids[b], head.attention_mask[b], head.labels[b], policy.prompt_tokens) is not None]
+        if not given:
+            problems.append(f"data.train[{i}]: none of its first {len(starts)} rows gives an on-policy prompt (text rows "
+                            f"need onpolicy.prompt_tokens = {policy.prompt_tokens} tokens; chat rows an assistant turn); "
+                            "lower onpolicy.prompt_tokens or give this source longer examples")
+            continue
+        chat = any(start is not None and start > 0 for start in starts)
+        longest = max(longest, recipe.data.seq_len - 1 if chat else policy.prompt_tokens)
+    for label, path in model_dirs(recipe):
+        limit = json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings")
+        if isinstance(limit, int) and longest + policy.max_new_tokens > limit:
+            problems.append(f"onpolicy.max_new_tokens: prompts of up to {longest} tokens plus {policy.max_new_tokens} "
+                            f"sampled tokens exceed the {limit}-token context of {label} ({path}); use "
+                            f"onpolicy.max_new_tokens <= {max(limit - longest, 0)} or shorter prompts")
     return problems
 
 
@@ -157,6 +213,8 @@ def preflight(recipe: Recipe, overwrite: bool = False, resume: bool = False, wor
     tokenizer = load_tokenizer(*tokenizer_source(recipe))
     rows, found = _collect(training_rows, recipe, tokenizer)
     problems += found
+    if rows is not None:
+        problems += on_policy_problems(recipe, rows)  # type: ignore[arg-type]
     if recipe.data.eval and recipe.report.eval_at_end:
         problems += _collect(eval_rows, recipe, tokenizer)[1]
     if recipe.cache is not None and recipe.cache.k > len(tokenizer):

@@ -32,7 +32,8 @@ class TokenBatch:
     input_ids [B, T] long; attention_mask [B, T] long; labels [B, T] long (-100 = no loss);
     domains: the data domain tag of each row (len B); sources: the source name of each row;
     row_index: each row's index within its source (len B; what the teacher cache is keyed by),
-    None for batches not drawn from sources.
+    None for batches not drawn from sources. on_policy: the targets are tokens the student
+    sampled (onpolicy.py), not the data's.
     """
 
     input_ids: Tensor
@@ -41,6 +42,7 @@ class TokenBatch:
     domains: list[str]
     sources: list[str]
     row_index: list[int] | None = None
+    on_policy: bool = False
 
     @property
     def targets(self) -> Tensor:
@@ -54,6 +56,7 @@ class TokenBatch:
             self.domains,
             self.sources,
             self.row_index,
+            self.on_policy,
         )
 
 

@@ -17,7 +17,9 @@ from merge_distill import distributed as dist_mod
 from merge_distill.data import SourceRows
 from merge_distill.losses import DIVERGENCES
 from merge_distill.models import load_student, merge_lora_state
+from merge_distill.onpolicy import OnPolicy
 from merge_distill.routing import build_router
+from merge_distill.rowstore import row_pad_id
 from merge_distill.routing.base import Router
 from merge_distill.rundir import save_router
 from merge_distill.schema import LoraSection, Recipe
@@ -57,6 +59,7 @@ class Training:
     teacher_names: list[str]
     lora: LoraSection | None = None  # student.lora: the student is a PeftModel
     merge_lora: bool = False
+    onpolicy: OnPolicy | None = None  # the recipe's onpolicy section, resolved (lmbda 0: never samples)
 
     @property
     def is_main(self) -> bool:
@@ -102,6 +105,8 @@ def build_training(recipe: Recipe, accelerator: Accelerator, world_size: int, ra
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(r.schedule, r.warmup_steps, total_steps))
     student, optimizer, scheduler = dist_mod.prepare_student(accelerator, dist, student, optimizer, scheduler)
     loss = LossSetup(DIVERGENCES.get(recipe.loss.kind).impl, recipe.loss, recipe.routing.blend, r.chunk_tokens)
+    onpolicy = OnPolicy(recipe.onpolicy, r.seed, row_pad_id(tokenizer), tokenizer.eos_token_id, rank,
+                        synced=world_size > 1 and dist.student_zero_stage == 3)
     return Training(accelerator, world_size, rank, student, optimizer, scheduler, router, router_optimizer, source,
                     loss, vocab_size, r.max_grad_norm, recipe.teacher_names, recipe.student.lora,
-                    recipe.output.merge_lora)
+                    recipe.output.merge_lora, onpolicy)

@@ -16,7 +16,7 @@ from merge_distill.engine import setup_run, train_step
 from merge_distill.recipe import load_recipe, read_yaml
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
-NEEDS_REAL_MODEL = {"support_chatbot", "cross_smollm2_gemma"}  # pretrained 135M/270M models: covered by slow tests
+NEEDS_REAL_MODEL = {"support_chatbot", "support_chatbot_onpolicy", "cross_smollm2_gemma"}  # pretrained 135M/270M models: covered by slow tests
 
 
 def pico_overrides(path: Path, pico: dict[str, Path], out: Path) -> list[str]:

@@ -16,12 +16,22 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from merge_distill.errors import UserError
-from merge_distill.report.schema import Curves, Evaluation, Report, Routing, RunFacts, SampleRow
+from merge_distill.report.schema import (
+    Curves,
+    Evaluation,
+    OnPolicy,
+    OnPolicySamples,
+    Report,
+    Routing,
+    RunFacts,
+    SampleRow,
+)
 
 REPORT_FILE = "report.json"
 # Files the engine always writes; any absent one makes the run incomplete. eval.json is optional.
 EXPECTED = ("recipe.yaml", "run.json", "metrics.jsonl", "stats.json", "student/")
 RUN_MARKERS = ("run.json", "metrics.jsonl", "stats.json", "recipe.yaml", REPORT_FILE)
+ON_POLICY_SAMPLES = "onpolicy_samples.json"  # written by engine.record_samples
 CURVE_KEYS = ("loss", "divergence", "ce", "lr", "tokens_per_s")
 NOT_A_RUN_HINT = "pass the directory that `merge-distill run` wrote (it holds run.json and metrics.jsonl)"
 
@@ -107,7 +117,36 @@ def curves_from_metrics(records: list[dict[str, Any]], teachers: list[str]) -> C
         for t in names:
             value = step_share.get(t)
             share[t].append(float(value) if isinstance(value, (int, float)) else None)
-    return Curves(step=[int(r["step"]) for r in records], share=share, **series)
+    reverse_kl: dict[str, list[float | None]] = {}
+    if any("on_policy" in r for r in records):
+        for t in names:
+            values = [((r.get("on_policy") or {}).get("reverse_kl") or {}).get(t) for r in records]
+            reverse_kl[t] = [float(v) if isinstance(v, (int, float)) else None for v in values]
+    return Curves(step=[int(r["step"]) for r in records], share=share, reverse_kl=reverse_kl, **series)
+
+
+def on_policy_summary(records: list[dict[str, Any]], teachers: list[str], samples: Path,
+                      warnings: list[str]) -> OnPolicy | None:
+    """The run's on-policy figures: sampled tokens, their share of all target tokens, routing
+    shares over the sampled tokens (each step's share weighted by its sampled tokens), and the
+    fixed prompts' completions at the start and the end. None for an off-policy run."""
+    steps = [r for r in records if isinstance(r.get("on_policy"), dict)]
+    if not steps:
+        return None
+    tokens = sum(int(r["on_policy"].get("tokens") or 0) for r in steps)
+    share: dict[str, float | None] = {}
+    for t in teachers:
+        weighted = [(r["on_policy"]["tokens"], (r["on_policy"].get("share") or {}).get(t)) for r in steps]
+        weighted = [(n, v) for n, v in weighted if isinstance(v, (int, float)) and n]
+        share[t] = sum(n * v for n, v in weighted) / sum(n for n, _ in weighted) if weighted else None
+    completions: dict[str, Any] = {}
+    if samples.exists():
+        try:
+            completions = OnPolicySamples.model_validate(_read_json(samples)).model_dump()
+        except ValidationError:
+            warnings.append(f"{samples.name} is not a samples file; its completions are not shown")
+    return OnPolicy(tokens=tokens, target_tokens=sum(int(r.get("tokens") or 0) for r in steps), share=share,
+                    **completions)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -147,7 +186,8 @@ def build_report(run_dir: Path) -> Report:
     curves = curves_from_metrics(records, teachers)
 
     complete = run is not None and run.status == "complete" and not missing
-    return Report(
+    on_policy = on_policy_summary(records, list(curves.share), run_dir / ON_POLICY_SAMPLES, warnings)
+    return Report(on_policy=on_policy, 
         source_dir=str(run_dir), run=run, routing=routing, curves=curves, eval=evaluation,
         complete=complete, missing=missing, warnings=warnings, samples=read_samples(run_dir / SAMPLES_FILE, warnings),
     )

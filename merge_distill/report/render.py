@@ -57,6 +57,7 @@ def render_report(report: Report, console: Console) -> None:
     _quality(report, console)
     _agreement(report, console)
     _curves(report, console)
+    _on_policy(report, console)
     _evaluation(report, console)
     _samples(report, console)
 
@@ -191,7 +192,8 @@ def _curves(report: Report, console: Console) -> None:
     ]
     series = [s for s in series if any(v is not None for v in s[1])]
     shares = [(f"  {t}", v, fmt_pct) for t, v in curves.share.items() if any(x is not None for x in v)]
-    labels = [label for label, _, _ in series + shares] + ["share"]
+    kls = [(f"  {t} ", v, fmt_num) for t, v in curves.reverse_kl.items() if any(x is not None for x in v)]
+    labels = [label for label, _, _ in series + shares + kls] + ["share"] + (["reverse KL on samples"] if kls else [])
     label_width = min(max(len(label) for label in labels), max(12, console.width // 3))
     # label + spark + 3 number columns, separated by single spaces (collapsed grid padding).
     n = len(curves.step)
@@ -206,9 +208,11 @@ def _curves(report: Report, console: Console) -> None:
     for _ in range(3):
         grid.add_column(width=NUM_COL, justify="right", no_wrap=True, overflow="ellipsis")
     grid.add_row(Text(""), Text(""), Text("first", style="bold"), Text("last", style="bold"), Text("min", style="bold"))
-    for i, (label, values, fmt) in enumerate(series + shares):
+    for i, (label, values, fmt) in enumerate(series + shares + kls):
         if shares and i == len(series):
             grid.add_row(Text("share"))  # heading of the per-teacher routing share rows
+        if kls and i == len(series) + len(shares):
+            grid.add_row(Text("reverse KL on samples"))  # on-policy: each teacher's KL(student || teacher)
         first, last, low = first_last_min(values)
         grid.add_row(Text(label), Text(sparkline(values, spark_width), style="cyan"),
                      Text(fmt(first)), Text(fmt(last)), Text(fmt(low)))
@@ -385,3 +389,37 @@ def _samples(report: Report, console: Console) -> None:
     console.print(table)
     console.print(Text("from samples.jsonl (merge-distill sample): the first prompts' answers; NLL: the teacher's mean "
                        "NLL per token of the answer, nats", style="dim"))
+
+
+def _on_policy(report: Report, console: Console) -> None:
+    """Runs with on-policy steps: how much was sampled, who was trusted on the samples, and the
+    fixed prompts' greedy completions before and after training."""
+    on = report.on_policy
+    if on is None:
+        return
+    _section(console, "On-policy")
+    console.print(Text(f"sampled tokens: {fmt_count(on.tokens)} of {fmt_count(on.target_tokens)} target tokens "
+                       f"({fmt_pct(on.tokens / on.target_tokens if on.target_tokens else None)})"))
+    table = Table(box=None, padding=(0, 1))
+    table.add_column("teacher", no_wrap=True)
+    table.add_column("share on samples", justify="right")
+    table.add_column("share on all tokens", justify="right")
+    table.add_column("reverse KL first", justify="right")
+    table.add_column("last", justify="right")
+    routing = report.routing.overall if report.routing is not None else {}
+    for name, share in on.share.items():
+        first, last, _ = first_last_min(report.curves.reverse_kl.get(name, []))
+        table.add_row(Text(name), Text(fmt_pct(share)), Text(fmt_pct(_share(routing.get(name)))),
+                      Text(fmt_num(first)), Text(fmt_num(last)))
+    console.print(table)
+    console.print(Text("reverse KL: KL(student || teacher) per sampled token, nats, at loss.temperature", style="dim"))
+    if on.start or on.end:
+        samples = Table(box=None, show_lines=False, padding=(0, 1))
+        samples.add_column("prompt", max_width=30, overflow="fold")
+        samples.add_column("greedy at the start", max_width=40, overflow="fold")
+        samples.add_column("greedy at the end", max_width=40, overflow="fold")
+        ends = {c.prompt: c.completion for c in on.end}
+        for c in on.start:
+            samples.add_row(Text(c.prompt[-120:]), Text(c.completion.strip() or "(empty)"),
+                            Text((ends.get(c.prompt) or "—").strip() or "(empty)"))
+        console.print(samples)

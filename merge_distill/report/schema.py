@@ -109,6 +109,9 @@ class Curves(_Model):
     share: dict[str, list[float | None]] = Field(
         default_factory=dict, description="Per teacher name: that step's mean routing weight (None if not logged)."
     )
+    reverse_kl: dict[str, list[float | None]] = Field(
+        default_factory=dict, description="On-policy runs, per teacher name: that step's reverse KL(student || teacher) "
+        "per sampled token it covers, nats (None at a step without on-policy micro-batches).")
 
 
 class EvalRow(_Model):
@@ -140,6 +143,30 @@ class SampleRow(_Model):
     nll: dict[str, float | None] = Field(description="Mean NLL per token (nats) of the answer under each teacher.")
 
 
+class Completion(_Model):
+    """One fixed prompt and the student's greedy completion (onpolicy_samples.json)."""
+
+    prompt: str = Field(description="The prompt as text.")
+    completion: str = Field(description="The student's greedy completion as text.")
+
+
+class OnPolicySamples(_Model):
+    """onpolicy_samples.json: the fixed prompts' greedy completions at the start and the end."""
+
+    start: list[Completion] = Field(default_factory=list, description="Greedy completions before the first step.")
+    end: list[Completion] = Field(default_factory=list, description="Greedy completions of the same prompts at the end.")
+
+
+class OnPolicy(_Model):
+    """On-policy steps over the whole run (from metrics.jsonl and onpolicy_samples.json)."""
+
+    tokens: int = Field(ge=0, description="Sampled target tokens trained on, all processes.")
+    target_tokens: int = Field(ge=0, description="All target tokens trained on (data and sampled).")
+    share: dict[str, float | None] = Field(description="Per teacher: mean routing weight over the sampled tokens.")
+    start: list[Completion] = Field(default_factory=list, description="Greedy completions before the first step.")
+    end: list[Completion] = Field(default_factory=list, description="Greedy completions of the same prompts at the end.")
+
+
 class Report(_Model):
     """report.json: everything the terminal report shows, built from one run directory."""
 
@@ -152,6 +179,7 @@ class Report(_Model):
     samples: list[SampleRow] = Field(
         default_factory=list, description="The answers to the first prompts of samples.jsonl (`merge-distill sample`); "
                                           "empty when that file does not exist.")
+    on_policy: OnPolicy | None = Field(None, description="Runs with onpolicy.lmbda > 0; null otherwise.")
     complete: bool = Field(description="True only if status is 'complete' and no expected file is missing.")
     missing: list[str] = Field(
         default_factory=list, description="Expected files that were absent (e.g. 'stats.json', 'student/')."

@@ -2,6 +2,7 @@
 
 from merge_distill.schema.cache import CacheSection
 from merge_distill.schema.distributed import DistributedConfig
+from merge_distill.schema.onpolicy import OnPolicySection
 from merge_distill.schema.recipe import (
     NAME_PATTERN,
     SELF_TEACHER,
@@ -21,7 +22,7 @@ from merge_distill.schema.recipe import (
 )
 
 __all__ = [
-    "NAME_PATTERN", "SELF_TEACHER", "AlignSection", "CacheSection", "DataSection", "DataSource", "DistributedConfig", "LoraSection", "OutputSection",
+    "NAME_PATTERN", "SELF_TEACHER", "AlignSection", "CacheSection", "DataSection", "DataSource", "DistributedConfig", "LoraSection", "OnPolicySection", "OutputSection",
     "Recipe", "ReportSection", "StudentFromConfig", "StudentFromTeacher", "StudentSpec", "TeacherSpec", "TrainSection",
     "looks_local",
 ]

@@ -16,6 +16,7 @@ from merge_distill.losses.registry import DIVERGENCES
 from merge_distill.routing.registry import ROUTERS
 from merge_distill.schema.cache import CacheSection
 from merge_distill.schema.distributed import DistributedConfig
+from merge_distill.schema.onpolicy import OnPolicySection
 
 SELF_TEACHER = "self"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -189,6 +190,9 @@ class Recipe(Section):
     cache: CacheSection | None = Field(
         None, description="Offline teacher cache: `merge-distill cache` writes it; `use: true` trains from it "
         "without loading the teachers (docs/CACHE.md).")
+    onpolicy: OnPolicySection = Field(
+        default_factory=OnPolicySection, description="On-policy distillation: the student samples completions of "
+        "prompts from the training rows, and the teachers grade every sampled token (docs/ONPOLICY.md).")
 
     # -- derived ---------------------------------------------------------------------------
     @property

@@ -68,12 +68,22 @@ def test_tokenizer_keeps_the_chat_template(converted) -> None:
     assert len(tokenizer) == 49152
 
 
+def support_recipe(name: str, model_dir: Path, tmp_path: Path) -> tuple[Path, list[str]]:
+    """recipes/NAME on the converted model and 40 generated support conversations, 2 steps."""
+    import make_support_data
+
+    make_support_data.write_dataset(tmp_path / "support", n=40, seed=0)
+    return Path(__file__).resolve().parents[2] / "recipes" / name, [
+        f"teachers.0.model={model_dir}", f"data.train.0.path={tmp_path / 'support' / 'train.jsonl'}",
+        f"data.eval.0.path={tmp_path / 'support' / 'eval.jsonl'}", "data.eval_tokens=64",
+        "train.epochs=null", "train.steps=2", "train.micro_batch_size=2", f"output.dir={tmp_path / 'run'}"]
+
+
 def test_support_chatbot_recipe_runs_two_steps(converted, tmp_path) -> None:
     """recipes/support_chatbot.yaml end to end on the real model: Llama loading, the 49k
     vocabulary, chat template with loss on answers only, a student from the first 8 layers."""
     import json
 
-    import make_support_data
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from merge_distill.plan import training_rows
@@ -81,13 +91,7 @@ def test_support_chatbot_recipe_runs_two_steps(converted, tmp_path) -> None:
     from merge_distill.recipe import load_recipe
 
     _, _, model_dir = converted
-    make_support_data.write_dataset(tmp_path / "support", n=40, seed=0)
-    recipe_path = Path(__file__).resolve().parents[2] / "recipes" / "support_chatbot.yaml"
-    recipe = load_recipe(recipe_path, [
-        f"teachers.0.model={model_dir}", f"data.train.0.path={tmp_path / 'support' / 'train.jsonl'}",
-        f"data.eval.0.path={tmp_path / 'support' / 'eval.jsonl'}", "data.eval_tokens=64",
-        "train.epochs=null", "train.steps=2", "train.micro_batch_size=2", f"output.dir={tmp_path / 'run'}",
-    ])
+    recipe = load_recipe(*support_recipe("support_chatbot.yaml", model_dir, tmp_path))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     labels = training_rows(recipe, tokenizer)[0].take([0]).labels[0]
     answers = tokenizer.decode(labels[labels != -100])
@@ -101,3 +105,28 @@ def test_support_chatbot_recipe_runs_two_steps(converted, tmp_path) -> None:
     teacher_ppl = next(r for r in evaluation["rows"] if r["model"] == "instruct")["ppl"]["support"]
     student_ppl = next(r for r in evaluation["rows"] if r["model"] == "student")["ppl"]["support"]
     assert teacher_ppl < student_ppl  # 2 steps do not make 8 layers as good as 30
+
+
+def test_support_chatbot_onpolicy_recipe_runs_two_steps(converted, tmp_path) -> None:
+    """recipes/support_chatbot_onpolicy.yaml, 2 steps with every micro-batch on-policy: the
+    student answers the customers' last questions with the chat template, the teacher grades
+    every sampled token, and the report holds the greedy answers before and after."""
+    import json
+
+
+    from merge_distill.engine import run
+    from merge_distill.recipe import load_recipe
+    from merge_distill.report.build import build_report
+
+    _, _, model_dir = converted
+    path, overrides = support_recipe("support_chatbot_onpolicy.yaml", model_dir, tmp_path)
+    recipe = load_recipe(path, [*overrides, "onpolicy.lmbda=1", "onpolicy.max_new_tokens=24", "onpolicy.samples=2"])
+    run_dir = run(recipe)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2
+    for m in metrics:  # every target token was sampled: at most 2 rows x 24 tokens
+        assert m["tokens"] == m["on_policy"]["tokens"] and 0 < m["tokens"] <= 48
+        assert m["on_policy"]["reverse_kl"]["instruct"] > 0
+    on = build_report(run_dir).on_policy
+    assert on is not None and len(on.start) == len(on.end) == 2
+    assert all(c.prompt.rstrip().endswith("assistant") or "<|im_start|>user" in c.prompt for c in on.start)

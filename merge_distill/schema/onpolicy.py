@@ -1,0 +1,25 @@
+"""The recipe's `onpolicy:` section (schema only; the sampling itself is merge_distill.onpolicy)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class OnPolicySection(BaseModel):
+    """On-policy micro-batches: the student samples completions and the teachers grade every
+    sampled token (GKD's lmbda; docs/ONPOLICY.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lmbda: float = Field(
+        0.0, ge=0, le=1, description="Share of micro-batches that are on-policy (GKD's lmbda): each is drawn with this "
+        "probability from (train.seed, step, micro-batch), the same on every process. 0: off-policy only (no sampling).")
+    max_new_tokens: int = Field(64, ge=1, description="Tokens the student samples per prompt (fewer where it ends "
+                                "with its end-of-sequence token).")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens with this mass.")
+    prompt_tokens: int = Field(
+        32, ge=1, description="Text rows (every token a target): the prompt is the row's first prompt_tokens tokens. "
+        "Chat rows: the conversation up to the start of the last assistant turn.")
+    samples: int = Field(4, ge=0, description="Fixed prompts answered greedily at the start and the end of the run, "
+                         "shown in the report (onpolicy_samples.json).")
