@@ -80,6 +80,7 @@ class OnPolicy:
     eos_id: int | None
     rank: int
     synced: bool  # ZeRO-3 student over several processes: generate runs until every process is done
+    vocab_size: int | None = None  # the tokenizer's size: padded embedding rows past it are never sampled
 
     @property
     def enabled(self) -> bool:
@@ -94,14 +95,18 @@ class OnPolicy:
     def sampling_seed(self, step: int, micro: int) -> int:
         return int(np.random.SeedSequence([self.seed % 2**63, step, micro, self.rank]).generate_state(1)[0])
 
-    def generation(self, greedy: bool = False) -> GenerationConfig:
+    def generation(self, model_vocab: int, greedy: bool = False) -> GenerationConfig:
         """Exactly the recipe's sampling: a fresh config, so none of the model's own generation
-        defaults (top_k = 50, repetition penalties, ...) applies."""
+        defaults (top_k = 50, repetition penalties, ...) applies. The model's embedding rows past
+        the tokenizer (padding, e.g. 152,064 rows for 151,665 tokens) are suppressed: they are no
+        tokens, and the teachers could not grade them."""
         c = self.config
         sample = c.temperature > 0 and not greedy
+        padded = list(range(self.vocab_size, model_vocab)) if self.vocab_size is not None else []
         return GenerationConfig(max_new_tokens=c.max_new_tokens, do_sample=sample,
                                 temperature=c.temperature if sample else 1.0, top_p=c.top_p if sample else 1.0,
-                                top_k=0, pad_token_id=self.pad_id, eos_token_id=self.eos_id)
+                                top_k=0, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
+                                suppress_tokens=padded or None)
 
 
 def rollout(model: Any, batch: TokenBatch, policy: OnPolicy, seed: int, greedy: bool = False) -> TokenBatch:
@@ -154,7 +159,7 @@ def sample(model: Any, prompts: list[Tensor | None], policy: OnPolicy, seed: int
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=policy.generation(greedy),
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=policy.generation(model.config.vocab_size, greedy),
                                  synced_gpus=policy.synced)
     finally:
         model.train(was_training)

@@ -106,7 +106,7 @@ def build_training(recipe: Recipe, accelerator: Accelerator, world_size: int, ra
     student, optimizer, scheduler = dist_mod.prepare_student(accelerator, dist, student, optimizer, scheduler)
     loss = LossSetup(DIVERGENCES.get(recipe.loss.kind).impl, recipe.loss, recipe.routing.blend, r.chunk_tokens)
     onpolicy = OnPolicy(recipe.onpolicy, r.seed, row_pad_id(tokenizer), tokenizer.eos_token_id, rank,
-                        synced=world_size > 1 and dist.student_zero_stage == 3)
+                        synced=world_size > 1 and dist.student_zero_stage == 3, vocab_size=vocab_size)
     return Training(accelerator, world_size, rank, student, optimizer, scheduler, router, router_optimizer, source,
                     loss, vocab_size, r.max_grad_norm, recipe.teacher_names, recipe.student.lora,
                     recipe.output.merge_lora, onpolicy)

@@ -27,8 +27,9 @@ from test_resume import losses, quiet, start_cli, wait_for_rows, weights
 PAD, EOS = 0, 2
 
 
-def policy(lmbda: float = 1.0, rank: int = 0, **fields) -> OnPolicy:
-    return OnPolicy(OnPolicySection(lmbda=lmbda, **fields), seed=0, pad_id=PAD, eos_id=EOS, rank=rank, synced=False)
+def policy(lmbda: float = 1.0, rank: int = 0, vocab_size: int | None = None, **fields) -> OnPolicy:
+    return OnPolicy(OnPolicySection(lmbda=lmbda, **fields), seed=0, pad_id=PAD, eos_id=EOS, rank=rank, synced=False,
+                    vocab_size=vocab_size)
 
 
 def test_prompts_chat_text_and_none():
@@ -104,6 +105,14 @@ def test_sampling_is_seeded(student):
     state = torch.random.get_rng_state()
     rollout(student, batch, p, seed=9)
     assert torch.equal(state, torch.random.get_rng_state()), "sampling must not move the global generator"
+
+
+def test_padded_embedding_rows_are_never_sampled(student):
+    """Ids past the tokenizer (padded embedding rows) are no tokens: a teacher could not grade them."""
+    p = policy(1.0, vocab_size=40, temperature=3.0, max_new_tokens=12, prompt_tokens=5)
+    out = rollout(student, text_batch(), p, seed=5)
+    sampled = out.labels[out.labels != IGNORE_INDEX]
+    assert sampled.numel() > 0 and int(sampled.max()) < 40 < student.config.vocab_size
 
 
 def test_reverse_kl_on_samples_equals_the_plain_formula():
