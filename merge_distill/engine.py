@@ -98,7 +98,8 @@ def forward_micro(t: Training, batch: TokenBatch, n_global: float, stats: BlendS
     if batch.on_policy:
         w_ce = 0.0  # sampled tokens are not gold labels: the teachers alone grade them
     if w_ce < 1.0:
-        signals = t.source.signals(batch)
+        source = t.live_source if batch.on_policy and t.live_source is not None else t.source
+        signals = source.signals(batch)
         hidden = out.hidden_states[-1].detach().float() if router.needs_hidden else None
         inputs = RouterInputs(signals.gold_nll.clone(), signals.entropy.clone(), mask, batch.domains, hidden)
         weights = signals.route(router(inputs)).detach()  # teachers that do not cover a position: 0 there

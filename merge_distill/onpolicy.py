@@ -105,8 +105,8 @@ class OnPolicy:
         padded = list(range(self.vocab_size, model_vocab)) if self.vocab_size is not None else []
         return GenerationConfig(max_new_tokens=c.max_new_tokens, do_sample=sample,
                                 temperature=c.temperature if sample else 1.0, top_p=c.top_p if sample else 1.0,
-                                top_k=0, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
-                                suppress_tokens=padded or None)
+                                pad_token_id=self.pad_id, eos_token_id=self.eos_id, suppress_tokens=padded or None,
+                                **({"top_k": 0} if sample else {}))  # top_k 0: no top-k cut (its default is 50)
 
 
 def rollout(model: Any, batch: TokenBatch, policy: OnPolicy, seed: int, greedy: bool = False) -> TokenBatch:

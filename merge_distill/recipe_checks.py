@@ -87,10 +87,11 @@ def _on_policy(recipe: Recipe) -> list[str]:
     if recipe.onpolicy.lmbda == 0:
         return []
     problems = []
-    if recipe.cache is not None and recipe.cache.use:
+    if recipe.cache is not None and recipe.cache.use and not recipe.onpolicy.live_teachers:
         problems.append(f"onpolicy.lmbda: {recipe.onpolicy.lmbda:g} samples tokens during the run, which no offline "
-                        "cache holds, and cache.use: true loads no teacher to grade them; set cache.use: false "
-                        "(the teachers run live) or onpolicy.lmbda: 0")
+                        "cache holds, and cache.use: true loads no teacher to grade them; set onpolicy.live_teachers: "
+                        "true (the teachers are loaded for the on-policy micro-batches, the others read the cache), "
+                        "or cache.use: false")
     if recipe.loss.hard_label_weight == 1.0:
         problems.append("onpolicy.lmbda: on-policy tokens are graded by the teachers only (a sampled token is no gold "
                         "label), but loss.hard_label_weight is 1.0 (teachers unused); lower hard_label_weight")

@@ -60,6 +60,7 @@ class Training:
     lora: LoraSection | None = None  # student.lora: the student is a PeftModel
     merge_lora: bool = False
     onpolicy: OnPolicy | None = None  # the recipe's onpolicy section, resolved (lmbda 0: never samples)
+    live_source: TeacherSource | None = None  # cache.use + onpolicy.live_teachers: the teachers for sampled tokens
 
     @property
     def is_main(self) -> bool:
@@ -86,6 +87,17 @@ class Training:
         return out
 
 
+def live_source(recipe: Recipe, context: SourceContext) -> TeacherSource | None:
+    """With cache.use, onpolicy.lmbda > 0 and onpolicy.live_teachers: the source the recipe
+    would use without the cache (online, or aligned across tokenizers), which grades the
+    on-policy micro-batches; None otherwise."""
+    policy, cache = recipe.onpolicy, recipe.cache
+    if not (policy.lmbda > 0 and policy.live_teachers and cache is not None and cache.use):
+        return None
+    live = recipe.model_copy(update={"cache": cache.model_copy(update={"use": False})})
+    return training_source(live).build.for_training(live, context)
+
+
 def build_training(recipe: Recipe, accelerator: Accelerator, world_size: int, rank: int,
                    tokenizer: PreTrainedTokenizerBase, rows: list[SourceRows], total_steps: int) -> Training:
     r, dist = recipe.train, recipe.distributed
@@ -95,7 +107,9 @@ def build_training(recipe: Recipe, accelerator: Accelerator, world_size: int, ra
     with init:
         student = load_student(recipe)
     # Teachers first: a `self` teacher copies the student's initial weights before it is wrapped.
-    source = training_source(recipe).build.for_training(recipe, SourceContext(accelerator, tokenizer, rows, student))
+    context = SourceContext(accelerator, tokenizer, rows, student)
+    source = training_source(recipe).build.for_training(recipe, context)
+    live = live_source(recipe, context)
     router = build_router(recipe.routing, recipe.teacher_names, student.config.hidden_size).to(accelerator.device)
     router_params = list(router.parameters())
     router_optimizer = torch.optim.AdamW(router_params, lr=recipe.routing.lr) if router_params else None
@@ -109,4 +123,4 @@ def build_training(recipe: Recipe, accelerator: Accelerator, world_size: int, ra
                         synced=world_size > 1 and dist.student_zero_stage == 3, vocab_size=vocab_size)
     return Training(accelerator, world_size, rank, student, optimizer, scheduler, router, router_optimizer, source,
                     loss, vocab_size, r.max_grad_norm, recipe.teacher_names, recipe.student.lora,
-                    recipe.output.merge_lora, onpolicy)
+                    recipe.output.merge_lora, onpolicy, live)

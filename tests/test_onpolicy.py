@@ -224,10 +224,37 @@ def test_bad_on_policy_settings_exit_2_naming_the_key(pico, tmp_path, monkeypatc
 def test_cache_and_router_needs_are_refused(cached_recipe, monkeypatch, capsys):
     from merge_distill import recipe_checks
 
-    code, text = run_cli(["validate", str(cached_recipe(use=True)), "onpolicy.lmbda=0.5"],
-                         monkeypatch, capsys)
-    assert code == 2 and "onpolicy.lmbda: 0.5 samples tokens during the run" in text and "cache.use: false" in text
+    code, text = run_cli(["validate", str(cached_recipe(use=True)), "onpolicy.lmbda=0.5"], monkeypatch, capsys)
+    assert code == 2 and "onpolicy.lmbda: 0.5 samples tokens during the run" in text
+    assert "onpolicy.live_teachers: true" in text
     monkeypatch.setattr(recipe_checks, "ON_POLICY_PROVIDES", frozenset({"entropy"}))
     code, text = run_cli(["validate", str(cached_recipe()), "onpolicy.lmbda=0.5", "routing.kind=ce"],
                          monkeypatch, capsys)
     assert code == 2 and "routing.kind 'ce' needs gold_nll, which the student's sampled tokens do not give" in text
+
+
+def test_cache_for_data_live_teachers_for_samples(cached_recipe, tmp_path, monkeypatch, capsys):
+    """cache.use + onpolicy.live_teachers: off-policy micro-batches read the cache (the run equals a
+    cached off-policy run up to its first on-policy step), on-policy ones are graded by the live
+    teachers (with every micro-batch on-policy, step 1 equals the run without a cache)."""
+    path = cached_recipe()
+    assert run_cli(["cache", str(path)], monkeypatch, capsys)[0] == 0
+
+    def metrics(name: str, *overrides: str) -> list[dict]:
+        recipe = load_recipe(path, [f"output.dir={tmp_path / name}", "train.steps=4", "onpolicy.max_new_tokens=5",
+                                    "onpolicy.prompt_tokens=6", "onpolicy.samples=0", *overrides])
+        run_dir = run(recipe, console=quiet())
+        return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    live = ["cache.use=true", "onpolicy.live_teachers=true"]
+    mixed = metrics("mixed", *live, "onpolicy.lmbda=0.5")
+    cached = metrics("cached", "cache.use=true")
+    chosen = [policy(0.5).chosen(step, 0) for step in range(4)]
+    assert any(chosen) and not chosen[0], "seed 0 draws step 1 off-policy and a later one on-policy"
+    first = chosen.index(True)
+    assert [r["loss"] for r in mixed[:first]] == [r["loss"] for r in cached[:first]]
+    assert [r["on_policy"]["tokens"] > 0 for r in mixed] == chosen
+    all_live = metrics("all-live", *live, "onpolicy.lmbda=1")
+    no_cache = metrics("no-cache", "onpolicy.lmbda=1")
+    assert all_live[0]["on_policy"]["tokens"] == no_cache[0]["on_policy"]["tokens"] > 0
+    assert all_live[0]["loss"] == pytest.approx(no_cache[0]["loss"], rel=1e-6)

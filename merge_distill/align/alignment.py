@@ -19,6 +19,8 @@ without them, and student positions whose next token starts there stay unaligned
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 
 from merge_distill.align.token_bytes import TokenBytes, special_counterparts
@@ -47,18 +49,25 @@ class RowAlignment:
         return sum(j >= 0 for j in self.to_teacher)
 
 
-def _valid_text(data: bytes) -> tuple[int, str]:
-    """(bytes cut from the front, text): the longest UTF-8 text inside `data` that drops at most
-    3 bytes at each edge (a split character). Raises ValueError if the middle is not UTF-8."""
-    lead = 0
-    while lead < min(3, len(data)) and 0x80 <= data[lead] < 0xC0:  # continuation bytes of a cut character
-        lead += 1
-    for trail in range(0, 4):
-        try:
-            return lead, data[lead: len(data) - trail].decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-    raise ValueError("the row's bytes are not UTF-8 text")
+UTF8_RUN = re.compile("[^\udc80-\udcff]+")  # a run of characters, none an escaped invalid byte
+
+
+def text_segments(data: bytes) -> list[tuple[int, str]]:
+    """The UTF-8 text inside `data` as (byte offset, text) segments, in order. Bytes that are no
+    UTF-8 (a character cut at a row's edge; in the middle, only in a student's own samples, which
+    may put byte tokens in any order) belong to no segment: no teacher token starts there, so the
+    student positions that predict them are not covered."""
+    try:
+        return [(0, data.decode("utf-8"))]  # every data row but a cut character at an edge
+    except UnicodeDecodeError:
+        pass
+    decoded = data.decode("utf-8", errors="surrogateescape")  # each invalid byte -> one lone surrogate
+    segments, char_at, byte_at = [], 0, 0
+    for run in UTF8_RUN.finditer(decoded):
+        byte_at += len(decoded[char_at: run.start()].encode("utf-8", errors="surrogateescape"))
+        segments.append((byte_at, run.group()))
+        char_at = run.start()
+    return segments
 
 
 def spans(pieces: list[bytes]) -> list[int]:
@@ -104,17 +113,17 @@ def align_row(student_ids: list[int], student: TokenBytes, teacher: TokenBytes,
         end = t
         while end < T and pieces[end]:
             end += 1
-        lead, text = _valid_text(b"".join(pieces[t:end]))
-        if document_start and teacher.prefix and teacher_ids[-len(teacher.prefix):] != teacher.prefix:
-            teacher_ids += teacher.prefix
-            teacher_pieces += [b""] * len(teacher.prefix)
-            teacher_starts += [starts[t] + lead] * len(teacher.prefix)
-        ids, encoded = teacher.encode(text, special_tokens=False)
-        teacher_ids += ids
-        teacher_pieces += encoded
-        teacher_starts += [starts[t] + lead + offset for offset in spans(encoded)]
-        text_bytes += sum(len(p) for p in encoded)
-        document_start = False
+        for lead, text in text_segments(b"".join(pieces[t:end])):
+            if document_start and teacher.prefix and teacher_ids[-len(teacher.prefix):] != teacher.prefix:
+                teacher_ids += teacher.prefix
+                teacher_pieces += [b""] * len(teacher.prefix)
+                teacher_starts += [starts[t] + lead] * len(teacher.prefix)
+            ids, encoded = teacher.encode(text, special_tokens=False)
+            teacher_ids += ids
+            teacher_pieces += encoded
+            teacher_starts += [starts[t] + lead + offset for offset in spans(encoded)]
+            text_bytes += sum(len(p) for p in encoded)
+            document_start = False
         t = end
     if not teacher_ids:  # no text at all: one token so that the teacher has an input
         teacher_ids, teacher_pieces, teacher_starts = teacher.prefix[:1] or [teacher.pad_id], [b""], [0]

@@ -21,5 +21,8 @@ class OnPolicySection(BaseModel):
     prompt_tokens: int = Field(
         32, ge=1, description="Text rows (every token a target): the prompt is the row's first prompt_tokens tokens. "
         "Chat rows: the conversation up to the start of the last assistant turn.")
+    live_teachers: bool = Field(
+        False, description="With cache.use: load the teachers too, and let them grade the on-policy micro-batches "
+        "live (no cache holds the student's samples); off-policy micro-batches still read the cache.")
     samples: int = Field(4, ge=0, description="Fixed prompts answered greedily at the start and the end of the run, "
                          "shown in the report (onpolicy_samples.json).")

@@ -93,6 +93,23 @@ def test_a_sentencepiece_teacher_beside_a_byte_level_one_trains_end_to_end(pico,
     assert "Alignment across tokenizers" in out.getvalue() and "aligned" in out.getvalue()
 
 
+def test_on_policy_samples_are_graded_across_tokenizers(pico, sp_teacher, tmp_path) -> None:
+    """Every micro-batch on-policy at temperature 2 (a pico student samples byte tokens in any
+    order, so its rows are not always UTF-8): the SentencePiece teacher grades the sampled tokens
+    it aligns, and counts only those in its reverse KL."""
+    recipe = pico_recipe_dict(pico, tmp_path / "run", routing={"kind": "ce", "tau": 1.0}, loss={"kind": "reverse_kl"},
+                              onpolicy={"lmbda": 1.0, "temperature": 2.0, "max_new_tokens": 12, "prompt_tokens": 8})
+    recipe["teachers"][1]["model"] = str(sp_teacher)
+    recipe["align"] = {"k": 16}
+    run_dir, rows = run_and_check(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)))
+    for r in rows:
+        on = r["on_policy"]
+        assert on["tokens"] == r["tokens"] > 0
+        # code shares the student's tokenizer and covers every sampled token: the weights sum to 1 there
+        assert on["share"]["code"] + on["share"]["prose"] == pytest.approx(1.0) and 0 < on["share"]["prose"] < 1
+        assert on["reverse_kl"]["code"] > 0 and on["reverse_kl"]["prose"] > 0
+
+
 def test_positions_no_teacher_covers_train_on_the_gold_token(pico, sp_teacher, tmp_path) -> None:
     """Route with coverage: an uncovered teacher weighs 0, the rest renormalised; where no teacher
     covers a position its loss is the cross-entropy of the gold token."""

@@ -9,6 +9,7 @@ import random
 import pytest
 
 from merge_distill.align import TokenBytes, align_row, special_counterparts, spans
+from merge_distill.align.alignment import text_segments
 from merge_distill.errors import UserError
 from merge_distill.pico import (
     build_bpe_tokenizer,
@@ -152,6 +153,32 @@ def test_row_that_starts_and_ends_inside_a_character(families) -> None:
     assert row.text_bytes < sum(len(p) for p in pieces[cut:])  # the broken front is not given to the teacher
     assert row.to_teacher[0] == -1 or row.covered > 0
     assert row.covered > 0
+
+
+def test_text_segments_skip_bytes_that_are_no_utf8() -> None:
+    assert text_segments("héllo".encode()) == [(0, "héllo")]
+    assert text_segments("héllo".encode()[2:]) == [(1, "llo")]  # a character cut at the front
+    assert text_segments(b"ab\xffcd\xe2\x82" + "é".encode()) == [(0, "ab"), (3, "cd"), (7, "é")]
+    assert text_segments(b"\xff\xfe") == []
+
+
+def test_a_sample_with_bytes_out_of_order_aligns_around_them(families) -> None:
+    """A student's own sample may put byte tokens in an order no UTF-8 text has (an on-policy
+    row). The text on either side still reaches the teacher at its own bytes; the positions that
+    predict the broken bytes are not covered."""
+    bl, sp = families["byte_level"], families["sentencepiece"]
+    left, right = (bl.tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("def f(x):", " return x"))
+    byte_tokens = [i for i in range(len(bl.tokenizer)) if bl([i])[0] in (b"\x82", b"\xe2")]
+    assert len(byte_tokens) == 2, "the byte-level vocabulary has every single byte"
+    ids = left + byte_tokens[::-1] + right  # a continuation byte before its lead byte: no UTF-8
+    with pytest.raises(UnicodeDecodeError):
+        b"".join(bl(ids)).decode("utf-8")
+    row = align_row(ids, bl, sp)
+    expected_bytes = len("def f(x):".encode()) + len(" return x".encode())
+    assert row.text_bytes == expected_bytes
+    n = len(left)
+    assert row.to_teacher[n - 1] == -1 and row.to_teacher[n] == -1  # they predict the broken bytes
+    assert row.covered > 0 and any(j >= 0 for j in row.to_teacher[n + 2:])
 
 
 def test_packed_documents_reach_the_teacher_as_its_own_documents(families) -> None:
