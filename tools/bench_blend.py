@@ -15,6 +15,15 @@ is kept, so RSS would measure allocator fragmentation rather than live tensors.
     python tools/bench_blend.py --small    # a quick run: T=256, V=8192, chunk_tokens=256
                                            # (4 chunks, as at full size)
     python tools/bench_blend.py --device cuda
+    python tools/bench_blend.py --head 896 --batch 1 --seq 4096 --vocab 151936 --ks 3 --teacher-dtype bfloat16
+                                           # the loss phase from the student's hidden states: the
+                                           # current path (lm_head -> [B, T, V] logits -> distill_loss)
+                                           # against the fused, logit-free one (losses/fused.py)
+
+With --head H the student side starts from final hidden states [B, T, H] and an lm_head [V, H]
+(the inputs), and every implementation's measured phase ends with the gradients of both: the
+current path pays for the logits [B, T, V] and their gradient, the fused one never builds them.
+The teachers' logits are inputs in both (the fused teacher side is not built yet).
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from merge_distill.losses import distill_loss  # noqa: E402
 from merge_distill.losses.forward_kl import ForwardKLConfig, forward_kl  # noqa: E402
+from merge_distill.losses.fused import fused_distill_loss  # noqa: E402
 
 MIB = 2**20
 
@@ -56,7 +66,11 @@ def make_inputs(args: argparse.Namespace, k: int) -> tuple[torch.Tensor, list[to
     shape = (args.batch, args.seq, args.vocab)
     dtype = getattr(torch, args.teacher_dtype)
     # randn writes straight into the final tensors: no transient copies before the baseline.
-    student = torch.randn(shape, generator=gen, device=args.device).requires_grad_()
+    if args.head:  # the student as its final hidden states and lm_head: (hidden [B, T, H], weight [V, H])
+        student = (torch.randn(args.batch, args.seq, args.head, generator=gen, device=args.device).requires_grad_(),
+                   torch.randn(args.vocab, args.head, generator=gen, device=args.device).mul_(0.05).requires_grad_())
+    else:
+        student = torch.randn(shape, generator=gen, device=args.device).requires_grad_()
     teachers = [torch.randn(shape, generator=gen, device=args.device, dtype=dtype).mul_(2.0) for _ in range(k)]
     weights = torch.softmax(torch.randn(args.batch, args.seq, k, generator=gen, device=args.device), dim=-1)
     targets = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen, device=args.device)
@@ -68,6 +82,16 @@ def make_inputs(args: argparse.Namespace, k: int) -> tuple[torch.Tensor, list[to
 def run_loss(args: argparse.Namespace, student: torch.Tensor, teachers: list[torch.Tensor],
              weights: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Forward + backward of the chosen implementation; returns the (detached) loss."""
+    if args.impl == "fused":
+        hidden, weight = student
+        out = fused_distill_loss(hidden, weight, teachers, weights, targets, forward_kl,
+                                 ForwardKLConfig(temperature=args.temperature), blend="mixture",
+                                 chunk_tokens=args.chunk_tokens, compute_ce=False)
+        out.divergence_sum.backward()
+        return out.divergence_sum.detach()
+    if args.head:
+        hidden, weight = student
+        student = hidden @ weight.T  # the current path: the lm_head's [B, T, V] logits, inside the measured phase
     if args.impl == "ours":
         out = distill_loss(student, teachers, weights, targets, forward_kl, ForwardKLConfig(temperature=args.temperature),
                            blend="mixture", chunk_tokens=args.chunk_tokens, compute_ce=False)
@@ -103,7 +127,8 @@ def worker(args: argparse.Namespace) -> None:
         extra = torch.cuda.max_memory_allocated() - baseline
     else:
         extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline  # ru_maxrss is KiB
-    assert student.grad is not None and torch.isfinite(student.grad).all()
+    for tensor in student if args.head else [student]:
+        assert tensor.grad is not None and torch.isfinite(tensor.grad).all()
     print(json.dumps({"extra_mib": extra / MIB, "seconds": seconds, "loss": loss.item()}))
 
 
@@ -119,8 +144,12 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--teacher-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per run")
+    parser.add_argument("--head", type=int, default=0,
+                        help="hidden size H: start from hidden states and an lm_head, and add the fused driver")
+    parser.add_argument("--impls", default=None, help="comma-separated: ours, naive, fused (default: ours,naive; "
+                        "with --head: ours,fused)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--impl", choices=["ours", "naive"], help=argparse.SUPPRESS)
+    parser.add_argument("--impl", choices=["ours", "naive", "fused"], help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.seq = args.seq or (256 if args.small else 1024)
@@ -133,10 +162,13 @@ def main() -> None:
     forwarded = [f"--{name}={value}" for name, value in [
         ("device", args.device), ("batch", args.batch), ("seq", args.seq), ("vocab", args.vocab),
         ("chunk-tokens", args.chunk_tokens), ("temperature", args.temperature),
-        ("teacher-dtype", args.teacher_dtype), ("threads", args.threads)]]
+        ("teacher-dtype", args.teacher_dtype), ("threads", args.threads), ("head", args.head)]]
+    impls = (args.impls or ("ours,fused" if args.head else "ours,naive")).split(",")
+    if "fused" in impls and not args.head:
+        sys.exit("--impls fused needs --head H (the fused driver starts from hidden states)")
     results: dict[tuple[int, str], dict[str, float]] = {}
     for k in [int(x) for x in args.ks.split(",")]:
-        for impl in ["ours", "naive"]:
+        for impl in impls:
             cmd = [sys.executable, __file__, "--worker", f"--impl={impl}", f"--k={k}", *forwarded]
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
             done = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -145,6 +177,9 @@ def main() -> None:
             results[(k, impl)] = json.loads(done.stdout.strip().splitlines()[-1])
 
     logits_mib = args.batch * args.seq * args.vocab * 4 / MIB
+    if "naive" not in impls:
+        print_head_table(args, impls, results, logits_mib)
+        return
     print(f"B={args.batch} T={args.seq} V={args.vocab} device={args.device} teachers={args.teacher_dtype} "
           f"chunk_tokens={args.chunk_tokens}; one [B, T, V] float32 tensor = {logits_mib:.0f} MiB")
     print("| K | ours extra MiB | naive extra MiB | ours / naive | ours s | naive s | rel. loss diff |")
@@ -162,6 +197,23 @@ def main() -> None:
     print(f"ours K={k_max} / ours K={k_min}: {growth:.2f} (target <= 1.3) {'ok' if growth <= 1.3 else 'MISSED'}")
     print(f"ours K={k_max} / naive K={k_max}: {ratio:.2f} (target <= 0.5) {'ok' if ratio <= 0.5 else 'MISSED'}")
     print(f"max relative loss difference: {worst:.1e} (target <= 1e-5) {'ok' if worst <= 1e-5 else 'MISSED'}")
+
+
+def print_head_table(args: argparse.Namespace, impls: list[str], results: dict, logits_mib: float) -> None:
+    """The loss phase from hidden states: every implementation's extra memory, time and loss, and
+    each against the current path ("ours")."""
+    print(f"loss phase from hidden states: B={args.batch} T={args.seq} H={args.head} V={args.vocab} "
+          f"device={args.device} teachers={args.teacher_dtype} chunk_tokens={args.chunk_tokens}; "
+          f"one [B, T, V] float32 tensor = {logits_mib:.0f} MiB")
+    print("| K | " + " | ".join(f"{i} extra MiB | {i} s" for i in impls) + " | fused / ours memory | fused / ours time "
+          "| rel. loss diff |")
+    print("|---|" + "---:|---:|" * len(impls) + "---:|---:|---:|")
+    for k in sorted({k for k, _ in results}):
+        cells = " | ".join(f"{results[(k, i)]['extra_mib']:.0f} | {results[(k, i)]['seconds']:.2f}" for i in impls)
+        ours, fused = results[(k, "ours")], results[(k, "fused")]
+        rel = abs(fused["loss"] - ours["loss"]) / abs(ours["loss"])
+        print(f"| {k} | {cells} | {fused['extra_mib'] / ours['extra_mib']:.2f} | "
+              f"{fused['seconds'] / ours['seconds']:.2f} | {rel:.1e} |")
 
 
 if __name__ == "__main__":

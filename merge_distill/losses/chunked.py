@@ -179,43 +179,17 @@ def chunk_logprobs(flat_student: Tensor, rows: slice | Tensor, grad_buffer: Tens
     return logprobs, ce_sum
 
 
-class ChunkRun:
-    """One forward pass of a loss driver over its plan's row chunks (both drivers use it).
+class ChunkSums:
+    """The running sums of one forward pass of a loss driver (divergence, CE, target entropy),
+    and the chunk divergence every driver computes the same way (`divergence`)."""
 
-    Sets up the gradient buffer shaped like the flattened student logits [B*T, V] (None without
-    `needs_grad` or teachers) and yields each chunk's rows, valid mask [c] and student log-probs
-    at T [c, V] (adding its CE at T = 1 to ce_sum). Per chunk the driver builds its target and
-    calls `divergence` (sums and gradient) and `store_grad`; `finish` hands the sums and the
-    buffer to the autograd context.
-    """
-
-    def __init__(self, plan: Any, student_logits: Tensor, has_teachers: bool):
-        V = student_logits.shape[-1]
+    def __init__(self, plan: Any, dtype: torch.dtype, device: torch.device):
         self.plan = plan
-        self.student_logits = student_logits
-        self.flat_student = student_logits.reshape(-1, V)
-        self.dtype = compute_dtype(student_logits.dtype)
+        self.dtype = dtype
         self.temperature = plan.config.temperature
-        self.grad_buffer = torch.empty_like(self.flat_student) if plan.needs_grad and has_teachers else None
-        self.in_place = plan.in_place(self.grad_buffer, self.dtype)
-        if self.grad_buffer is not None and not self.in_place:  # rows with a target are all written later
-            no_target = torch.ones(self.flat_student.shape[0], dtype=torch.bool, device=student_logits.device)
-            no_target[plan.valid_idx] = False
-            self.grad_buffer[no_target] = 0.0
-        self.div_sum = torch.zeros((), dtype=self.dtype, device=student_logits.device)
+        self.div_sum = torch.zeros((), dtype=dtype, device=device)
         self.ce_sum = torch.zeros_like(self.div_sum)
         self.entropy_sum = torch.zeros_like(self.div_sum)
-
-    def chunks(self) -> Iterator[tuple[slice | Tensor, Tensor, Tensor]]:
-        """-> (rows: a slice or indices [c], valid [c] bool, student log-probs at T [c, V])."""
-        for rows in self.plan.row_groups(self.in_place):
-            targets = self.plan.targets[rows]
-            valid = targets != IGNORE_INDEX
-            gold = targets.clamp(min=0).unsqueeze(-1)  # [c, 1]
-            logprobs, chunk_ce = chunk_logprobs(self.flat_student, rows, self.grad_buffer, self.in_place, self.dtype,
-                                                self.temperature, gold, valid, self.plan.compute_ce)
-            self.ce_sum += chunk_ce
-            yield rows, valid, logprobs
 
     def divergence(self, student: Tensor, target: Tensor, has_weight: Tensor) -> Tensor | None:
         """Add the chunk's T^2 * divergence and target entropy (rows with weight only) to the sums.
@@ -242,6 +216,40 @@ class ChunkRun:
             grad = torch.autograd.grad(chunk_loss, student)[0] if plan.needs_grad else None
         self.div_sum += chunk_loss.detach()
         return grad
+
+
+class ChunkRun(ChunkSums):
+    """One forward pass of a loss driver over its plan's row chunks (both drivers use it).
+
+    Sets up the gradient buffer shaped like the flattened student logits [B*T, V] (None without
+    `needs_grad` or teachers) and yields each chunk's rows, valid mask [c] and student log-probs
+    at T [c, V] (adding its CE at T = 1 to ce_sum). Per chunk the driver builds its target and
+    calls `divergence` (sums and gradient) and `store_grad`; `finish` hands the sums and the
+    buffer to the autograd context.
+    """
+
+    def __init__(self, plan: Any, student_logits: Tensor, has_teachers: bool):
+        super().__init__(plan, compute_dtype(student_logits.dtype), student_logits.device)
+        V = student_logits.shape[-1]
+        self.student_logits = student_logits
+        self.flat_student = student_logits.reshape(-1, V)
+        self.grad_buffer = torch.empty_like(self.flat_student) if plan.needs_grad and has_teachers else None
+        self.in_place = plan.in_place(self.grad_buffer, self.dtype)
+        if self.grad_buffer is not None and not self.in_place:  # rows with a target are all written later
+            no_target = torch.ones(self.flat_student.shape[0], dtype=torch.bool, device=student_logits.device)
+            no_target[plan.valid_idx] = False
+            self.grad_buffer[no_target] = 0.0
+
+    def chunks(self) -> Iterator[tuple[slice | Tensor, Tensor, Tensor]]:
+        """-> (rows: a slice or indices [c], valid [c] bool, student log-probs at T [c, V])."""
+        for rows in self.plan.row_groups(self.in_place):
+            targets = self.plan.targets[rows]
+            valid = targets != IGNORE_INDEX
+            gold = targets.clamp(min=0).unsqueeze(-1)  # [c, 1]
+            logprobs, chunk_ce = chunk_logprobs(self.flat_student, rows, self.grad_buffer, self.in_place, self.dtype,
+                                                self.temperature, gold, valid, self.plan.compute_ce)
+            self.ce_sum += chunk_ce
+            yield rows, valid, logprobs
 
     def store_grad(self, rows: slice | Tensor, valid: Tensor, grad: Tensor) -> None:
         """grad [c, V] = d loss / d (logits / T) of the chunk -> d loss / d logits in the buffer."""
