@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from merge_distill import distributed as dist_mod
 from merge_distill.errors import NonFiniteError, UserError
 from merge_distill.evaluate import evaluate_run
 from merge_distill.guard import StepGuard
-from merge_distill.models import load_tokenizer, tokenizer_source
+from merge_distill.models import hidden_before_head, load_tokenizer, logit_softcap, tokenizer_source
 from merge_distill.onpolicy import SampledStats, fixed_samples, rollout
 from merge_distill.plan import DataPlan, build_plan, training_rows
 from merge_distill.recipe_checks import on_policy_problems
@@ -90,8 +91,12 @@ def forward_micro(t: Training, batch: TokenBatch, n_global: float, stats: BlendS
     targets = batch.targets
     mask = targets != IGNORE_INDEX
     w_ce = setup.config.hard_label_weight
-    out = t.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    output_hidden_states=router.needs_hidden, use_cache=False)
+    # train.fused_loss: the head sees one position per row, and the loss makes the logits from the
+    # captured hidden states chunk by chunk (the hard-label-only path still needs the logits)
+    model = dist_mod.unwrap(t.accelerator, t.student) if t.fused_loss and w_ce < 1.0 else None
+    with hidden_before_head(model) if model is not None else nullcontext([]) as head_input:
+        out = t.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                        output_hidden_states=router.needs_hidden, use_cache=False)
     student_logits = out.logits[..., : t.vocab_size]
     share_sum = torch.zeros(len(t.teacher_names), dtype=torch.float64)
     router_loss, sampled = None, None
@@ -104,7 +109,11 @@ def forward_micro(t: Training, batch: TokenBatch, n_global: float, stats: BlendS
         inputs = RouterInputs(signals.gold_nll.clone(), signals.entropy.clone(), mask, batch.domains, hidden)
         weights = signals.route(router(inputs)).detach()  # teachers that do not cover a position: 0 there
         router_loss = router.aux_loss(inputs)
-        result = signals.loss(student_logits, weights, targets, setup)
+        if model is not None:
+            result = signals.loss_from_hidden(head_input[-1], model.get_output_embeddings().weight, logit_softcap(model),
+                                              weights, targets, setup)
+        else:
+            result = signals.loss(student_logits, weights, targets, setup)
         agreement = signals.agreement(mask, t.vocab_size, AGREEMENT_TOKENS)
         stats.add_agreement(agreement.top1, agreement.js, agreement.tokens)
         stats.update(weights, signals.gold_nll, signals.entropy, mask, batch.domains, result.target_entropy_sum,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import lru_cache
 from pathlib import Path
 
@@ -318,3 +319,32 @@ def aligned_teachers(recipe: Recipe) -> list[str]:
     tokenizer, or every teacher under `align.force`."""
     cross = set(cross_tokenizer_teachers(recipe))
     return [t.name for t in recipe.teachers if recipe.align.force or t.name in cross]
+
+
+@contextmanager
+def hidden_before_head(model: nn.Module) -> Iterator[list[Tensor]]:
+    """While active, the model's output head (lm_head) is handed only each row's last position,
+    and the final hidden states [B, T, H] it was given are captured into the yielded list: a
+    forward then builds [B, 1, V] logits instead of [B, T, V] (train.fused_loss: the loss makes
+    its logits from the captured states, chunk by chunk)."""
+    captured: list[Tensor] = []
+
+    def keep_last(module: nn.Module, args: tuple) -> tuple:
+        captured.append(args[0])
+        return (args[0][:, -1:], *args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(keep_last)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def logit_softcap(model: nn.Module) -> float | None:
+    """The final logit soft-cap a model applies after its head (Gemma 2/3), or None."""
+    config = getattr(model, "config", None)
+    for part in (config, getattr(config, "text_config", None)):
+        cap = getattr(part, "final_logit_softcapping", None)
+        if cap:
+            return float(cap)
+    return None

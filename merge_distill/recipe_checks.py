@@ -36,7 +36,7 @@ from merge_distill.rundir import run_dir_problems
 from merge_distill.schema import SELF_TEACHER, Recipe, looks_local
 from merge_distill.signals import IGNORE_INDEX, shift_targets
 from merge_distill.align import TokenBytes, align_row, special_counterparts, tokenizer_family
-from merge_distill.sources import needs_problems
+from merge_distill.sources import needs_problems, training_source
 from merge_distill.streaming import StreamRows
 from merge_distill.trackers import tracker_problems
 
@@ -48,6 +48,7 @@ def cross_checks(recipe: Recipe, check_files: bool = True) -> list[str]:
     problems += tracker_problems(recipe)
     problems += _streaming(recipe)
     problems += _on_policy(recipe)
+    problems += _fused_loss(recipe)
     if recipe.loss.hard_label_weight == 1.0 and recipe.routing.kind != "uniform":
         problems.append(
             "loss.hard_label_weight is 1.0 (plain cross-entropy, teachers unused) but routing.kind is "
@@ -101,6 +102,25 @@ def _on_policy(recipe: Recipe) -> list[str]:
         problems.append(f"onpolicy.lmbda: routing.kind {recipe.routing.kind!r} needs {', '.join(missing)}, which the "
                         f"student's sampled tokens do not give (they give {', '.join(sorted(ON_POLICY_PROVIDES))}); "
                         "choose another router or onpolicy.lmbda: 0")
+    return problems
+
+
+def _fused_loss(recipe: Recipe) -> list[str]:
+    """What train.fused_loss does not cover yet: sparse teachers (the cache, other tokenizers),
+    a ZeRO-3 student (its head is partitioned outside the forward), on-policy micro-batches."""
+    if not recipe.train.fused_loss:
+        return []
+    problems = []
+    source = training_source(recipe).name
+    if source != "online":
+        problems.append(f"train.fused_loss: the {source} teacher source gives top-k targets, which the logit-free loss "
+                        "does not take yet; set train.fused_loss: false")
+    if recipe.distributed.student_zero_stage == 3:
+        problems.append("train.fused_loss: a ZeRO-3 student's head is partitioned outside its forward; use "
+                        "distributed.student_zero_stage <= 2 or train.fused_loss: false")
+    if recipe.onpolicy.lmbda > 0:
+        problems.append("train.fused_loss: on-policy micro-batches read the student's logits for their report; set "
+                        "onpolicy.lmbda: 0 or train.fused_loss: false")
     return problems
 
 

@@ -61,6 +61,7 @@ class Training:
     merge_lora: bool = False
     onpolicy: OnPolicy | None = None  # the recipe's onpolicy section, resolved (lmbda 0: never samples)
     live_source: TeacherSource | None = None  # cache.use + onpolicy.live_teachers: the teachers for sampled tokens
+    fused_loss: bool = False  # train.fused_loss: the loss takes hidden states and the head, never [B, T, V] logits
 
     @property
     def is_main(self) -> bool:
@@ -123,4 +124,4 @@ def build_training(recipe: Recipe, accelerator: Accelerator, world_size: int, ra
                         synced=world_size > 1 and dist.student_zero_stage == 3, vocab_size=vocab_size)
     return Training(accelerator, world_size, rank, student, optimizer, scheduler, router, router_optimizer, source,
                     loss, vocab_size, r.max_grad_norm, recipe.teacher_names, recipe.student.lora,
-                    recipe.output.merge_lora, onpolicy, live)
+                    recipe.output.merge_lora, onpolicy, live, r.fused_loss)

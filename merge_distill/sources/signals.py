@@ -26,6 +26,7 @@ from torch import Tensor
 from merge_distill.errors import NonFiniteError
 from merge_distill.losses.base import LossConfigBase
 from merge_distill.losses.chunked import DistillOutput, distill_loss
+from merge_distill.losses.fused import fused_distill_loss
 from merge_distill.losses.registry import DivergenceFn
 from merge_distill.losses.sparse import bucket_layout, sparse_distill_loss, teacher_table
 from merge_distill.report.stats import agreement_positions, logit_agreement, pairwise_js
@@ -84,6 +85,15 @@ class DenseSignals:
         """student_logits [B, T, V], weights [B, T, K] (detached), targets [B, T] -> summed loss parts."""
         return distill_loss(student_logits, self.logits, weights, targets, setup.divergence, setup.config,
                             setup.blend, setup.chunk_tokens, compute_ce=True, teachers_normalized=self.normalized)
+
+    def loss_from_hidden(self, hidden: Tensor, head_weight: Tensor, softcap: float | None, weights: Tensor,
+                         targets: Tensor, setup: LossSetup) -> DistillOutput:
+        """`loss` from the student's final hidden states [B, T, H] and head weight [V_rows, H]
+        (train.fused_loss): no [B, T, V] student logits (losses/fused.py)."""
+        V = self.logits[0].shape[-1]
+        return fused_distill_loss(hidden, head_weight, self.logits, weights, targets, setup.divergence, setup.config,
+                                  setup.blend, setup.chunk_tokens, compute_ce=True,
+                                  teachers_normalized=self.normalized, vocab_size=V, softcap=softcap)
 
     @torch.no_grad()
     def agreement(self, mask: Tensor, vocab_size: int, max_tokens: int) -> Agreement:
