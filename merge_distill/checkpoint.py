@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from pydantic import ValidationError
 from rich.markup import escape
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -229,7 +230,14 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def recipe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """'key: A in the checkpoint, B now' for every key that differs and matters for resume."""
+    """'key: A in the checkpoint, B now' for every key that differs and matters for resume.
+
+    The saved recipe is read through today's schema first, so a section or key added since the
+    checkpoint was written (absent there) counts as its default: only a changed value differs."""
+    try:
+        saved = Recipe.model_validate(saved).model_dump(mode="json")
+    except ValidationError:  # a key this version no longer knows: compare the files as they are
+        pass
     old, new = _flatten(saved), _flatten(current)
     lines = []
     for key in sorted(set(old) | set(new)):

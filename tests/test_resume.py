@@ -246,3 +246,16 @@ def test_resume_refusals(pico, reference, tmp_path, monkeypatch, capsys):
 def test_resume_without_checkpoint_is_refused(make_recipe):
     with pytest.raises(UserError, match="holds no run to resume"):
         run(load_recipe(make_recipe()), resume=True, console=quiet())
+
+
+def test_a_key_added_since_the_checkpoint_counts_as_its_default(make_recipe):
+    """A checkpoint written before a recipe section existed (no `onpolicy`, no train.fused_loss)
+    resumes under today's schema, whose defaults change nothing; a changed value still refuses."""
+    from merge_distill.checkpoint import recipe_differences
+
+    current = load_recipe(make_recipe()).model_dump(mode="json")
+    older = {k: v for k, v in current.items() if k != "onpolicy"}
+    older["train"] = {k: v for k, v in current["train"].items() if k != "fused_loss"}
+    assert recipe_differences(older, current) == []
+    older["train"]["lr"] = 0.5
+    assert recipe_differences(older, current) == [f"train.lr: 0.5 in the checkpoint, {current['train']['lr']!r} now"]

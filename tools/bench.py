@@ -198,10 +198,11 @@ def run_worker(variant: str, k: int, args: argparse.Namespace) -> dict:
     """Start one measurement in a fresh process; returns its JSON line."""
     common = ["--threads", str(args.threads), "--device", args.device, "--batch", str(args.batch),
               "--warmup", str(args.warmup), "--steps", str(args.steps)]
-    if variant == "floor":
+    if variant in ("floor", "floor_chunked"):
         cmd = [sys.executable, str(ROOT / "tools" / "bench_floor.py"), "--teachers",
                *(str(args.work / f"teacher{i}") for i in range(k)), "--student", str(args.work / "student"),
-               "--rows", str(args.work / "rows.pt"), "--vocab-size", str(VOCAB), *common]
+               "--rows", str(args.work / "rows.pt"), "--vocab-size", str(VOCAB), *common,
+               *(["--chunk-tokens", "1024"] if variant == "floor_chunked" else [])]
     elif variant == "baseline":  # the online engine of another checkout (--baseline), on the same assets
         cmd = [sys.executable, str(args.baseline / "tools" / "bench.py"), "--worker", "online", "--k", str(k),
                "--work", str(args.work), *common]
@@ -223,22 +224,32 @@ def run_worker(variant: str, k: int, args: argparse.Namespace) -> dict:
 def table(results: dict, assets: dict) -> str:
     med = {key: statistics.median(r["tokens_per_s"] for r in runs) for key, runs in results.items()}
     peak = {key: max(r["peak_bytes"] for r in runs) / 2**20 for key, runs in results.items()}
-    out = ["| K | floor tok/s | online tok/s | online / floor | cache tok/s | cache / online | peak MiB floor / online / cache |",
-           "|---|---:|---:|---:|---:|---:|---|"]
+    floors = ("floor", "floor_chunked")
+    out = ["| K | floor tok/s | chunked floor tok/s | online tok/s | online / faster floor | cache tok/s | cache / online "
+           "| peak MiB floor / chunked floor / online / cache |",
+           "|---|---:|---:|---:|---:|---:|---:|---|"]
     for k in sorted({k for _, k in med}):
-        f, o, c = (med.get((v, k), math.nan) for v in ("floor", "online", "cache"))
-        peaks = " / ".join(f"{peak.get((v, k), math.nan):,.0f}" for v in ("floor", "online", "cache"))
-        out.append(f"| {k} | {f:,.0f} | {o:,.0f} | {o / f:.2f} | {c:,.0f} | {c / o:.2f} | {peaks} |")
+        f, fc, o, c = (med.get((v, k), math.nan) for v in (*floors, "online", "cache"))
+        faster = max((x for x in (f, fc) if not math.isnan(x)), default=math.nan)
+        peaks = " / ".join(f"{peak.get((v, k), math.nan):,.0f}" for v in (*floors, "online", "cache"))
+        out.append(f"| {k} | {f:,.0f} | {fc:,.0f} | {o:,.0f} | {o / faster:.2f} | {c:,.0f} | {c / o:.2f} | {peaks} |")
     if ("trl", 1) in med:
         t = med[("trl", 1)]
-        out.append(f"\nTRL GKDTrainer (K = 1, lmbda 0, beta 0 = forward KL): {t:,.0f} tok/s, {t / med[('floor', 1)]:.2f} x the "
-                   f"floor, {t / med[('online', 1)]:.2f} x merge_distill online; peak {peak[('trl', 1)]:,.0f} MiB")
+        faster = max(med.get((v, 1), 0.0) for v in floors)
+        out.append(f"\nTRL GKDTrainer (K = 1, lmbda 0, beta 0 = forward KL): {t:,.0f} tok/s, {t / faster:.2f} x the "
+                   f"faster floor, {t / med[('online', 1)]:.2f} x merge_distill online; peak {peak[('trl', 1)]:,.0f} MiB")
     for k in sorted({k for v, k in med if v == "baseline"}):
         b, o = med[("baseline", k)], med.get(("online", k), math.nan)
         out.append(f"online vs baseline checkout, K = {k}: {o:,.0f} vs {b:,.0f} tok/s ({o / b:.3f} x); "
                    f"peak {peak.get(('online', k), math.nan):,.0f} vs {peak[('baseline', k)]:,.0f} MiB")
     for k, c in sorted(assets["cache"].items()):
         out.append(f"cache write K = {k}: {c['tokens'] / c['seconds']:,.0f} tok/s ({c['tokens']} tokens, {c['seconds']:.1f} s)")
+        train = med.get(("cache", int(k)))
+        if train:  # n runs over the cached tokens, the one write included: n * tokens / (write + n * tokens / train)
+            combined = [n * c["tokens"] / (c["seconds"] + n * c["tokens"] / train) for n in (1, 3, 10)]
+            out.append(f"  cache with its writing, K = {k}, over 1 / 3 / 10 runs of the same data: "
+                       f"{' / '.join(f'{x:,.0f}' for x in combined)} tok/s (training only {train:,.0f}; online "
+                       f"{med.get(('online', int(k)), math.nan):,.0f})")
     spread = {f"{v}-k{k}": [round(r["tokens_per_s"]) for r in runs] for (v, k), runs in results.items()}
     out.append(f"all runs (tok/s): {json.dumps(spread)}")
     return "\n".join(out)
@@ -255,7 +266,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--no-trl", action="store_true", help="skip the TRL row")
     parser.add_argument("--default-malloc", action="store_true", help="do not set STEADY_MALLOC in the workers")
-    parser.add_argument("--variants", default="floor,online,cache", help="comma-separated subset of floor,online,cache")
+    parser.add_argument("--variants", default="floor,floor_chunked,online,cache",
+                        help="comma-separated subset of floor,floor_chunked,online,cache")
     parser.add_argument("--ks", default="1,2,3", help="comma-separated teacher counts")
     parser.add_argument("--reuse", action="store_true", help="reuse the assets and caches already in --work")
     parser.add_argument("--quick", action="store_true", help="1 rep of 2 steps: checks that everything runs")

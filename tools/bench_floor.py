@@ -6,8 +6,14 @@ over the target tokens, backward, AdamW step. Nothing else: no routing signals, 
 statistics, no checks, no chunking, no logging. Written to be fast, not frugal: all K teachers'
 log-probs [K, B, T, V] are held at once.
 
+--chunk-tokens N gives the chunked floor, the fair one at K >= 2: the same step, but the mixture
+is built N positions at a time from the teachers' logits (a plain loop), so only one [B, T, V]
+target is held instead of K teachers' log-probs stacked. merge_distill's blend is memory-flat in K
+for the same reason; against the unchunked floor that algorithm difference would look like
+"framework overhead".
+
     python tools/bench_floor.py --teachers DIR [DIR ...] --student DIR --rows rows.pt \
-        --batch 8 --warmup 2 --steps 8 [--device cpu|cuda] [--threads 1]
+        --batch 8 --warmup 2 --steps 8 [--device cpu|cuda] [--threads 1] [--chunk-tokens 1024]
 
 Prints one JSON line: tokens_per_s (over the timed steps), peak_bytes, last_loss.
 """
@@ -25,16 +31,30 @@ from bench import peak_bytes  # tools/ (this script's folder) is on sys.path
 from transformers import AutoModelForCausalLM
 
 
+def mixture(teachers: list[torch.nn.Module], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            vocab_size: int, chunk_tokens: int) -> torch.Tensor:
+    """The uniform mixture in log space, log sum_k (1/K) p_k, per token [B, T, V]. Unchunked: every
+    teacher's log-probs at once [K, B, T, V]; chunked: chunk_tokens positions at a time."""
+    logits = [t(input_ids=input_ids, attention_mask=attention_mask).logits[..., :vocab_size] for t in teachers]
+    if not chunk_tokens:
+        logprobs = [torch.log_softmax(x.float(), dim=-1) for x in logits]
+        del logits
+        return logprobs[0] if len(teachers) == 1 else torch.logsumexp(torch.stack(logprobs), dim=0) - math.log(len(teachers))
+    flat = [x.reshape(-1, vocab_size) for x in logits]
+    target = torch.empty(flat[0].shape, dtype=torch.float32, device=input_ids.device)
+    for start in range(0, target.shape[0], chunk_tokens):
+        rows = slice(start, start + chunk_tokens)
+        parts = torch.stack([torch.log_softmax(x[rows].float(), dim=-1) for x in flat])
+        target[rows] = parts[0] if len(flat) == 1 else torch.logsumexp(parts, dim=0) - math.log(len(flat))
+    return target.view(*input_ids.shape, vocab_size)
+
+
 def floor_step(teachers: list[torch.nn.Module], student: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+               input_ids: torch.Tensor, vocab_size: int, chunk_tokens: int = 0) -> torch.Tensor:
     """One optimizer step on input_ids [B, T]; position t predicts token t + 1 (the last has no target)."""
     attention_mask = torch.ones_like(input_ids)  # what the framework passes for packed rows
     with torch.no_grad():
-        logprobs = [torch.log_softmax(t(input_ids=input_ids, attention_mask=attention_mask).logits[..., :vocab_size].float(), dim=-1)
-                    for t in teachers]
-        # The uniform mixture in log space: log sum_k (1/K) p_k, per token [B, T, V].
-        target = logprobs[0] if len(teachers) == 1 else torch.logsumexp(torch.stack(logprobs), dim=0) - math.log(len(teachers))
-        del logprobs
+        target = mixture(teachers, input_ids, attention_mask, vocab_size, chunk_tokens)
     student_logits = student(input_ids=input_ids, attention_mask=attention_mask).logits[..., :vocab_size]
     student_logprobs = torch.log_softmax(student_logits.float(), dim=-1)
     # Forward KL(target || student), fused by torch, summed over the B * (T - 1) target positions.
@@ -58,6 +78,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--chunk-tokens", type=int, default=0, help="build the mixture this many positions at a time "
+                        "(0: all teachers' log-probs at once)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -72,7 +94,7 @@ def main() -> None:
                 torch.cuda.synchronize()
             start = time.perf_counter()
         batch = rows[torch.arange(step * args.batch, (step + 1) * args.batch) % len(rows)].to(device)
-        loss = floor_step(teachers, student, optimizer, batch, args.vocab_size)
+        loss = floor_step(teachers, student, optimizer, batch, args.vocab_size, args.chunk_tokens)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
