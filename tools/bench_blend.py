@@ -23,7 +23,8 @@ is kept, so RSS would measure allocator fragmentation rather than live tensors.
 With --head H the student side starts from final hidden states [B, T, H] and an lm_head [V, H]
 (the inputs), and every implementation's measured phase ends with the gradients of both: the
 current path pays for the logits [B, T, V] and their gradient, the fused one never builds them.
-The teachers' logits are inputs in both (the fused teacher side is not built yet).
+The teachers' logits are inputs in both: this bench measures the student side only (the fused
+teacher side, losses/fused.HeadLogits, is not in it).
 """
 
 from __future__ import annotations

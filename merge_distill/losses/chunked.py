@@ -291,7 +291,8 @@ def _blend_chunk(plan: _Plan, rows: slice | Tensor, dtype: torch.dtype, valid: T
         # A fresh copy, so the in-place ops below touch no caller tensor: advanced indexing
         # copies (and is far faster on CPU than index_select for rows this long); a slice is a
         # view and is copied explicitly.
-        x = logits[rows].to(dtype, copy=True) if isinstance(rows, slice) else logits[rows].to(dtype)
+        # (fused.HeadLogits rows are made fresh: no copy needed)
+        x = logits[rows].to(dtype, copy=isinstance(rows, slice) and isinstance(logits, Tensor))
         if plan.config.temperature != 1.0:
             x.div_(plan.config.temperature)
         if plan.config.temperature != 1.0 or not plan.teachers_normalized:

@@ -1,5 +1,6 @@
 """The logit-free loss driver: the student's final hidden states and its lm_head weight in, and no
-[B, T, V] tensor anywhere.
+[B, T, V] tensor anywhere. Teachers may come the same way (`HeadLogits`: hidden states and head,
+rows of logits made per chunk), so K teachers never hold [B, T, V] either.
 
     per chunk of c valid tokens:  logits = h_c W[:V]^T  [c, V]  (soft-capped: cap * tanh(logits / cap))
                                   -> log-probs at T -> blend of the K teachers' rows -> divergence
@@ -41,6 +42,42 @@ from merge_distill.losses.chunked import (
     shared_plan_fields,
 )
 from merge_distill.losses.registry import DivergenceFn
+
+
+class HeadLogits:
+    """A teacher's logits [B, T, V] that are never built (the fused teacher side): its final
+    hidden states [B, T, H] and head weight [V_rows, H]. It answers what the loss driver, the
+    agreement statistics and the routers ask of a logits tensor: `shape`, `reshape(-1, V)`,
+    rows by slice or index (`flat[rows]`, `index_select`) computed on demand in float32, and
+    `argmax(-1)` in chunks. Rows past the tokenizer (padding) are never computed."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, vocab_size: int, softcap: float | None = None,
+                 chunk_tokens: int = 1024):
+        self.hidden = hidden.reshape(-1, hidden.shape[-1])
+        self.weight = weight[:vocab_size]
+        self.softcap = softcap
+        self.chunk_tokens = chunk_tokens
+        self.shape = torch.Size((*hidden.shape[:-1], vocab_size))
+        self.dtype = compute_dtype(hidden.dtype)
+
+    def reshape(self, *shape: int) -> "HeadLogits":
+        return self  # rows are always addressed over the flattened B * T positions
+
+    def detach(self) -> "HeadLogits":
+        return self
+
+    def __getitem__(self, rows: slice | Tensor) -> Tensor:
+        """Logits of flattened positions `rows` -> [c, V] float32 (a fresh tensor)."""
+        h = self.hidden[rows].to(self.dtype)
+        return _chunk_logits(h, self.weight.to(self.dtype), self.softcap)[0]
+
+    def index_select(self, dim: int, rows: Tensor) -> Tensor:
+        return self[rows]
+
+    def argmax(self, dim: int = -1) -> Tensor:
+        n = self.hidden.shape[0]
+        top = torch.cat([self[slice(s, s + self.chunk_tokens)].argmax(-1) for s in range(0, n, self.chunk_tokens)])
+        return top.view(self.shape[:-1])
 
 
 @dataclass(kw_only=True)

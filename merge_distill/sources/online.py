@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
-from torch import nn
+from torch import Tensor, nn
 
 from merge_distill import distributed as dist_mod
-from merge_distill.models import cut_vocab, load_teachers
+from merge_distill.losses.fused import HeadLogits
+from merge_distill.models import cut_vocab, hidden_before_head, load_teachers, logit_softcap
 from merge_distill.schema import SELF_TEACHER, Recipe
 from merge_distill.signals import TokenBatch, normalizes_in_place, per_token_stats
 from merge_distill.models import aligned_teachers
@@ -34,11 +35,13 @@ def _uses_models(recipe: Recipe) -> bool:
 class OnlineTeachers:
     """K frozen teachers that share the student's tokenizer."""
 
-    def __init__(self, names: list[str], models: list[nn.Module], vocab_size: int, chunk_tokens: int = 1024):
+    def __init__(self, names: list[str], models: list[nn.Module], vocab_size: int, chunk_tokens: int = 1024,
+                 fused_heads: bool = False):
         self.names = names
         self.models = models
         self.vocab_size = vocab_size
         self.chunk_tokens = chunk_tokens
+        self.fused_heads = fused_heads  # train.fused_loss: teachers hand over hidden states + head (HeadLogits)
 
     @classmethod
     def open(cls, recipe: Recipe, accelerator: Accelerator, vocab_size: int, student: nn.Module | None = None,
@@ -56,7 +59,11 @@ class OnlineTeachers:
 
     @classmethod
     def for_training(cls, recipe: Recipe, context: SourceContext) -> "OnlineTeachers":
-        return cls.open(recipe, context.accelerator, len(context.tokenizer), context.student)
+        source = cls.open(recipe, context.accelerator, len(context.tokenizer), context.student)
+        # A ZeRO-3 teacher's head is partitioned outside its forward: such teachers give logits.
+        source.fused_heads = recipe.train.fused_loss and not (
+            dist_mod.uses_deepspeed(context.accelerator) and recipe.distributed.teacher_zero_stage == 3)
+        return source
 
     def held_bytes(self) -> list[tuple[int, int]]:
         return [dist_mod.held_parameter_bytes(m) for m in self.models]
@@ -72,6 +79,18 @@ class OnlineTeachers:
         logits, nll, ent = [], [], []
         normalized = True
         for model in self.models:
+            head = model.get_output_embeddings() if self.fused_heads and hasattr(model, "get_output_embeddings") else None
+            if isinstance(head, nn.Linear):  # the fused teacher side: no [B, T, V] logits
+                with hidden_before_head(model) as head_input:
+                    model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                teacher_logits = HeadLogits(head_input[-1], head.weight, self.vocab_size, logit_softcap(model),
+                                            self.chunk_tokens)
+                n, e = head_token_stats(teacher_logits, targets, self.chunk_tokens)
+                normalized = False
+                logits.append(teacher_logits)
+                nll.append(n)
+                ent.append(e)
+                continue
             out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
             teacher_logits = cut_vocab(out.logits, self.vocab_size)
             # float32 logits become log-probs in place: the loss then skips that log-softmax.
@@ -82,3 +101,17 @@ class OnlineTeachers:
             ent.append(e)
         check_finite(self.names, nll, ent)
         return DenseSignals(self.names, logits, torch.stack(nll, -1), torch.stack(ent, -1), normalized=normalized)
+
+
+def head_token_stats(teacher: HeadLogits, targets: Tensor, chunk_tokens: int) -> tuple[Tensor, Tensor]:
+    """Gold NLL and entropy [B, T] of a teacher given as hidden states + head, one chunk of
+    logits at a time (per_token_stats on each chunk)."""
+    flat_targets = targets.reshape(-1)
+    nll, ent = [], []
+    for start in range(0, flat_targets.numel(), chunk_tokens):
+        rows = slice(start, start + chunk_tokens)
+        n, e, _ = per_token_stats(teacher[rows][None], flat_targets[rows][None], chunk_tokens, in_place=True,
+                                  with_top1=False)
+        nll.append(n[0])
+        ent.append(e[0])
+    return torch.cat(nll).view(targets.shape), torch.cat(ent).view(targets.shape)

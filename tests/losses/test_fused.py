@@ -71,6 +71,41 @@ def test_soft_capping_and_temperature_one(kind):
     assert close(gh, ref_gh) and close(gw, ref_gw)
 
 
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_teachers_as_hidden_states_and_heads(kind):
+    """The fused teacher side: teachers given as hidden states + head (HeadLogits, padded rows,
+    one soft-capped) give the loss and gradients of their logits, and the same gold NLL,
+    entropy and argmax."""
+    from merge_distill.losses.fused import HeadLogits
+    from merge_distill.signals import per_token_stats
+    from merge_distill.sources.online import head_token_stats
+
+    g = torch.Generator().manual_seed(5)
+    hidden, weight, _, targets, weights = inputs(3)
+    heads = [(torch.randn(B, T, 10, generator=g), torch.randn(V + 4, 10, generator=g), cap) for cap in (None, 4.0, None)]
+    as_logits = []
+    for h, w, cap in heads:
+        logits = h @ w[:V].T
+        as_logits.append(cap * torch.tanh(logits / cap) if cap else logits)
+    lazy = [HeadLogits(h, w, V, cap, chunk_tokens=4) for h, w, cap in heads]
+    entry = DIVERGENCES.get(kind)
+    config = entry.config_cls(kind=kind, temperature=2.0, hard_label_weight=0.2)
+    grads = []
+    for teachers in (lazy, as_logits):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        result = fused_distill_loss(h, w, teachers, weights, targets, entry.impl, config, "mixture", chunk_tokens=5,
+                                    vocab_size=V)
+        (0.8 * result.divergence_sum + 0.2 * result.ce_sum).backward()
+        grads.append((float(result.divergence_sum.detach()), h.grad, w.grad))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+    assert close(grads[0][1], grads[1][1]) and close(grads[0][2], grads[1][2])
+    for head, logits in zip(lazy, as_logits):
+        nll, ent = head_token_stats(head, targets, chunk_tokens=4)
+        ref_nll, ref_ent, _ = per_token_stats(logits.clone(), targets)
+        assert torch.allclose(nll, ref_nll, atol=1e-5) and torch.allclose(ent, ref_ent, atol=1e-5)
+        assert torch.equal(head.argmax(-1), logits.argmax(-1))
+
+
 def test_pure_cross_entropy_without_teachers():
     hidden, weight, _, targets, _ = inputs(1)
     config = DIVERGENCES.get("forward_kl").config_cls(kind="forward_kl", hard_label_weight=1.0)
@@ -84,7 +119,7 @@ def test_pure_cross_entropy_without_teachers():
             result = distill_loss(h @ w[:V].T, [], torch.zeros(B, T, 0), targets, DIVERGENCES.get("forward_kl").impl,
                                   config, chunk_tokens=4)
         result.ce_sum.backward()
-        grads.append((float(result.ce_sum), h.grad, w.grad))
+        grads.append((float(result.ce_sum.detach()), h.grad, w.grad))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
     assert close(grads[0][1], grads[1][1]) and close(grads[0][2], grads[1][2])
 
@@ -99,8 +134,9 @@ def test_bad_shapes_are_refused():
 
 
 def test_a_fused_run_trains_as_the_logits_run(pico, tmp_path):
-    """train.fused_loss end to end (routing by gold NLL, jsd at T = 2, a hard-label share): the
-    losses and the trained student equal a run that builds the logits, within float rounding."""
+    """train.fused_loss end to end (routing by gold NLL, jsd at T = 2, a hard-label share; the
+    student and both teachers as hidden states + head): the losses, the routing shares and the
+    trained student equal a run that builds the logits, within float rounding."""
     import json
 
     from conftest import pico_recipe_dict, write_recipe
@@ -120,6 +156,7 @@ def test_a_fused_run_trains_as_the_logits_run(pico, tmp_path):
     for a, b in zip(*rows):
         for key in ("loss", "divergence", "ce"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), key
+        assert b["share"] == pytest.approx(a["share"], rel=1e-5)
     plain, fused = (load_file(str(d / "student" / "model.safetensors")) for d in dirs)
     for name in plain:
         assert torch.allclose(fused[name], plain[name], rtol=1e-4, atol=1e-6), name
