@@ -12,7 +12,8 @@ Students start from layers 0 and 3 of `arith` (a truncated copy, as in classic d
 train on the arithmetic conversations for the same steps with the same divergence (reverse KL, no
 hard label). Only two settings differ between arms:
 - onpolicy.lmbda: 0 off-policy, 0.5 half, 1 all micro-batches sampled by the student;
-- routing: `ce` (per token, by each teacher's NLL of the token) or the uniform blend.
+- routing: `ce` (per token, by each teacher's NLL of the token), `domain` (the task's rows to
+  `arith`) or the uniform blend.
 
 Sampled answers are as long as the dataset's (the worked answer and EOS), so the arms see about
 the same number of target tokens. Each student is scored on 300 held-out problems, greedy:
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 import time
 from pathlib import Path
@@ -43,8 +45,11 @@ ARMS = [
     ("off-policy (lmbda 0), ce routing", 0.0, "ce"),
     ("on-policy lmbda 0.5, ce routing", 0.5, "ce"),
     ("on-policy lmbda 1, ce routing", 1.0, "ce"),
+    ("on-policy lmbda 1, domain routing", 1.0, "domain"),
     ("on-policy lmbda 1, uniform blend", 1.0, "uniform"),
 ]
+ROUTERS = {"ce": {"kind": "ce", "tau": 0.5}, "uniform": {"kind": "uniform"},
+           "domain": {"kind": "domain", "weights": {"math": "arith"}}}  # the task's rows to its specialist
 
 
 def recipe_dict(lmbda: float, router: str, seed: int, steps: int, out: Path) -> dict:
@@ -58,7 +63,7 @@ def recipe_dict(lmbda: float, router: str, seed: int, steps: int, out: Path) -> 
         "data": {"seq_len": 64, "packing": False,
                  "train": [{"type": "jsonl", "path": str(arith / "data" / "train.jsonl"), "field": "messages",
                             "format": "chat", "domain": "math"}]},
-        "routing": {"kind": "ce", "tau": 0.5} if router == "ce" else {"kind": "uniform"},
+        "routing": ROUTERS[router],
         "loss": {"kind": "reverse_kl", "temperature": 1.0},
         "onpolicy": {"lmbda": lmbda, "max_new_tokens": 32, "temperature": 1.0, "samples": 0},
         "train": {"steps": steps, "micro_batch_size": 16, "lr": 1e-3, "warmup_steps": 10, "seed": seed,
@@ -83,6 +88,8 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=300, help="held-out problems scored")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "RESULTS_ONPOLICY.md")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "results_onpolicy")
+    parser.add_argument("--only", help="train these arms only (comma-separated numbers from 1, in table order) and "
+                        "write no page: to share the arms between processes; a later full call reuses their runs")
     args = parser.parse_args()
     if not (arith_task.OUT / "teachers" / "arith").is_dir():
         raise SystemExit("the arithmetic teacher is missing: run `python tools/arith_task.py` first")
@@ -98,17 +105,29 @@ def main() -> None:
     teacher_em = arith_task.exact_match(teacher, tokenizer, held)
     results: dict[str, dict[int, tuple[float, float]]] = {name: {} for name, _, _ in ARMS}
     quiet = Console(file=io.StringIO())
-    for name, lmbda, router in ARMS:
+    chosen = [ARMS[int(i) - 1] for i in args.only.split(",")] if args.only else ARMS
+    for name, lmbda, router in chosen:
         for seed in args.seeds:
             tag = f"lmbda{lmbda:g}-{router}-s{seed}"
             path = args.runs / f"{tag}.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(yaml.safe_dump(recipe_dict(lmbda, router, seed, args.steps, args.runs / tag)))
-            run_dir = run(load_recipe(path), overwrite=True, console=quiet)
+            text = yaml.safe_dump(recipe_dict(lmbda, router, seed, args.steps, args.runs / tag))
+            run_dir = args.runs / tag
+            if not finished(run_dir, path, text):  # a run this recipe already finished is reused, not retrained
+                path.write_text(text)
+                run_dir = run(load_recipe(path), overwrite=True, console=quiet)
             results[name][seed] = score(run_dir, teacher, tokenizer, held)
             print(f"{name}, seed {seed}: exact match {results[name][seed][0]:.1%}, "
                   f"reverse KL {results[name][seed][1]:.3f}", flush=True)
-    write_markdown(args, teacher_em, results, time.time() - started)
+    if not args.only:
+        write_markdown(args, teacher_em, results, time.time() - started)
+
+
+def finished(run_dir: Path, path: Path, text: str) -> bool:
+    """The run of exactly this recipe completed already (its recipe file and run.json say so)."""
+    facts = run_dir / "run.json"
+    return (path.is_file() and path.read_text() == text and facts.is_file()
+            and json.loads(facts.read_text()).get("status") == "complete")
 
 
 def verdict(results: dict, seeds: list[int], better: str, worse: str) -> str:
@@ -120,7 +139,7 @@ def verdict(results: dict, seeds: list[int], better: str, worse: str) -> str:
 
 def write_markdown(args, teacher_em: float, results: dict, seconds: float) -> None:
     seeds = args.seeds
-    off, half, full, uniform = (name for name, _, _ in ARMS)
+    off, half, full, domain, uniform = (name for name, _, _ in ARMS)
     lines = [
         "# Results: on-policy distillation on a task with checkable answers",
         "",
@@ -152,8 +171,10 @@ def write_markdown(args, teacher_em: float, results: dict, seconds: float) -> No
         "## Verdicts (exact match, decided seed by seed)",
         "",
         f"- On-policy lmbda 0.5 beats off-policy: {verdict(results, seeds, half, off)}.",
-        f"- On-policy lmbda 1 beats off-policy: {verdict(results, seeds, full, off)}.",
-        f"- Routed (ce) on-policy beats the uniform-blend on-policy student: {verdict(results, seeds, full, uniform)}.",
+        f"- On-policy lmbda 1 (ce routing) beats off-policy: {verdict(results, seeds, full, off)}.",
+        f"- On-policy lmbda 1 (domain routing) beats off-policy: {verdict(results, seeds, domain, off)}.",
+        f"- Routed on-policy beats the uniform-blend on-policy student: ce routing "
+        f"{verdict(results, seeds, full, uniform)}; domain routing {verdict(results, seeds, domain, uniform)}.",
         "",
     ]
     args.out.write_text("\n".join(lines), encoding="utf-8")
