@@ -105,6 +105,7 @@ def main() -> None:
     teacher_em = arith_task.exact_match(teacher, tokenizer, held)
     results: dict[str, dict[int, tuple[float, float]]] = {name: {} for name, _, _ in ARMS}
     quiet = Console(file=io.StringIO())
+    drift: dict[str, dict[int, tuple[float, float, float, float]]] = {}
     chosen = [ARMS[int(i) - 1] for i in args.only.split(",")] if args.only else ARMS
     for name, lmbda, router in chosen:
         for seed in args.seeds:
@@ -117,10 +118,25 @@ def main() -> None:
                 path.write_text(text)
                 run_dir = run(load_recipe(path), overwrite=True, console=quiet)
             results[name][seed] = score(run_dir, teacher, tokenizer, held)
+            if lmbda > 0:
+                drift.setdefault(name, {})[seed] = arith_drift(run_dir)
             print(f"{name}, seed {seed}: exact match {results[name][seed][0]:.1%}, "
                   f"reverse KL {results[name][seed][1]:.3f}", flush=True)
     if not args.only:
-        write_markdown(args, teacher_em, results, time.time() - started)
+        write_markdown(args, teacher_em, results, drift, time.time() - started)
+
+
+def arith_drift(run_dir: Path, window: int = 10) -> tuple[float, float, float, float]:
+    """From the run's metrics.jsonl: `arith`'s routing share on the sampled tokens and its reverse
+    KL on them, each averaged over the first and the last `window` steps with samples."""
+    rows = [json.loads(line)["on_policy"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["tokens"]]
+
+    def mean(part: list[dict], key: str) -> float:
+        return sum(r[key]["arith"] for r in part) / len(part)
+
+    first, last = rows[:window], rows[-window:]
+    return mean(first, "share"), mean(last, "share"), mean(first, "reverse_kl"), mean(last, "reverse_kl")
 
 
 def finished(run_dir: Path, path: Path, text: str) -> bool:
@@ -137,7 +153,7 @@ def verdict(results: dict, seeds: list[int], better: str, worse: str) -> str:
     return f"no: it wins on {sum(wins)} of {len(seeds)} seeds"
 
 
-def write_markdown(args, teacher_em: float, results: dict, seconds: float) -> None:
+def write_markdown(args, teacher_em: float, results: dict, drift: dict, seconds: float) -> None:
     seeds = args.seeds
     off, half, full, domain, uniform = (name for name, _, _ in ARMS)
     lines = [
@@ -176,7 +192,19 @@ def write_markdown(args, teacher_em: float, results: dict, seconds: float) -> No
         f"- Routed on-policy beats the uniform-blend on-policy student: ce routing "
         f"{verdict(results, seeds, full, uniform)}; domain routing {verdict(results, seeds, domain, uniform)}.",
         "",
+        "## Who was trusted on the samples (from each run's metrics.jsonl)",
+        "",
+        "`arith`'s routing share on the sampled tokens and its reverse KL on them, mean of the first and of the",
+        "last 10 steps with samples, per seed:",
+        "",
+        "| student | " + " | ".join(f"seed {s}: share first → last, reverse KL first → last" for s in seeds) + " |",
+        "|---|" + "---|" * len(seeds),
     ]
+    for name, per_seed in drift.items():
+        cells = " | ".join(f"{per_seed[s][0]:.2f} → {per_seed[s][1]:.2f}, {per_seed[s][2]:.2f} → {per_seed[s][3]:.2f}"
+                           for s in seeds)
+        lines.append(f"| {name} | {cells} |")
+    lines.append("")
     args.out.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
 
