@@ -106,6 +106,7 @@ def main() -> None:
     results: dict[str, dict[int, tuple[float, float]]] = {name: {} for name, _, _ in ARMS}
     quiet = Console(file=io.StringIO())
     drift: dict[str, dict[int, tuple[float, float, float, float]]] = {}
+    reused = 0
     chosen = [ARMS[int(i) - 1] for i in args.only.split(",")] if args.only else ARMS
     for name, lmbda, router in chosen:
         for seed in args.seeds:
@@ -114,7 +115,9 @@ def main() -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             text = yaml.safe_dump(recipe_dict(lmbda, router, seed, args.steps, args.runs / tag))
             run_dir = args.runs / tag
-            if not finished(run_dir, path, text):  # a run this recipe already finished is reused, not retrained
+            if finished(run_dir, path, text):  # a run this recipe already finished is reused, not retrained
+                reused += 1
+            else:
                 path.write_text(text)
                 run_dir = run(load_recipe(path), overwrite=True, console=quiet)
             results[name][seed] = score(run_dir, teacher, tokenizer, held)
@@ -123,7 +126,7 @@ def main() -> None:
             print(f"{name}, seed {seed}: exact match {results[name][seed][0]:.1%}, "
                   f"reverse KL {results[name][seed][1]:.3f}", flush=True)
     if not args.only:
-        write_markdown(args, teacher_em, results, drift, time.time() - started)
+        write_markdown(args, teacher_em, results, drift, time.time() - started, reused)
 
 
 def arith_drift(run_dir: Path, window: int = 10) -> tuple[float, float, float, float]:
@@ -153,14 +156,15 @@ def verdict(results: dict, seeds: list[int], better: str, worse: str) -> str:
     return f"no: it wins on {sum(wins)} of {len(seeds)} seeds"
 
 
-def write_markdown(args, teacher_em: float, results: dict, drift: dict, seconds: float) -> None:
+def write_markdown(args, teacher_em: float, results: dict, drift: dict, seconds: float, reused: int) -> None:
     seeds = args.seeds
     off, half, full, domain, uniform = (name for name, _, _ in ARMS)
     lines = [
         "# Results: on-policy distillation on a task with checkable answers",
         "",
         f"Regenerate with `python tools/results_onpolicy.py` (this page: `--steps {args.steps} --seeds "
-        f"{' '.join(map(str, seeds))}`, {seconds / 60:.1f} minutes on this machine), after `python tools/arith_task.py`.",
+        f"{' '.join(map(str, seeds))}`, {seconds / 60:.1f} minutes for the call that wrote it, which reused "
+        f"{reused} finished runs of the same recipes), after `python tools/arith_task.py`.",
         "",
         "Task: two-digit addition with worked answers (tools/arith_task.py), 10% of the 10,000 problems held out.",
         "",
