@@ -70,6 +70,12 @@ def prompt_of(ids: Tensor, mask: Tensor, labels: Tensor, prompt_tokens: int) -> 
     return ids[:prompt_tokens] if int(mask.sum()) >= prompt_tokens else None
 
 
+def batch_prompts(batch: TokenBatch, prompt_tokens: int) -> list[Tensor | None]:
+    """The prompt of every row of a batch (prompt_of), None where a row gives none."""
+    return [prompt_of(batch.input_ids[b], batch.attention_mask[b], batch.labels[b], prompt_tokens)
+            for b in range(len(batch.input_ids))]
+
+
 @dataclass
 class OnPolicy:
     """The recipe's on-policy settings, resolved for this process."""
@@ -112,8 +118,7 @@ class OnPolicy:
 def rollout(model: Any, batch: TokenBatch, policy: OnPolicy, seed: int, greedy: bool = False) -> TokenBatch:
     """The on-policy version of `batch`: its prompts, each followed by the student's sampled
     completion, with targets on the completion only. `model` is the unwrapped student."""
-    prompts = [prompt_of(batch.input_ids[b], batch.attention_mask[b], batch.labels[b], policy.config.prompt_tokens)
-               for b in range(len(batch.input_ids))]
+    prompts = batch_prompts(batch, policy.config.prompt_tokens)
     completions = sample(model, prompts, policy, seed, greedy)
     rows = [(p, c) if p is not None else (batch.input_ids.new_full((1,), policy.pad_id), c[:0])
             for p, c in zip(prompts, completions)]
@@ -133,8 +138,7 @@ def rollout(model: Any, batch: TokenBatch, policy: OnPolicy, seed: int, greedy: 
 def fixed_samples(model: Any, rows: TokenBatch, policy: OnPolicy, tokenizer: Any) -> list[dict[str, str]]:
     """Greedy completions of the prompts of `rows` (the same rows at the start and the end of a
     run): [{"prompt", "completion"}] as text; rows that give no prompt are left out."""
-    prompts = [prompt_of(rows.input_ids[b], rows.attention_mask[b], rows.labels[b], policy.config.prompt_tokens)
-               for b in range(len(rows.input_ids))]
+    prompts = batch_prompts(rows, policy.config.prompt_tokens)
     completions = sample(model, prompts, policy, seed=0, greedy=True)
     return [{"prompt": tokenizer.decode(p), "completion": tokenizer.decode(c)}
             for p, c in zip(prompts, completions) if p is not None]
