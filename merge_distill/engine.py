@@ -37,6 +37,7 @@ from merge_distill.routing.base import RouterInputs
 from merge_distill.rundir import prepare_run_dir, write_json_atomic
 from merge_distill.schema import Recipe
 from merge_distill.signals import IGNORE_INDEX, TokenBatch
+from merge_distill.sources.signals import StudentHead
 from merge_distill.training import Training, build_training
 from merge_distill.trackers import Trackers
 
@@ -110,8 +111,8 @@ def forward_micro(t: Training, batch: TokenBatch, n_global: float, stats: BlendS
         weights = signals.route(router(inputs)).detach()  # teachers that do not cover a position: 0 there
         router_loss = router.aux_loss(inputs)
         if model is not None:
-            result = signals.loss_from_hidden(head_input[-1], model.get_output_embeddings().weight, logit_softcap(model),
-                                              weights, targets, setup)
+            head = StudentHead(model.get_output_embeddings().weight, t.vocab_size, logit_softcap(model))
+            result = signals.loss_from_hidden(head_input[-1], head, weights, targets, setup)
         else:
             result = signals.loss(student_logits, weights, targets, setup)
         agreement = signals.agreement(mask, t.vocab_size, AGREEMENT_TOKENS)

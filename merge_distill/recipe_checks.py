@@ -36,7 +36,7 @@ from merge_distill.rundir import run_dir_problems
 from merge_distill.schema import SELF_TEACHER, Recipe, looks_local
 from merge_distill.signals import IGNORE_INDEX, shift_targets
 from merge_distill.align import TokenBytes, align_row, special_counterparts, tokenizer_family
-from merge_distill.sources import needs_problems, training_source
+from merge_distill.sources import needs_problems
 from merge_distill.streaming import StreamRows
 from merge_distill.trackers import tracker_problems
 
@@ -106,15 +106,11 @@ def _on_policy(recipe: Recipe) -> list[str]:
 
 
 def _fused_loss(recipe: Recipe) -> list[str]:
-    """What train.fused_loss does not cover yet: sparse teachers (the cache, other tokenizers),
-    a ZeRO-3 student (its head is partitioned outside the forward), on-policy micro-batches."""
+    """What train.fused_loss does not cover yet: a ZeRO-3 student (its head is partitioned outside
+    the forward), on-policy micro-batches."""
     if not recipe.train.fused_loss:
         return []
     problems = []
-    source = training_source(recipe).name
-    if source != "online":
-        problems.append(f"train.fused_loss: the {source} teacher source gives top-k targets, which the logit-free loss "
-                        "does not take yet; set train.fused_loss: false")
     if recipe.distributed.student_zero_stage == 3:
         problems.append("train.fused_loss: a ZeRO-3 student's head is partitioned outside its forward; use "
                         "distributed.student_zero_stage <= 2 or train.fused_loss: false")

@@ -42,6 +42,7 @@ from merge_distill.losses.chunked import (
     shared_plan_fields,
 )
 from merge_distill.losses.registry import DivergenceFn
+from merge_distill.losses.sparse import _SparsePlan, logits_grad, sparse_plan_fields, sparse_target, student_on_buckets
 
 
 class HeadLogits:
@@ -81,11 +82,50 @@ class HeadLogits:
 
 
 @dataclass(kw_only=True)
-class _FusedPlan(_Plan):
-    """The dense plan plus the head: the tokenizer's vocabulary size and the soft-cap."""
+class _Head:
+    """What a fused plan adds to its driver's plan: the tokenizer's vocabulary size (rows of the
+    head that are tokens) and the soft-cap."""
 
     vocab_size: int
     softcap: float | None = None
+
+
+@dataclass(kw_only=True)
+class _FusedPlan(_Plan, _Head):
+    """The dense plan (teachers' logits or HeadLogits) plus the head."""
+
+
+@dataclass(kw_only=True)
+class _FusedSparsePlan(_SparsePlan, _Head):
+    """The sparse plan (teachers' top-k + tails: the cache, other tokenizers) plus the head."""
+
+
+def _dense_logit_grad(plan: _FusedPlan, idx: Tensor, logprobs: Tensor, sums: ChunkSums, h: Tensor, W: Tensor) -> Tensor | None:
+    """The dense chunk: blend the teachers' rows idx [c], add the divergence to `sums` ->
+    d loss / d (logits / T) [c, V] (None without needs_grad). logprobs [c, V] at T is consumed."""
+    valid = torch.ones(idx.numel(), dtype=torch.bool, device=idx.device)
+    target, has_weight = _blend_chunk(plan, idx, sums.dtype, valid)
+    grad = sums.divergence(logprobs, target, has_weight)
+    del target
+    if grad is None:
+        return None
+    # d/d(logits / T) = g - softmax * sum_v g (the log_softmax chain)
+    return logprobs.detach().exp_().mul_(-grad.sum(dim=-1, keepdim=True)).add_(grad)
+
+
+def _sparse_logit_grad(plan: _FusedSparsePlan, idx: Tensor, logprobs: Tensor, sums: ChunkSums, h: Tensor,
+                       W: Tensor) -> Tensor | None:
+    """The sparse chunk (losses/sparse.py: buckets of the teachers' top-k union + rest) -> the same
+    as _dense_logit_grad. Rows whose rest is tiny get their log-probs again from h [c, H] and W."""
+    weights = plan.weights[idx].to(sums.dtype)
+    target, buckets = sparse_target([ids[idx] for ids in plan.topk_ids], [v[idx] for v in plan.topk_logprobs],
+                                    [tail[idx].to(sums.dtype) for tail in plan.tails], weights, plan.blend,
+                                    plan.vocab_size)
+    side = student_on_buckets(
+        logprobs, buckets,
+        lambda bad: torch.log_softmax(_chunk_logits(h[bad], W, plan.softcap)[0] / sums.temperature, dim=-1))
+    grad_buckets = sums.divergence(side.logprobs, target, weights.sum(dim=-1) > 0)
+    return None if grad_buckets is None else logits_grad(grad_buckets, side, buckets)
 
 
 def _chunk_logits(h: Tensor, W: Tensor, softcap: float | None) -> tuple[Tensor, Tensor | None]:
@@ -100,14 +140,16 @@ def _chunk_logits(h: Tensor, W: Tensor, softcap: float | None) -> tuple[Tensor, 
 
 class _FusedDistill(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, hidden: Tensor, weight: Tensor, plan: _FusedPlan) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, plan: _FusedPlan | _FusedSparsePlan) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         ctx.set_materialize_grads(False)
         dtype = compute_dtype(hidden.dtype)
         H = hidden.shape[-1]
         flat_h = hidden.reshape(-1, H)
         W = weight[: plan.vocab_size].to(dtype)
         sums = ChunkSums(plan, dtype, hidden.device)
-        has_teachers = bool(plan.teacher_logits)
+        sparse = isinstance(plan, _FusedSparsePlan)
+        has_teachers = bool(plan.topk_ids if sparse else plan.teacher_logits)
+        logit_grad = _sparse_logit_grad if sparse else _dense_logit_grad
         want_grad = plan.needs_grad and has_teachers
         grad_h = torch.zeros(flat_h.shape, dtype=dtype, device=hidden.device) if want_grad else None
         grad_W = torch.zeros(weight.shape, dtype=dtype, device=hidden.device) if want_grad else None
@@ -123,15 +165,11 @@ class _FusedDistill(torch.autograd.Function):
             if T != 1.0:
                 logprobs.div_(T)
             torch.log_softmax(logprobs, dim=-1, out=logprobs)
-            valid = torch.ones(idx.numel(), dtype=torch.bool, device=idx.device)
-            target, has_weight = _blend_chunk(plan, idx, dtype, valid)
-            grad = sums.divergence(logprobs, target, has_weight)
-            del target
-            if grad is None:
+            g = logit_grad(plan, idx, logprobs, sums, h, W)  # type: ignore[arg-type]
+            del logprobs
+            if g is None:
                 continue
-            # d/d(logits / T) = g - softmax * sum_v g (the log_softmax chain), then / T, then the cap's chain
-            g = logprobs.detach().exp_().mul_(-grad.sum(dim=-1, keepdim=True)).add_(grad)
-            del grad, logprobs
+            # d/d(logits / T), then / T, then the cap's chain
             if T != 1.0:
                 g.div_(T)
             if squashed is not None:
@@ -148,7 +186,7 @@ class _FusedDistill(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_div: Tensor | None, grad_ce: Tensor | None) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
-        plan: _FusedPlan = ctx.plan
+        plan: _FusedPlan | _FusedSparsePlan = ctx.plan
         grad_h, grad_W = ctx.grads
         ctx.grads = (None, None)
         hidden_shape, hidden_dtype, weight_dtype = ctx.shapes
@@ -205,24 +243,76 @@ def fused_distill_loss(
     teacher_logits K x [B, T, V], weights [B, T, K], targets [B, T] and the rest as `distill_loss`.
     Equal to distill_loss(head(hidden)[..., :V], ...) in loss and gradients (tests/losses/test_fused.py).
     """
-    if hidden.dim() != 3 or lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"hidden must be [B, T, H] and lm_head_weight [V, H]; got {tuple(hidden.shape)} and "
-                         f"{tuple(lm_head_weight.shape)}")
+    V = _check_head(hidden, lm_head_weight, vocab_size)
     B, T, _ = hidden.shape
-    V = vocab_size or lm_head_weight.shape[0]
-    if V > lm_head_weight.shape[0]:
-        raise ValueError(f"vocab_size {V} is beyond the lm_head's {lm_head_weight.shape[0]} rows")
     shape_only = torch.empty(B, T, V, device="meta")
     check_common_inputs(shape_only, len(teacher_logits), weights, targets, config, blend, chunk_tokens)
     for k, logits in enumerate(teacher_logits):
         if logits.shape != (B, T, V):
             raise ValueError(f"teacher_logits[{k}] has shape {tuple(logits.shape)}, expected [B, T, V] = [{B}, {T}, {V}]")
-    fields = shared_plan_fields(hidden, targets, divergence, config, blend, chunk_tokens, compute_ce)
-    fields["needs_grad"] = torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad)
     plan = _FusedPlan(
         teacher_logits=[logits.detach().reshape(-1, V) for logits in teacher_logits],
         weights=weights.detach().reshape(targets.numel(), len(teacher_logits)),
-        teachers_normalized=teachers_normalized, vocab_size=V, softcap=softcap, **fields,
+        teachers_normalized=teachers_normalized, vocab_size=V, softcap=softcap,
+        **_shared_fields(hidden, lm_head_weight, targets, divergence, config, blend, chunk_tokens, compute_ce),
     )
     div_sum, ce_sum = _FusedDistill.apply(hidden, lm_head_weight, plan)
     return DistillOutput(div_sum, ce_sum, int(plan.valid_idx.numel()), plan.target_entropy_sum)
+
+
+def fused_sparse_distill_loss(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    topk_ids: list[Tensor],
+    topk_logprobs: list[Tensor],
+    tail_logprobs: list[Tensor],
+    weights: Tensor,
+    targets: Tensor,
+    divergence: DivergenceFn,
+    config: LossConfigBase,
+    blend: str = "mixture",
+    chunk_tokens: int = 1024,
+    compute_ce: bool = True,
+    vocab_size: int | None = None,
+    softcap: float | None = None,
+) -> DistillOutput:
+    """`sparse_distill_loss` (top-k + tail teachers: the cache, other tokenizers) from the
+    student's final hidden states [B, T, H] and lm_head_weight [V_rows, H], as
+    `fused_distill_loss`. Equal to sparse_distill_loss(head(hidden)[..., :V], ...) in loss and
+    gradients (tests/losses/test_fused.py)."""
+    V = _check_head(hidden, lm_head_weight, vocab_size)
+    B, T, _ = hidden.shape
+    shape_only = torch.empty(B, T, V, device="meta")
+    check_common_inputs(shape_only, len(topk_ids), weights, targets, config, blend, chunk_tokens)
+    plan = _FusedSparsePlan(
+        **sparse_plan_fields(shape_only.shape, topk_ids, topk_logprobs, tail_logprobs, weights),
+        vocab_size=V, softcap=softcap,
+        **_shared_fields(hidden, lm_head_weight, targets, divergence, config, blend, chunk_tokens, compute_ce),
+    )
+    div_sum, ce_sum = _FusedDistill.apply(hidden, lm_head_weight, plan)
+    return DistillOutput(div_sum, ce_sum, int(plan.valid_idx.numel()), plan.target_entropy_sum)
+
+
+def head_logits(hidden: Tensor, lm_head_weight: Tensor, vocab_size: int, softcap: float | None) -> Tensor:
+    """Differentiable logits [n, V] float32 of a few positions' hidden states [n, H] (the
+    positions a fused loss sends elsewhere, e.g. to the hard label)."""
+    dtype = compute_dtype(hidden.dtype)
+    return _chunk_logits(hidden.to(dtype), lm_head_weight[:vocab_size].to(dtype), softcap)[0]
+
+
+def _check_head(hidden: Tensor, lm_head_weight: Tensor, vocab_size: int | None) -> int:
+    """hidden [B, T, H] and lm_head_weight [V_rows, H] -> V, the rows that are tokens."""
+    if hidden.dim() != 3 or lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"hidden must be [B, T, H] and lm_head_weight [V, H]; got {tuple(hidden.shape)} and "
+                         f"{tuple(lm_head_weight.shape)}")
+    V = vocab_size or lm_head_weight.shape[0]
+    if V > lm_head_weight.shape[0]:
+        raise ValueError(f"vocab_size {V} is beyond the lm_head's {lm_head_weight.shape[0]} rows")
+    return V
+
+
+def _shared_fields(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, divergence: DivergenceFn,
+                   config: LossConfigBase, blend: str, chunk_tokens: int, compute_ce: bool) -> dict[str, Any]:
+    fields = shared_plan_fields(hidden, targets, divergence, config, blend, chunk_tokens, compute_ce)
+    fields["needs_grad"] = torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad)
+    return fields

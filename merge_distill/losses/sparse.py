@@ -318,7 +318,19 @@ def sparse_distill_loss(
     target_entropy_sum is the entropy of the blended target over the buckets.
     """
     check_common_inputs(student_logits, len(topk_ids), weights, targets, config, blend, chunk_tokens)
-    B, T, V = student_logits.shape
+    plan = _SparsePlan(
+        **sparse_plan_fields(student_logits.shape, topk_ids, topk_logprobs, tail_logprobs, weights),
+        **shared_plan_fields(student_logits, targets, divergence, config, blend, chunk_tokens, compute_ce),
+    )
+    div_sum, ce_sum = _SparseDistill.apply(student_logits, plan)
+    return DistillOutput(div_sum, ce_sum, int(plan.valid_idx.numel()), plan.target_entropy_sum)
+
+
+def sparse_plan_fields(shape: tuple[int, ...], topk_ids: list[Tensor], topk_logprobs: list[Tensor],
+                       tail_logprobs: list[Tensor], weights: Tensor) -> dict[str, Any]:
+    """Check the teachers' sparse inputs against the student's [B, T, V] `shape` and flatten them
+    over B*T: the teachers' fields of a sparse plan (this driver's and the fused one's)."""
+    B, T, V = shape
     K = len(topk_ids)
     if not (len(topk_logprobs) == len(tail_logprobs) == K):
         raise ValueError(f"got {K} id tensors, {len(topk_logprobs)} log-prob tensors and {len(tail_logprobs)} tails")
@@ -330,12 +342,7 @@ def sparse_distill_loss(
             raise ValueError(f"teacher {j}: tail has shape {tuple(tail_logprobs[j].shape)}, expected [{B}, {T}]")
         if topk_ids[j].shape[-1] > V:
             raise ValueError(f"teacher {j}: k = {topk_ids[j].shape[-1]} is larger than the vocabulary ({V})")
-    plan = _SparsePlan(
-        topk_ids=[ids.reshape(B * T, -1).long() for ids in topk_ids],
-        topk_logprobs=[values.detach().reshape(B * T, -1) for values in topk_logprobs],
-        tails=[tail.detach().reshape(B * T) for tail in tail_logprobs],
-        weights=weights.detach().reshape(B * T, K),
-        **shared_plan_fields(student_logits, targets, divergence, config, blend, chunk_tokens, compute_ce),
-    )
-    div_sum, ce_sum = _SparseDistill.apply(student_logits, plan)
-    return DistillOutput(div_sum, ce_sum, int(plan.valid_idx.numel()), plan.target_entropy_sum)
+    return {"topk_ids": [ids.reshape(B * T, -1).long() for ids in topk_ids],
+            "topk_logprobs": [values.detach().reshape(B * T, -1) for values in topk_logprobs],
+            "tails": [tail.detach().reshape(B * T) for tail in tail_logprobs],
+            "weights": weights.detach().reshape(B * T, K)}

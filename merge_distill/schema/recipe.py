@@ -134,8 +134,8 @@ class TrainSection(Section):
     log_every: int = Field(5, ge=1, description="Refresh the live display every this many steps.")
     fused_loss: bool = Field(
         False, description="Logit-free loss: the student's [B, T, V] logits are never built; the loss takes its final "
-        "hidden states and lm_head and makes logits one chunk at a time (losses/fused.py). Needs a plain linear "
-        "head, teachers on the student's tokenizer run live, student_zero_stage < 3, onpolicy.lmbda 0.")
+        "hidden states and lm_head and makes logits one chunk at a time (losses/fused.py). Any teacher source (live, "
+        "cache, other tokenizers). Needs a plain linear head, student_zero_stage < 3, onpolicy.lmbda 0.")
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "TrainSection":

@@ -5,6 +5,7 @@ Both kinds carry the per-token statistics routers read (gold NLL and entropy at 
 distributions are held, so the engine never asks which kind it has:
 
     signals.loss(student_logits, weights, targets, setup) -> DistillOutput
+    signals.loss_from_hidden(hidden, head, weights, targets, setup) -> the same (train.fused_loss)
     signals.agreement(mask, vocab_size, max_tokens)       -> Agreement (pairwise, report only)
 
 DenseSignals hold every teacher's full distribution [B, T, V] (online teachers); SparseSignals
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from itertools import combinations
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +28,7 @@ from torch import Tensor
 from merge_distill.errors import NonFiniteError
 from merge_distill.losses.base import LossConfigBase
 from merge_distill.losses.chunked import DistillOutput, distill_loss
-from merge_distill.losses.fused import fused_distill_loss
+from merge_distill.losses.fused import fused_distill_loss, fused_sparse_distill_loss, head_logits
 from merge_distill.losses.registry import DivergenceFn
 from merge_distill.losses.sparse import bucket_layout, sparse_distill_loss, teacher_table
 from merge_distill.report.stats import agreement_positions, logit_agreement, pairwise_js
@@ -86,14 +88,14 @@ class DenseSignals:
         return distill_loss(student_logits, self.logits, weights, targets, setup.divergence, setup.config,
                             setup.blend, setup.chunk_tokens, compute_ce=True, teachers_normalized=self.normalized)
 
-    def loss_from_hidden(self, hidden: Tensor, head_weight: Tensor, softcap: float | None, weights: Tensor,
-                         targets: Tensor, setup: LossSetup) -> DistillOutput:
-        """`loss` from the student's final hidden states [B, T, H] and head weight [V_rows, H]
-        (train.fused_loss): no [B, T, V] student logits (losses/fused.py)."""
-        V = self.logits[0].shape[-1]
-        return fused_distill_loss(hidden, head_weight, self.logits, weights, targets, setup.divergence, setup.config,
+    def loss_from_hidden(self, hidden: Tensor, head: StudentHead, weights: Tensor, targets: Tensor,
+                         setup: LossSetup) -> DistillOutput:
+        """`loss` from the student's final hidden states [B, T, H] and head (train.fused_loss): no
+        [B, T, V] student logits (losses/fused.py)."""
+        return fused_distill_loss(hidden, head.weight, self.logits, weights, targets, setup.divergence, setup.config,
                                   setup.blend, setup.chunk_tokens, compute_ce=True,
-                                  teachers_normalized=self.normalized, vocab_size=V, softcap=softcap)
+                                  teachers_normalized=self.normalized, vocab_size=head.vocab_size,
+                                  softcap=head.softcap)
 
     @torch.no_grad()
     def agreement(self, mask: Tensor, vocab_size: int, max_tokens: int) -> Agreement:
@@ -145,15 +147,22 @@ class SparseSignals:
         its term is the cross-entropy at temperature 1 (the forward KL to a one-hot target), added to
         the divergence sum, so such a position trains on the hard label only."""
         uncovered = (weights.sum(-1) == 0) & (targets != IGNORE_INDEX)
-        distilled = targets.masked_fill(uncovered, IGNORE_INDEX)
         out = sparse_distill_loss(student_logits, self.topk_ids, self.topk_logprobs, self.tail_logprobs, weights,
-                                  distilled, setup.divergence, setup.config, setup.blend, setup.chunk_tokens,
-                                  compute_ce=True)
-        if not bool(uncovered.any()):
-            return out
-        gold = F.cross_entropy(student_logits[uncovered].float(), targets[uncovered], reduction="sum")
-        return DistillOutput(out.divergence_sum + gold, out.ce_sum + gold,  # (1 - w) gold + w gold = gold
-                             out.n_tokens + int(uncovered.sum()), out.target_entropy_sum)
+                                  targets.masked_fill(uncovered, IGNORE_INDEX), setup.divergence, setup.config,
+                                  setup.blend, setup.chunk_tokens, compute_ce=True)
+        return with_gold_only(out, lambda: student_logits[uncovered], targets, uncovered)
+
+    def loss_from_hidden(self, hidden: Tensor, head: StudentHead, weights: Tensor, targets: Tensor,
+                         setup: LossSetup) -> DistillOutput:
+        """`loss` from the student's final hidden states [B, T, H] and head (train.fused_loss):
+        the sparse loss made one chunk of logits at a time, and the uncovered positions' logits alone."""
+        uncovered = (weights.sum(-1) == 0) & (targets != IGNORE_INDEX)
+        out = fused_sparse_distill_loss(
+            hidden, head.weight, self.topk_ids, self.topk_logprobs, self.tail_logprobs, weights,
+            targets.masked_fill(uncovered, IGNORE_INDEX), setup.divergence, setup.config, setup.blend,
+            setup.chunk_tokens, compute_ce=True, vocab_size=head.vocab_size, softcap=head.softcap)
+        return with_gold_only(out, lambda: head_logits(hidden[uncovered], head.weight, head.vocab_size, head.softcap),
+                              targets, uncovered)
 
     @torch.no_grad()
     def agreement(self, mask: Tensor, vocab_size: int, max_tokens: int) -> Agreement:
@@ -188,6 +197,28 @@ class SparseSignals:
 
 
 TeacherSignals = DenseSignals | SparseSignals
+
+
+@dataclass
+class StudentHead:
+    """The student's output head as the fused loss takes it (train.fused_loss): weight [V_rows, H]
+    (tied or not), vocab_size V <= V_rows (the rows that are tokens), Gemma's soft-cap or None."""
+
+    weight: Tensor
+    vocab_size: int
+    softcap: float | None
+
+
+def with_gold_only(out: DistillOutput, uncovered_logits: Callable[[], Tensor], targets: Tensor,
+                   uncovered: Tensor) -> DistillOutput:
+    """Positions no teacher covers (uncovered [B, T] bool, no weight after `route`) train on the
+    gold token: their cross-entropy at temperature 1 (the forward KL to a one-hot target) joins
+    the divergence sum and the CE sum. uncovered_logits() -> their logits [n, V]."""
+    if not bool(uncovered.any()):
+        return out
+    gold = F.cross_entropy(uncovered_logits().float(), targets[uncovered], reduction="sum")
+    return DistillOutput(out.divergence_sum + gold, out.ce_sum + gold,  # (1 - w) gold + w gold = gold
+                         out.n_tokens + int(uncovered.sum()), out.target_entropy_sum)
 
 
 def check_finite(names: list[str], nll: list[Tensor], entropy: list[Tensor], where: str = "log-probabilities") -> None:
