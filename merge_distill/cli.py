@@ -110,8 +110,12 @@ def cache(
     result = write_cache(loaded, console=console, overwrite=overwrite)
     manifest = result.root / "manifest.json"
     if int(os.environ.get("RANK", "0")) == 0:
-            console.print(f"cache complete: {result.root} ({result.shards_written} shards written, {result.shards_kept} kept "
-                      f"from before, {result.seconds:.1f} s); train from it with cache.use=true (manifest: {manifest})")
+        stored = json.loads(manifest.read_text())
+        what = ("the teachers' hidden states (int8) and heads: full distributions"
+                if stored["store"] == "hidden" else f"top-{stored['k']} log-probs ({stored['dtype']}) + tail")
+        console.print(f"cache complete: {result.root} ({result.shards_written} shards written, {result.shards_kept} kept "
+                      f"from before, {result.seconds:.1f} s); stores {what}, {stored['bytes_per_token_per_teacher']} bytes "
+                      f"per token per teacher; train from it with cache.use=true (manifest: {manifest})")
 
 
 @app.command()

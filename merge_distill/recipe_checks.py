@@ -22,6 +22,7 @@ from merge_distill.evaluate import eval_rows
 from merge_distill.onpolicy import ON_POLICY_PROVIDES, last_run_start, prompt_of
 from merge_distill.models import (
     TOKENIZER_FILES,
+    aligned_teachers,
     cross_tokenizer_teachers,
     damaged_weights,
     layer_problems,
@@ -60,6 +61,7 @@ def cross_checks(recipe: Recipe, check_files: bool = True) -> list[str]:
         if not problems:
             problems += _context_lengths(recipe)
             problems += tokenizer_problems(recipe)
+            problems += _hidden_store(recipe)
     problems += needs_problems(recipe, recipe.routing.kind, ROUTERS.get(recipe.routing.kind).impl.needs)
     problems += recipe_problems(recipe, check_files and not problems)  # cache.use: manifest (cheap fields)
     return problems
@@ -103,6 +105,18 @@ def _on_policy(recipe: Recipe) -> list[str]:
                         f"student's sampled tokens do not give (they give {', '.join(sorted(ON_POLICY_PROVIDES))}); "
                         "choose another router or onpolicy.lmbda: 0")
     return problems
+
+
+def _hidden_store(recipe: Recipe) -> list[str]:
+    """cache.store: hidden stores hidden states in the student's vocabulary's head: every teacher
+    must share the student's tokenizer (auto falls back to topk instead)."""
+    if recipe.cache is None or recipe.cache.store != "hidden":
+        return []
+    aligned = aligned_teachers(recipe)
+    if not aligned:
+        return []
+    return [f"cache.store: hidden needs every teacher on the student's tokenizer, but {', '.join(map(repr, aligned))} "
+            "has another (its top-k is stored in its own vocabulary); set cache.store: topk or auto"]
 
 
 def _fused_loss(recipe: Recipe) -> list[str]:

@@ -30,6 +30,17 @@ def pico(tmp_path_factory) -> dict[str, Path]:
     return build_pico(tmp_path_factory.mktemp("pico"))
 
 
+@pytest.fixture(scope="module")
+def sp_teacher(tmp_path_factory):
+    """A pico teacher with a SentencePiece tokenizer of its own (and 8 padded embedding rows)."""
+    from merge_distill.pico import build_sentencepiece_tokenizer, pico_llama, prose_texts, stdlib_texts
+
+    folder = tmp_path_factory.mktemp("sp_teacher")
+    tokenizer = build_sentencepiece_tokenizer(stdlib_texts(30) + prose_texts(30), 500, folder)
+    pico_llama(len(tokenizer) + 8, seed=11, layers=2).save_pretrained(folder)
+    return folder
+
+
 def pico_recipe_dict(pico: dict[str, Path], out_dir: Path, **sections) -> dict:
     """A small valid two-teacher recipe on the pico assets; `sections` replace top-level keys."""
     recipe = {
@@ -72,13 +83,14 @@ def make_recipe(pico, tmp_path):
 
 @pytest.fixture
 def cached_recipe(pico, make_recipe, tmp_path):
-    """cached_recipe(**cache_fields) -> recipe path: pico teachers, 3 + 3 short examples, a cache section."""
+    """cached_recipe(**cache_fields) -> recipe path: pico teachers, 3 + 3 short examples, a cache section
+    (top-k unless cache_fields say otherwise: auto would store these small teachers' hidden states)."""
 
     def make(name: str = "recipe.yaml", **fields):
         data = {"seq_len": 32, "train": [
             {"type": "jsonl", "path": str(pico["code"]), "domain": "code", "max_examples": 3},
             {"type": "jsonl", "path": str(pico["prose"]), "domain": "prose", "max_examples": 3}]}
-        section = {"dir": str(tmp_path / "cache"), "k": 8, "rows_per_shard": 16, **fields}
+        section = {"dir": str(tmp_path / "cache"), "k": 8, "rows_per_shard": 16, "store": "topk", **fields}
         return make_recipe(name, data=data, cache=section,
                            train={"steps": 3, "micro_batch_size": 4, "lr": 1e-3, "seed": 0, "log_every": 1})
 

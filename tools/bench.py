@@ -77,7 +77,7 @@ def recipe(work: Path, k: int, args: argparse.Namespace) -> dict:
         "train": {"steps": args.warmup + args.steps, "micro_batch_size": args.batch, "lr": 1e-3, "schedule": "constant",
                   "max_grad_norm": None, "seed": 0, "log_every": 10**6},
         "output": {"dir": str(work / f"run-k{k}")},
-        "cache": {"dir": str(work / f"cache-k{k}"), "k": CACHE_K, "dtype": "float16", "use": False},
+        "cache": {"dir": str(work / f"cache-k{k}"), "k": CACHE_K, "dtype": "float16", "store": "topk", "use": False},
     }
 
 

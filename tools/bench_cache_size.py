@@ -15,9 +15,14 @@ direction of update).
     make demo   # once: builds the demo's teachers and data
     python tools/bench_cache_size.py --steps 6     # the table in docs/CACHE.md
 
+The last row is `cache.store: hidden` (what `auto`, the default, stores for these teachers): each
+teacher's final hidden state in int8 and its head once (heads.safetensors, counted apart); the
+run makes the full distributions back from them.
+
 --train-seeds trains instead: the quickstart student (uniform router) for its 100 steps from the
-dense teachers and from caches (k = 64 and the default k = 40, uint8), once per seed, and
-measures what the student learned: its held-out forward KL to the dense mixture of the teachers.
+dense teachers and from caches (top-k at k = 64 and k = 40, uint8, and the default: hidden states),
+once per seed, and measures what the student learned: its held-out forward KL to the dense mixture
+of the teachers.
 
     python tools/bench_cache_size.py --train-seeds 0 1 2   # the trained-student table in docs/CACHE.md
 """
@@ -38,12 +43,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from merge_distill.cache import codec  # noqa: E402
+from merge_distill.cache.manifest import read_manifest  # noqa: E402
 from merge_distill.cache.writer import _encode_teacher, topk_targets  # noqa: E402
 from merge_distill.engine import setup_run  # noqa: E402
 from merge_distill.recipe import load_recipe  # noqa: E402
 from merge_distill.signals import IGNORE_INDEX  # noqa: E402
+from merge_distill.losses.fused import HeadLogits  # noqa: E402
+from merge_distill.models import hidden_before_head  # noqa: E402
 from merge_distill.sources import SparseSignals  # noqa: E402
+from merge_distill.sources.signals import DenseSignals  # noqa: E402
 
+HIDDEN = ("hidden", "int8", 1.0)  # the hidden-state row's key
 SETTINGS = [(64, "float32", 1.0), (64, "float16", 1.0), (64, "uint8", 1.0), (40, "uint8", 1.0), (32, "float16", 1.0),
             (32, "uint8", 1.0), (16, "float16", 1.0), (64, "uint8", 0.9), (64, "uint8", 0.5)]
 
@@ -75,7 +85,26 @@ def decode_ms(rows: int = 8, teachers: int = 3, seq_len: int = 256, k: int = 64,
     return (time.perf_counter() - started) / reps * 1000
 
 
-TRAINED_ARMS = [("dense (online teachers)", None), ("cache k = 64, uint8", 64), ("cache k = 40, uint8 (default)", 40)]
+def hidden_signals(models: list, signals, batch, vocab_size: int) -> tuple[DenseSignals, int, int]:
+    """The teachers as a hidden-state cache gives them back: final hidden states through
+    codec.encode_hidden / decode_hidden, logits made from them and the head (HeadLogits); and
+    the bytes stored per token (all teachers) and the heads' bytes (float32, once per cache)."""
+    heads, stored, head_bytes = [], 0, 0
+    for model in models:
+        with torch.no_grad(), hidden_before_head(model) as captured:
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        hidden = captured[-1]
+        rows, scale = codec.encode_hidden(hidden)
+        back = torch.stack([codec.decode_hidden(r, s, hidden.shape[-1]) for r, s in zip(rows, scale)])
+        weight = model.get_output_embeddings().weight.detach()[:vocab_size]
+        heads.append(HeadLogits(back, weight, vocab_size))
+        stored += sum(map(len, rows)) + scale.nbytes + 8 * hidden.shape[0] * hidden.shape[1]
+        head_bytes += weight.numel() * 4
+    return DenseSignals(signals.names, heads, signals.gold_nll, signals.entropy), stored, head_bytes
+
+
+TRAINED_ARMS = [("dense (online teachers)", None), ("cache top-k, k = 64, uint8", 64), ("cache top-k, k = 40, uint8", 40),
+                ("cache hidden states (store: auto, the default)", "hidden")]
 
 
 @torch.no_grad()
@@ -135,10 +164,17 @@ def trained_fidelity(seeds: list[int]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         quickstart = uniform_quickstart(Path(tmp))
         for name, k in TRAINED_ARMS:
-            cache = [f"cache.dir={tmp}/cache-{k}", f"cache.k={k}", "cache.dtype=uint8"] if k else []
+            cache = []
+            if k == "hidden":
+                cache = [f"cache.dir={tmp}/cache-{k}", "cache.store=auto"]
+            elif k:
+                cache = [f"cache.dir={tmp}/cache-{k}", f"cache.k={k}", "cache.dtype=uint8", "cache.store=topk"]
             if k:
-                write_cache(load_recipe(quickstart, [*cache, f"output.dir={tmp}/w"]),
-                            console=quiet, overwrite=True, show_progress=False)
+                written = write_cache(load_recipe(quickstart, [*cache, f"output.dir={tmp}/w"]),
+                                      console=quiet, overwrite=True, show_progress=False)
+                stored = read_manifest(written.root)
+                assert stored["store"] == ("hidden" if k == "hidden" else "topk"), stored["store"]
+                print(f"{name}: {stored['bytes_per_token_per_teacher']} bytes per token per teacher", flush=True)
             for seed in seeds:
                 overrides = [f"train.seed={seed}", f"output.dir={tmp}/run-{k}-{seed}", "report.eval_at_end=false",
                              *cache, *(["cache.use=true"] if k else [])]
@@ -174,8 +210,8 @@ def main() -> None:
         t = parts.training
         bits = codec.id_bits(t.vocab_size)
         dense_sum, tokens = 0.0, 0
-        sums, stored, kept = ({s: 0.0 for s in SETTINGS} for _ in range(3))
-        dot, norm = {s: 0.0 for s in SETTINGS}, {s: 0.0 for s in SETTINGS}
+        sums, stored, kept = ({s: 0.0 for s in (*SETTINGS, HIDDEN)} for _ in range(3))
+        dot, norm = {s: 0.0 for s in (*SETTINGS, HIDDEN)}, {s: 0.0 for s in (*SETTINGS, HIDDEN)}
         dense_norm = 0.0
 
         def loss_and_grad(signals, student_logits, weights, targets) -> tuple[float, torch.Tensor]:
@@ -212,6 +248,12 @@ def main() -> None:
                 sums[setting] += loss
                 dot[setting] += float(grad @ dense_grad)
                 norm[setting] += float(grad @ grad)
+            hidden, nbytes, head_bytes = hidden_signals(t.source.models, signals, batch, t.vocab_size)
+            stored[HIDDEN] += nbytes
+            loss, grad = loss_and_grad(hidden, student_logits, weights, targets)
+            sums[HIDDEN] += loss
+            dot[HIDDEN] += float(grad @ dense_grad)
+            norm[HIDDEN] += float(grad @ grad)
     per_teacher_tokens = tokens * K
     print(f"demo teachers (vocabulary {t.vocab_size}: {bits}-bit ids), {tokens} positions x {K} teachers, "
           f"forward KL, uniform blend; dense loss {dense_sum / tokens:.4f} nats/token\n")
@@ -224,6 +266,10 @@ def main() -> None:
         print(f"| {k} | {dtype} | {mass} | {kept[setting] / per_teacher_tokens:.1f} | "
               f"{stored[setting] / per_teacher_tokens:.1f} | {100 * diff:+.2f}% | "
               f"{dot[setting] / (norm[setting] * dense_norm) ** 0.5:.4f} |")
+    diff = (sums[HIDDEN] - dense_sum) / dense_sum
+    print(f"| hidden states, int8 (`cache.store: hidden`; auto, the default, on these teachers) | - | - | full "
+          f"distribution | {stored[HIDDEN] / per_teacher_tokens:.1f} (+ heads {head_bytes / K / 2**20:.1f} MiB per teacher, "
+          f"once) | {100 * diff:+.4f}% | {dot[HIDDEN] / (norm[HIDDEN] * dense_norm) ** 0.5:.6f} |")
     print(f"\nreading one batch of tools/bench.py's cached workload (8 rows x 3 teachers, 256 positions, k = 64, "
           f"12-bit ids) decodes in {decode_ms(dtype='float16'):.1f} ms (float16) / {decode_ms(dtype='uint8'):.1f} ms (uint8)")
 

@@ -13,6 +13,12 @@ Per row (seq_len positions) and teacher a shard holds:
 
 `decode` gives back fixed [T, k] arrays: missing entries repeat the position's first id with a
 log-prob of -inf, which lists nothing (losses/sparse.py spreads the tail over V - n).
+
+With `cache.store: hidden` a shard holds instead, per row and teacher, the teacher's final hidden
+state at every position (the input of its lm_head) as int8, with one float32 scale per position
+(absmax / 127: each entry within half a step, 0.4% of the position's largest), and the head
+weight once per teacher (writer.py). A run makes the logits h W^T chunk by chunk: the full
+distribution, not a top-k, at H + 4 + 8 bytes per token (scale, NLL, entropy).
 """
 
 from __future__ import annotations
@@ -38,6 +44,28 @@ def bytes_per_token(k: float, dtype: str, vocab_size: int, adaptive: bool, align
     the count when adaptive, tail + NLL + entropy (float32), the span when aligned (int32)."""
     entries = k * (id_bits(vocab_size) / 8 + VALUE_BYTES[dtype])
     return entries + (np.dtype(count_dtype(int(k))).itemsize if adaptive else 0) + 12 + (4 if aligned else 0)
+
+
+def bytes_per_token_hidden(hidden_size: int) -> int:
+    """Stored bytes per token per teacher with `cache.store: hidden`: int8 entries, their float32
+    scale, NLL + entropy (float32)."""
+    return hidden_size + 4 + 8
+
+
+def encode_hidden(hidden: torch.Tensor) -> tuple[list[bytes], np.ndarray]:
+    """Hidden states [B, T, H] (any float dtype) -> per row T * H int8 bytes, and scales [B, T]
+    float32 (absmax / 127; 1 where a position is all zeros)."""
+    h = hidden.float()
+    scale = h.abs().amax(-1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(h / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return [row.numpy().tobytes() for row in q], scale.numpy()
+
+
+def decode_hidden(data: bytes, scale: np.ndarray, hidden_size: int) -> torch.Tensor:
+    """Inverse of encode_hidden for one row -> [T, H] float32."""
+    q = torch.from_numpy(np.frombuffer(data, np.int8).astype(np.float32)).view(-1, hidden_size)
+    return q * torch.from_numpy(scale.astype(np.float32)).unsqueeze(-1)
 
 
 def kept_counts(values: torch.Tensor, mass: float) -> torch.Tensor:

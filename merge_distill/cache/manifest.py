@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 
+from transformers import AutoConfig
+
+from merge_distill.cache import codec
+from merge_distill.errors import UserError
 from merge_distill.models import TOKENIZER_FILES, aligned_teachers, tokenizer_source
 from merge_distill.schema import SELF_TEACHER, Recipe
 
@@ -27,8 +31,14 @@ if TYPE_CHECKING:
     from merge_distill.data import SourceRows
 
 # 2: per-teacher tokenizer fingerprints, teachers aligned across tokenizers;
-# 3: packed ids, quantised values, adaptive k (codec.py), shard checksums
-CACHE_FORMAT = 3
+# 3: packed ids, quantised values, adaptive k (codec.py), shard checksums;
+# 4: `store` (topk or hidden: hidden states + heads.safetensors)
+CACHE_FORMAT = 4
+HEADS_FILE = "heads.safetensors"
+# cache.store: auto stores hidden states where they take at most this many bytes per token per
+# teacher (the budget the default top-k keeps under for every vocabulary up to 262,144 tokens),
+# or no more than the top-k would.
+HIDDEN_BUDGET_BYTES = 150
 CHECKSUM_FILE = "checksum"
 # The files that define a tokenizer (hashed into a teacher's fingerprint): those that hold one,
 # and the two that only accompany one.
@@ -123,6 +133,7 @@ def cheap_manifest(recipe: Recipe) -> dict[str, Any]:
         "aligned": aligned_teachers(recipe),
         "seq_len": recipe.data.seq_len, "packing": recipe.data.packing,
         "k": section.k, "temperature": recipe.loss.temperature, "dtype": section.dtype, "mass": section.mass,
+        "store": section.store,
     }
 
 
@@ -136,6 +147,63 @@ def full_manifest(recipe: Recipe, tokenizer: "PreTrainedTokenizerBase", sources:
         "sources": [{"label": s.label, "folder": _folder_name(s.label), "rows": len(s), "data_hash": rows_hash(s),
                      "shards": math.ceil(len(s) / section.rows_per_shard)} for s in sources],
     }
+
+
+def hidden_size(model: str, revision: str | None, trust_remote_code: bool) -> int:
+    """A model's final hidden size (the input width of its lm_head), from its config alone."""
+    config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+    return int(getattr(getattr(config, "text_config", None) or config, "hidden_size"))
+
+
+def student_hidden_size(recipe: Recipe) -> int:
+    """The student's final hidden size (a `self` teacher's), from configs and overrides alone."""
+    spec = recipe.student
+    if spec.model is not None:
+        return hidden_size(spec.model, spec.revision, spec.trust_remote_code)
+    names = {t.name: t for t in recipe.teachers}
+    if spec.from_teacher is not None:
+        source = names[spec.from_teacher.teacher]
+        return hidden_size(source.model, source.revision, source.trust_remote_code)
+    init = spec.from_config
+    assert init is not None
+    base = names[init.base].model if init.base in names else init.base
+    return int(init.overrides.get("hidden_size") or hidden_size(base, None, False))
+
+
+def resolve_store(recipe: Recipe, manifest: dict[str, Any], sharded_teachers: bool) -> tuple[str, list[int]]:
+    """What the cache stores (cache.store resolved: "topk" or "hidden") and the teachers' hidden
+    sizes. hidden needs every teacher on the student's tokenizer and whole (not ZeRO-3
+    partitioned) in the writer; auto takes it where it fits HIDDEN_BUDGET_BYTES or the top-k's
+    bytes. Raises UserError when cache.store: hidden cannot be had."""
+    section = recipe.cache
+    assert section is not None
+    if section.store == "topk":
+        return "topk", []
+    sizes = [student_hidden_size(recipe) if t.model == SELF_TEACHER else hidden_size(t.model, t.revision, t.trust_remote_code)
+             for t in recipe.teachers]
+    blockers = []
+    if manifest["aligned"]:
+        blockers.append(f"teachers {manifest['aligned']} have other tokenizers (their top-k is stored in their own "
+                        "vocabularies)")
+    if sharded_teachers:
+        blockers.append("the teachers are ZeRO-3 partitioned in this launch (distributed.teacher_zero_stage: 3 under "
+                        "DeepSpeed), so their heads are not whole")
+    if section.store == "hidden":
+        if blockers:
+            raise UserError(f"cache.store: hidden needs whole teachers on the student's tokenizer, but {'; '.join(blockers)}; "
+                            "set cache.store: topk (or auto)")
+        return "hidden", sizes
+    topk_bytes = codec.bytes_per_token(section.k, section.dtype, manifest["vocab_size"], section.mass < 1.0, False)
+    fits = all(codec.bytes_per_token_hidden(h) <= max(HIDDEN_BUDGET_BYTES, topk_bytes) for h in sizes)
+    return ("hidden", sizes) if fits and not blockers else ("topk", [])
+
+
+def file_checksum(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def shard_checksum(folder: Path) -> str:
@@ -165,8 +233,15 @@ def collect_checksums(root: Path, manifest: dict[str, Any]) -> tuple[dict[str, s
 
 
 def corrupt_shard(root: Path, manifest: dict[str, Any], name: str) -> str | None:
-    """Why shard `name` cannot be trusted (missing, or its bytes differ from the manifest's checksum), else None."""
+    """Why shard `name` (or the heads file) cannot be trusted (missing, or its bytes differ from the
+    manifest's checksum), else None."""
     folder = root / name
+    if name == HEADS_FILE:
+        if not folder.is_file():
+            return f"cache.dir: {name} of {root} (the teachers' heads) is missing"
+        if file_checksum(folder) != manifest.get("checksums", {}).get(name):
+            return f"cache.dir: {name} of {root} is corrupt (its bytes differ from the checksum in manifest.json)"
+        return None
     if not folder.is_dir():
         return f"cache.dir: shard {name} of {root} is missing"
     if shard_checksum(folder) != manifest.get("checksums", {}).get(name):
@@ -215,6 +290,11 @@ def manifest_differences(cached: dict[str, Any], expected: dict[str, Any], root:
                    f"student's or align.force changed); {REWRITE}")
     keys = {"seq_len": "data.seq_len", "packing": "data.packing", "k": "cache.k", "temperature": "loss.temperature",
             "dtype": "cache.dtype", "mass": "cache.mass", "vocab_size": "the vocabulary size", "rows_per_shard": "cache.rows_per_shard"}
+    if expected.get("store", "auto") != "auto" and cached.get("store") != expected["store"]:
+        out.append(f"cache.store is {expected['store']!r} but {where} was written with {cached.get('store')!r}; set it to "
+                   f"{cached.get('store')!r} or auto, or {REWRITE}")
+    if cached.get("store") == "hidden":  # the top-k settings do not apply to hidden states
+        keys = {f: key for f, key in keys.items() if f not in ("k", "dtype", "mass")}
     for field, key in keys.items():
         if field in expected and (writing or field != "rows_per_shard") and cached.get(field) != expected[field]:
             out.append(f"{key} is {expected[field]!r} but {where} was written with {cached.get(field)!r}; set it back "

@@ -9,10 +9,11 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import torch
+from safetensors import safe_open
 from torch import Tensor
 
 from merge_distill.cache import codec
-from merge_distill.cache.manifest import REWRITE_SHARD, corrupt_shard
+from merge_distill.cache.manifest import HEADS_FILE, REWRITE_SHARD, corrupt_shard
 from merge_distill.errors import UserError
 
 
@@ -29,8 +30,12 @@ class TeacherCache:
         self.num_teachers = len(manifest["teachers"])
         self.id_bits = [int(b) for b in manifest["id_bits"]]
         self.adaptive = float(manifest["mass"]) < 1.0
+        self.store = str(manifest["store"])
+        self.hidden_sizes = [int(h) for h in manifest.get("hidden_sizes", [])]
         # with teachers aligned across tokenizers every teacher also has its span (-1: not aligned)
         self.fields = ("tail", "nll", "entropy") + (("span",) if manifest["aligned"] else ())
+        if self.store == "hidden":
+            self.fields = ("scale", "nll", "entropy")
         self.sources = {s["label"]: s for s in manifest["sources"]}
         self._tables: dict[tuple[str, int], Any] = {}
 
@@ -44,17 +49,32 @@ class TeacherCache:
             self._tables[key] = datasets.load_from_disk(str(self.root / name)).data.table  # memory-mapped Arrow
         return self._tables[key]
 
+    def heads(self) -> list[tuple[Tensor, float | None]]:
+        """store "hidden": each teacher's head weight [V, H] and soft-cap (None: none), checked
+        against the manifest's checksum first (a UserError naming the file when it differs)."""
+        problem = corrupt_shard(self.root, self.manifest, HEADS_FILE)
+        if problem:
+            raise UserError(f"{problem}; delete that file and run `merge-distill cache RECIPE`, which writes it again")
+        with safe_open(str(self.root / HEADS_FILE), "pt") as f:
+            caps = f.metadata() or {}
+            return [(f.get_tensor(f"t{j}"), float(caps[f"t{j}_softcap"]) if caps.get(f"t{j}_softcap") else None)
+                    for j in range(self.num_teachers)]
+
     def read(self, labels: list[str], rows: list[int]) -> dict[str, list[Tensor]]:
         """B (label, row) pairs -> {"ids", "values", "tail", "nll", "entropy"} (+ "span" when teachers
         are aligned across tokenizers): K tensors each, ids [B, T, k] int64 and values [B, T, k]
-        float32 (-inf past the entries kept), [B, T] for the rest (CPU)."""
+        float32 (-inf past the entries kept), [B, T] for the rest (CPU). store "hidden":
+        {"hidden" [B, T, H] float32, "scale", "nll", "entropy" [B, T]} instead."""
         per_shard = int(self.manifest["rows_per_shard"])
         B, T, k = len(rows), self.seq_len, self.k
         out: dict[str, list[Tensor]] = {f: [torch.empty(B, T) for _ in range(self.num_teachers)] for f in self.fields}
         if "span" in out:
             out["span"] = [torch.empty(B, T, dtype=torch.int32) for _ in range(self.num_teachers)]
-        out["ids"] = [torch.empty(B, T, k, dtype=torch.long) for _ in range(self.num_teachers)]
-        out["values"] = [torch.empty(B, T, k) for _ in range(self.num_teachers)]
+        if self.store == "hidden":
+            out["hidden"] = [torch.empty(B, T, h) for h in self.hidden_sizes]
+        else:
+            out["ids"] = [torch.empty(B, T, k, dtype=torch.long) for _ in range(self.num_teachers)]
+            out["values"] = [torch.empty(B, T, k) for _ in range(self.num_teachers)]
         groups: dict[tuple[str, int], list[tuple[int, int]]] = {}
         for position, (label, row) in enumerate(zip(labels, rows)):
             groups.setdefault((label, row // per_shard), []).append((position, row % per_shard))
@@ -65,6 +85,12 @@ class TeacherCache:
                 for field in self.fields:
                     values = taken.column(f"t{j}_{field}").combine_chunks().flatten().to_numpy()
                     out[field][j][where] = torch.from_numpy(values.reshape(len(picks), T).copy()).to(out[field][j].dtype)
+                if self.store == "hidden":
+                    column = taken.column(f"t{j}_hidden")
+                    for i, position in enumerate(where):
+                        out["hidden"][j][position] = codec.decode_hidden(column[i].as_py(), out["scale"][j][position].numpy(),
+                                                                         self.hidden_sizes[j])
+                    continue
                 counts = (taken.column(f"t{j}_n").combine_chunks().flatten().to_numpy().reshape(len(picks), T)
                           if self.adaptive else np.full((len(picks), T), k))
                 ids_col, values_col = taken.column(f"t{j}_ids"), taken.column(f"t{j}_values")

@@ -2,7 +2,9 @@
 one `datasets` Arrow folder per shard, written atomically (resume keeps complete shards).
 Teachers come from the online teacher source, placed as in training; when some teacher has
 another tokenizer, from the aligned source: every teacher's top-k is then stored in its own
-vocabulary at the student's positions, with the span of its aligned token (-1: none)."""
+vocabulary at the student's positions, with the span of its aligned token (-1: none).
+With `cache.store: hidden` each teacher's final hidden states are stored instead (codec.py),
+and its head weight once, in heads.safetensors."""
 
 from __future__ import annotations
 
@@ -22,9 +24,10 @@ from torch import Tensor
 
 from merge_distill import distributed as dist_mod
 from merge_distill.cache import codec
-from merge_distill.cache.manifest import (CACHE_FORMAT, CHECKSUM_FILE, REWRITE_SHARD, collect_checksums, corrupt_shard,
-                                            full_manifest, manifest_differences, read_manifest, shard_checksum,
-                                            shard_folders)
+from merge_distill.cache.manifest import (CACHE_FORMAT, CHECKSUM_FILE, HEADS_FILE, REWRITE_SHARD, collect_checksums,
+                                            corrupt_shard, file_checksum, full_manifest, manifest_differences,
+                                            read_manifest, resolve_store, shard_checksum, shard_folders)
+from merge_distill.losses.fused import HeadLogits
 from merge_distill.data import SourceRows
 from merge_distill.errors import NonFiniteError, UserError
 from merge_distill.models import load_student, load_tokenizer, tokenizer_source
@@ -73,12 +76,20 @@ def teacher_targets(logits: Tensor, targets: Tensor, k: int, temperature: float,
     return {**topk_targets(logits, k, temperature, chunk_tokens), "nll": nll, "entropy": entropy}
 
 
-def _teacher_columns(teachers: OnlineTeachers | AlignedTeachers, batch: TokenBatch, recipe: Recipe) -> list[dict[str, Tensor]]:
+def _teacher_columns(teachers: OnlineTeachers | AlignedTeachers, batch: TokenBatch, recipe: Recipe,
+                     store: str) -> list[dict[str, Tensor]]:
     """Per teacher, what the cache stores for a batch: ids [B, T, k] int32, values [B, T, k] float32,
     tail / nll / entropy [B, T] float32, and for aligned teachers span [B, T] int32 (the byte length
-    of the teacher's next token, -1: not aligned). Raises NonFiniteError naming the teacher."""
+    of the teacher's next token, -1: not aligned); with store "hidden", hidden [B, T, H] and
+    nll / entropy instead. Raises NonFiniteError naming the teacher."""
     section = recipe.cache
     assert section is not None
+    if store == "hidden":
+        signals = teachers.signals(batch)
+        check_heads(signals.names, signals.logits)
+        B, T = batch.targets.shape
+        return [{"hidden": head.hidden.view(B, T, -1), "nll": signals.gold_nll[..., j].float(),  # type: ignore[union-attr]
+                 "entropy": signals.entropy[..., j].float()} for j, head in enumerate(signals.logits)]
     if isinstance(teachers, AlignedTeachers):  # ids in each teacher's own vocabulary, at the student's positions
         return [{"ids": t.ids.to(torch.int32), "values": t.logprobs, "tail": t.tail, "nll": t.gold_nll,
                  "entropy": t.entropy, "span": t.span} for t in teachers.teacher_targets(batch, section.k)]
@@ -92,9 +103,36 @@ def _teacher_columns(teachers: OnlineTeachers | AlignedTeachers, batch: TokenBat
     return out
 
 
+def check_heads(names: list[str], heads: list[Any]) -> None:
+    """cache.store: hidden needs every teacher's head as hidden states + a plain linear weight."""
+    for name, head in zip(names, heads):
+        if not isinstance(head, HeadLogits):
+            raise UserError(f"cache.store: hidden: teacher {name!r} has an output head that is not a plain linear layer, "
+                            "so its logits cannot be made from hidden states; set cache.store: topk")
+
+
+def _save_heads(teachers: OnlineTeachers, batch: TokenBatch, root: Path) -> None:
+    """heads.safetensors: each teacher's head weight [V, H] (the tokenizer's rows) as `t{j}`, and
+    its soft-cap in the metadata. Written atomically (a temporary file, then a rename)."""
+    from safetensors.torch import save_file
+
+    signals = teachers.signals(batch)
+    check_heads(signals.names, signals.logits)
+    tensors = {f"t{j}": head.weight.detach().contiguous().cpu() for j, head in enumerate(signals.logits)}
+    caps = {f"t{j}_softcap": str(head.softcap or "") for j, head in enumerate(signals.logits)}
+    partial = root / (HEADS_FILE + ".partial")
+    save_file(tensors, str(partial), metadata=caps)
+    partial.replace(root / HEADS_FILE)
+
+
 def _encode_teacher(out: dict[str, Tensor], j: int, dtype: str, mass: float, bits: int) -> dict[str, Any]:
     """One teacher's columns for a batch of rows (codec.py): per row its kept ids and values as
-    bytes, the kept counts when k is adaptive, and tail / NLL / entropy (/ span) [B, T]."""
+    bytes, the kept counts when k is adaptive, and tail / NLL / entropy (/ span) [B, T]; or, for
+    hidden states, per row their int8 bytes, and scale / NLL / entropy [B, T]."""
+    if "hidden" in out:
+        rows, scale = codec.encode_hidden(out["hidden"].cpu())
+        return {f"t{j}_hidden": rows, f"t{j}_scale": scale, f"t{j}_nll": out["nll"].cpu().numpy(),
+                f"t{j}_entropy": out["entropy"].cpu().numpy()}
     ids, values, tail = out["ids"].cpu(), out["values"].cpu().float(), out["tail"].cpu().float()
     B, T, k = values.shape
     if int(ids.max()) >= 1 << bits:
@@ -204,11 +242,16 @@ def write_cache(recipe: Recipe, console: Console | None = None, overwrite: bool 
     manifest["id_bits"] = id_bits
     root = Path(section.dir)
     accelerator = dist_mod.accelerator_for(recipe)
+    sharded = dist_mod.uses_deepspeed(accelerator) and recipe.distributed.teacher_zero_stage == 3
+    store, manifest["hidden_sizes"] = resolve_store(recipe, manifest, sharded)
+    manifest["store"] = store
     world, rank = accelerator.num_processes, accelerator.process_index
     is_main = rank == 0
     _prepare_root(root, manifest, overwrite, is_main)
     accelerator.wait_for_everyone()
     todo, kept = _pending_shards(root, rows, manifest)
+    # the heads are (re)written whenever they are not known good: a first call, or a damaged file
+    heads_needed = store == "hidden" and corrupt_shard(root, read_manifest(root) or {}, HEADS_FILE) is not None
     accelerator.wait_for_everyone()  # every process has listed the shards before any is written
     mine = todo[rank::world]
     per_shard, batch_rows = section.rows_per_shard, recipe.train.micro_batch_size
@@ -216,19 +259,22 @@ def write_cache(recipe: Recipe, console: Console | None = None, overwrite: bool 
                for shard_index, (source_rows, shard, _) in enumerate(mine)
                for stop in [min(len(source_rows), (shard + 1) * per_shard)]
                for b in range(shard * per_shard, stop, batch_rows)]
-    rounds = dist_mod.global_max(accelerator, len(batches))  # teacher forwards are collective under ZeRO-3
+    rounds = dist_mod.global_max(accelerator, max(len(batches), int(heads_needed)))  # collective under ZeRO-3
     teachers: OnlineTeachers | AlignedTeachers | None = None
     if rounds:
         student = load_student(recipe) if any(t.model == SELF_TEACHER for t in recipe.teachers) else None
         teachers = (AlignedTeachers.open(recipe, accelerator, tokenizer, student) if manifest["aligned"]
                     else OnlineTeachers.open(recipe, accelerator, vocab_size, student))
+        if store == "hidden":
+            teachers.fused_heads = True  # type: ignore[union-attr]  # hidden states + head, never [B, T, V]
     device = accelerator.device
     my_rows = sum(sl.stop - sl.start for _, sl in batches)
     columns_bar = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
                    TimeElapsedColumn(), TimeRemainingColumn()]
     written = 0
     with Progress(*columns_bar, console=console, disable=not (show_progress and is_main)) as progress:
-        task = progress.add_task(f"caching {len(recipe.teachers)} teachers (top-{section.k}, process {rank + 1} of {world})",
+        what = "hidden states" if store == "hidden" else f"top-{section.k}"
+        task = progress.add_task(f"caching {len(recipe.teachers)} teachers ({what}, process {rank + 1} of {world})",
                                  total=my_rows)
         parts: dict[str, list[np.ndarray]] = {}
         for i in range(rounds):
@@ -236,8 +282,10 @@ def write_cache(recipe: Recipe, console: Console | None = None, overwrite: bool 
             source_rows = mine[shard_index][0] if batches else rows[0]
             taken = source_rows.take(sl)
             batch = TokenBatch(taken.input_ids.to(device), taken.attention_mask.to(device), taken.labels.to(device), [], [])
+            if heads_needed and i == 0 and is_main:
+                _save_heads(teachers, batch, root)  # type: ignore[arg-type]
             try:
-                stored = _teacher_columns(teachers, batch, recipe)  # type: ignore[arg-type]
+                stored = _teacher_columns(teachers, batch, recipe, store)  # type: ignore[arg-type]
             except NonFiniteError as exc:
                 raise NonFiniteError(f"{exc} on rows {sl.start}..{sl.stop - 1} of {source_rows.label}") from None
             if i >= len(batches):
@@ -261,6 +309,9 @@ def write_cache(recipe: Recipe, console: Console | None = None, overwrite: bool 
     written = int(dist_mod.global_sum(accelerator, written))
     if is_main:
         manifest["checksums"], stored_bytes = collect_checksums(root, manifest)
+        if store == "hidden":  # paid once per cache, not per token: recorded beside the per-token figure
+            manifest["checksums"][HEADS_FILE] = file_checksum(root / HEADS_FILE)
+            manifest["heads_bytes"] = (root / HEADS_FILE).stat().st_size
         total_tokens = sum(s["rows"] for s in manifest["sources"]) * manifest["seq_len"] * len(manifest["teachers"])
         manifest["bytes_per_token_per_teacher"] = round(stored_bytes / max(total_tokens, 1), 2)
         manifest["complete"] = True
@@ -281,7 +332,7 @@ def verify_cache(root: Path) -> int:
     if not manifest.get("complete"):
         raise UserError(f"cache.dir: the cache in {root} is incomplete; finish it with `merge-distill cache RECIPE` "
                         "(it resumes where it stopped)")
-    names = [name for name, _ in shard_folders(root, manifest)]
+    names = [name for name, _ in shard_folders(root, manifest)] + ([HEADS_FILE] if manifest.get("store") == "hidden" else [])
     problems = [p for p in (corrupt_shard(root, manifest, name) for name in names) if p]
     if problems:
         raise UserError([*problems, f"for each: {REWRITE_SHARD}"])

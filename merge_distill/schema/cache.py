@@ -22,4 +22,9 @@ class CacheSection(BaseModel):
     mass: float = Field(
         1.0, gt=0, le=1, description="Adaptive k: keep the fewest top entries whose probability reaches this share, "
         "at most k (1.0: always k). The tail holds the rest exactly.")
+    store: Literal["auto", "topk", "hidden"] = Field(
+        "auto", description="What is stored per token and teacher. topk: the top-k log-probs + tail (any teacher). "
+        "hidden: the teacher's final hidden state (int8) and its head once, so a run gets the full distribution back "
+        "(teachers on the student's tokenizer with a plain linear head; H + 12 bytes per token). auto: hidden where "
+        "that takes at most 150 bytes or no more than the top-k would, else topk.")
     rows_per_shard: int = Field(256, ge=1, description="Source rows per Arrow shard (the unit of resume).")

@@ -58,7 +58,7 @@ def phases(pico, tmp_path_factory) -> dict:
                               {"type": "jsonl", "path": str(pico["prose"]), "domain": "prose", "max_examples": 4}]
     recipe["routing"] = {"kind": "learned", "lr": 0.05}
     recipe["train"].update(steps=3, micro_batch_size=2, lr=5e-3, schedule="constant", max_grad_norm=None)
-    recipe["cache"] = {"dir": str(tmp / "unused-cache"), "k": 16, "dtype": "float32", "rows_per_shard": 4}
+    recipe["cache"] = {"dir": str(tmp / "unused-cache"), "k": 16, "dtype": "float32", "rows_per_shard": 4, "store": "topk"}
     recipe["distributed"] = {"zero3_param_persistence_threshold": 0}
     two = write_recipe(tmp / "two.yaml", recipe)
     recipe["train"]["micro_batch_size"] = 4  # one process, the same global batch

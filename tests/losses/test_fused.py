@@ -296,18 +296,14 @@ def test_a_fused_run_from_the_cache_trains_as_the_logits_run(cached_recipe, tmp_
     assert_same_training(*(sparse_run_metrics(path, tmp_path, fused, overrides) for fused in (False, True)))
 
 
-def test_a_fused_run_across_tokenizers_trains_as_the_logits_run(pico, tmp_path):
+def test_a_fused_run_across_tokenizers_trains_as_the_logits_run(pico, sp_teacher, tmp_path):
     """train.fused_loss with a SentencePiece teacher beside a byte-level one (sparse targets in the
     student's vocabulary, positions no teacher covers trained on the gold token)."""
     from conftest import pico_recipe_dict, write_recipe
-    from merge_distill.pico import build_sentencepiece_tokenizer, pico_llama, prose_texts, stdlib_texts
 
-    folder = tmp_path / "sp"
-    tokenizer = build_sentencepiece_tokenizer(stdlib_texts(30) + prose_texts(30), 500, folder)
-    pico_llama(len(tokenizer) + 8, seed=11, layers=2).save_pretrained(folder)
     recipe = pico_recipe_dict(pico, tmp_path / "run", routing={"kind": "ce", "tau": 1.0},
                               loss={"kind": "forward_kl", "temperature": 2.0})
-    recipe["teachers"][1]["model"] = str(folder)
+    recipe["teachers"][1]["model"] = str(sp_teacher)
     recipe["align"] = {"k": 16}
     recipe["train"].update(steps=2, chunk_tokens=16)
     path = write_recipe(tmp_path / "r.yaml", recipe)
