@@ -316,3 +316,36 @@ def test_fused_loss_refusals(cached_recipe, monkeypatch, capsys):
     code, text = run_cli(["validate", str(cached_recipe()), "train.fused_loss=true", "onpolicy.lmbda=0.5",
                           "distributed.student_zero_stage=3"], monkeypatch, capsys)
     assert code == 2 and "ZeRO-3 student's head" in text and "on-policy micro-batches read" in text
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_bfloat16_inputs_accumulate_in_float32(sparse):
+    """bf16 hidden states and head (as on GPU): the loss is computed in float32 from them, equal to
+    the logits driver on the same values upcast, and the gradients come back in bf16 within its
+    rounding (2^-8 relative)."""
+    entry = DIVERGENCES.get("forward_kl")
+    config = entry.config_cls(kind="forward_kl", temperature=2.0, hard_label_weight=0.2)
+    hidden, weight, ids, values, tails, targets, weights = sparse_inputs(6, temperature=2.0)
+    _, _, teachers, _, _ = inputs(6)
+    results = []
+    for half in (True, False):
+        h = hidden.bfloat16() if half else hidden.bfloat16().float()
+        w = weight.bfloat16() if half else weight.bfloat16().float()
+        h.requires_grad_(True)
+        w.requires_grad_(True)
+        if half:
+            out = (fused_sparse_distill_loss(h, w, ids, values, tails, weights, targets, entry.impl, config,
+                                             chunk_tokens=5, vocab_size=V) if sparse else
+                   fused_distill_loss(h, w, teachers, weights, targets, entry.impl, config, chunk_tokens=5, vocab_size=V))
+        else:
+            logits = h @ w[:V].T
+            out = (sparse_distill_loss(logits, ids, values, tails, weights, targets, entry.impl, config, chunk_tokens=5)
+                   if sparse else distill_loss(logits, teachers, weights, targets, entry.impl, config, chunk_tokens=5))
+        (0.8 * out.divergence_sum + 0.2 * out.ce_sum).backward()
+        results.append((float(out.divergence_sum.detach()), float(out.ce_sum.detach()), h.grad, w.grad,
+                        out.divergence_sum.dtype))
+    (div, ce, gh, gw, dtype), (ref_div, ref_ce, ref_gh, ref_gw, _) = results
+    assert dtype == torch.float32  # accumulated in float32, not bf16
+    assert (div, ce) == pytest.approx((ref_div, ref_ce), rel=1e-5)
+    assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
+    assert close(gh.float(), ref_gh, rel=2**-7) and close(gw.float(), ref_gw, rel=2**-7)
