@@ -47,6 +47,8 @@ ARMS = [
     ("on-policy lmbda 1, ce routing", 1.0, "ce"),
     ("on-policy lmbda 1, domain routing", 1.0, "domain"),
     ("on-policy lmbda 1, uniform blend", 1.0, "uniform"),
+    ("off-policy (lmbda 0), domain routing", 0.0, "domain"),
+    ("on-policy lmbda 0.5, domain routing", 0.5, "domain"),
 ]
 ROUTERS = {"ce": {"kind": "ce", "tau": 0.5}, "uniform": {"kind": "uniform"},
            "domain": {"kind": "domain", "weights": {"math": "arith"}}}  # the task's rows to its specialist
@@ -158,7 +160,7 @@ def verdict(results: dict, seeds: list[int], better: str, worse: str) -> str:
 
 def write_markdown(args, teacher_em: float, results: dict, drift: dict, seconds: float, reused: int) -> None:
     seeds = args.seeds
-    off, half, full, domain, uniform = (name for name, _, _ in ARMS)
+    off, half, full, domain, uniform, off_domain, half_domain = (name for name, _, _ in ARMS)
     lines = [
         "# Results: on-policy distillation on a task with checkable answers",
         "",
@@ -193,6 +195,10 @@ def write_markdown(args, teacher_em: float, results: dict, drift: dict, seconds:
         f"- On-policy lmbda 0.5 beats off-policy: {verdict(results, seeds, half, off)}.",
         f"- On-policy lmbda 1 (ce routing) beats off-policy: {verdict(results, seeds, full, off)}.",
         f"- On-policy lmbda 1 (domain routing) beats off-policy: {verdict(results, seeds, domain, off)}.",
+        f"- On-policy lmbda 0.5 (domain routing) beats off-policy: {verdict(results, seeds, half_domain, off)}; "
+        f"beats off-policy with the same domain routing: {verdict(results, seeds, half_domain, off_domain)}.",
+        f"- On-policy lmbda 1 (domain routing) beats off-policy with the same domain routing: "
+        f"{verdict(results, seeds, domain, off_domain)}.",
         f"- Routed on-policy beats the uniform-blend on-policy student: ce routing "
         f"{verdict(results, seeds, full, uniform)}; domain routing {verdict(results, seeds, domain, uniform)}.",
         "",

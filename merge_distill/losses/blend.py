@@ -61,11 +61,17 @@ class OnlineBlend:
         self.weights = weights
         self._acc: Tensor | None = None
 
-    def add(self, k: int, teacher_logprobs: Tensor) -> None:
-        """Fold in teacher k's log-probs [N, V]. The tensor is overwritten (used as scratch)."""
+    def log_weight(self, k: int, dtype: torch.dtype) -> Tensor:
+        """log w_k [N, 1] (-inf where the weight is 0)."""
+        return torch.log(self.weights[:, k].to(dtype).unsqueeze(-1))
+
+    def add(self, k: int, teacher_logprobs: Tensor, weighted: bool = False) -> None:
+        """Fold in teacher k's log-probs [N, V]. The tensor is overwritten (used as scratch).
+        weighted (mixture only): it already holds log w_k + log P_k."""
         w = self.weights[:, k].to(teacher_logprobs.dtype).unsqueeze(-1)  # [N, 1]
         if self.mode == "mixture":
-            term = teacher_logprobs.add_(torch.log(w))  # log w = -inf drops the teacher exactly
+            # log w = -inf drops the teacher exactly
+            term = teacher_logprobs if weighted else teacher_logprobs.add_(torch.log(w))
             if self._acc is None:
                 self._acc = term
             else:

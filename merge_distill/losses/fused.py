@@ -105,12 +105,7 @@ def _dense_logit_grad(plan: _FusedPlan, idx: Tensor, logprobs: Tensor, sums: Chu
     d loss / d (logits / T) [c, V] (None without needs_grad). logprobs [c, V] at T is consumed."""
     valid = torch.ones(idx.numel(), dtype=torch.bool, device=idx.device)
     target, has_weight = _blend_chunk(plan, idx, sums.dtype, valid)
-    grad = sums.divergence(logprobs, target, has_weight)
-    del target
-    if grad is None:
-        return None
-    # d/d(logits / T) = g - softmax * sum_v g (the log_softmax chain)
-    return logprobs.detach().exp_().mul_(-grad.sum(dim=-1, keepdim=True)).add_(grad)
+    return sums.logits_grad(logprobs, target, has_weight)
 
 
 def _sparse_logit_grad(plan: _FusedSparsePlan, idx: Tensor, logprobs: Tensor, sums: ChunkSums, h: Tensor,
