@@ -189,7 +189,8 @@ def build_phase_assets(work: Path, rows: int, steps: int) -> Path:
                  "eval_tokens": rows * PHASE_SEQ_LEN},
         "train": {"steps": steps, "micro_batch_size": 4, "schedule": "constant", "log_every": 10**6},
         "output": {"dir": str(work / "run")},
-        "cache": {"dir": str(work / "cache"), "rows_per_shard": 16},
+        # top-k at every process count (auto would store hidden states in 1 process and top-k under ZeRO-3)
+        "cache": {"dir": str(work / "cache"), "rows_per_shard": 16, "store": "topk"},
     }
     path = work / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
