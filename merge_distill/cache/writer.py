@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from rich.console import Console
+from safetensors.torch import save_file
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor
 
@@ -114,8 +115,6 @@ def check_heads(names: list[str], heads: list[Any]) -> None:
 def _save_heads(teachers: OnlineTeachers, batch: TokenBatch, root: Path) -> None:
     """heads.safetensors: each teacher's head weight [V, H] (the tokenizer's rows) as `t{j}`, and
     its soft-cap in the metadata. Written atomically (a temporary file, then a rename)."""
-    from safetensors.torch import save_file
-
     signals = teachers.signals(batch)
     check_heads(signals.names, signals.logits)
     tensors = {f"t{j}": head.weight.detach().contiguous().cpu() for j, head in enumerate(signals.logits)}
