@@ -32,10 +32,10 @@ class TeacherCache:
         self.adaptive = float(manifest["mass"]) < 1.0
         self.store = str(manifest["store"])
         self.hidden_sizes = [int(h) for h in manifest.get("hidden_sizes", [])]
-        # with teachers aligned across tokenizers every teacher also has its span (-1: not aligned)
-        self.fields = ("tail", "nll", "entropy") + (("span",) if manifest["aligned"] else ())
-        if self.store == "hidden":
-            self.fields = ("scale", "nll", "entropy")
+        # with teachers aligned across tokenizers every teacher also has its span (-1: not aligned);
+        # hidden states have their per-position scale instead of a tail
+        self.fields = (("scale", "nll", "entropy") if self.store == "hidden"
+                       else ("tail", "nll", "entropy") + (("span",) if manifest["aligned"] else ()))
         self.sources = {s["label"]: s for s in manifest["sources"]}
         self._tables: dict[tuple[str, int], Any] = {}
 

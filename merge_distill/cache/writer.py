@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_file
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from torch import Tensor
+from torch import Tensor, nn
 
 from merge_distill import distributed as dist_mod
 from merge_distill.cache import codec
@@ -31,7 +31,7 @@ from merge_distill.cache.manifest import (CACHE_FORMAT, CHECKSUM_FILE, HEADS_FIL
 from merge_distill.losses.fused import HeadLogits
 from merge_distill.data import SourceRows
 from merge_distill.errors import NonFiniteError, UserError
-from merge_distill.models import load_student, load_tokenizer, tokenizer_source
+from merge_distill.models import load_student, load_tokenizer, logit_softcap, tokenizer_source
 from merge_distill.plan import training_rows
 from merge_distill.rundir import write_json_atomic
 from merge_distill.schema import SELF_TEACHER, Recipe
@@ -105,20 +105,23 @@ def _teacher_columns(teachers: OnlineTeachers | AlignedTeachers, batch: TokenBat
 
 
 def check_heads(names: list[str], heads: list[Any]) -> None:
-    """cache.store: hidden needs every teacher's head as hidden states + a plain linear weight."""
+    """cache.store: hidden needs every teacher's head as hidden states + a plain linear weight
+    (a HeadLogits from the teacher source, or the nn.Linear itself; None: neither)."""
     for name, head in zip(names, heads):
-        if not isinstance(head, HeadLogits):
+        if not isinstance(head, (HeadLogits, nn.Linear)):
             raise UserError(f"cache.store: hidden: teacher {name!r} has an output head that is not a plain linear layer, "
                             "so its logits cannot be made from hidden states; set cache.store: topk")
 
 
-def _save_heads(teachers: OnlineTeachers, batch: TokenBatch, root: Path) -> None:
+def _save_heads(teachers: OnlineTeachers, root: Path) -> None:
     """heads.safetensors: each teacher's head weight [V, H] (the tokenizer's rows) as `t{j}`, and
-    its soft-cap in the metadata. Written atomically (a temporary file, then a rename)."""
-    signals = teachers.signals(batch)
-    check_heads(signals.names, signals.logits)
-    tensors = {f"t{j}": head.weight.detach().contiguous().cpu() for j, head in enumerate(signals.logits)}
-    caps = {f"t{j}_softcap": str(head.softcap or "") for j, head in enumerate(signals.logits)}
+    its soft-cap in the metadata, read from the loaded models (no forward). Written atomically (a
+    temporary file, then a rename)."""
+    heads = [model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+             for model in teachers.models]
+    check_heads(teachers.names, [h if isinstance(h, nn.Linear) else None for h in heads])
+    tensors = {f"t{j}": head.weight.detach()[: teachers.vocab_size].contiguous().cpu() for j, head in enumerate(heads)}
+    caps = {f"t{j}_softcap": str(logit_softcap(model) or "") for j, model in enumerate(teachers.models)}
     partial = root / (HEADS_FILE + ".partial")
     save_file(tensors, str(partial), metadata=caps)
     partial.replace(root / HEADS_FILE)
@@ -282,7 +285,7 @@ def write_cache(recipe: Recipe, console: Console | None = None, overwrite: bool 
             taken = source_rows.take(sl)
             batch = TokenBatch(taken.input_ids.to(device), taken.attention_mask.to(device), taken.labels.to(device), [], [])
             if heads_needed and i == 0 and is_main:
-                _save_heads(teachers, batch, root)  # type: ignore[arg-type]
+                _save_heads(teachers, root)  # type: ignore[arg-type]
             try:
                 stored = _teacher_columns(teachers, batch, recipe, store)  # type: ignore[arg-type]
             except NonFiniteError as exc:

@@ -42,7 +42,7 @@ from merge_distill.losses.chunked import (
     shared_plan_fields,
 )
 from merge_distill.losses.registry import DivergenceFn
-from merge_distill.losses.sparse import _SparsePlan, logits_grad, sparse_plan_fields, sparse_target, student_on_buckets
+from merge_distill.losses.sparse import _SparsePlan, sparse_chunk_grad, sparse_plan_fields
 
 
 class HeadLogits:
@@ -112,15 +112,9 @@ def _sparse_logit_grad(plan: _FusedSparsePlan, idx: Tensor, logprobs: Tensor, su
                        W: Tensor) -> Tensor | None:
     """The sparse chunk (losses/sparse.py: buckets of the teachers' top-k union + rest) -> the same
     as _dense_logit_grad. Rows whose rest is tiny get their log-probs again from h [c, H] and W."""
-    weights = plan.weights[idx].to(sums.dtype)
-    target, buckets = sparse_target([ids[idx] for ids in plan.topk_ids], [v[idx] for v in plan.topk_logprobs],
-                                    [tail[idx].to(sums.dtype) for tail in plan.tails], weights, plan.blend,
-                                    plan.vocab_size)
-    side = student_on_buckets(
-        logprobs, buckets,
+    return sparse_chunk_grad(
+        plan, idx, plan.weights[idx].to(sums.dtype), logprobs, sums, plan.vocab_size,
         lambda bad: torch.log_softmax(_chunk_logits(h[bad], W, plan.softcap)[0] / sums.temperature, dim=-1))
-    grad_buckets = sums.divergence(side.logprobs, target, weights.sum(dim=-1) > 0)
-    return None if grad_buckets is None else logits_grad(grad_buckets, side, buckets)
 
 
 def _chunk_logits(h: Tensor, W: Tensor, softcap: float | None) -> tuple[Tensor, Tensor | None]:

@@ -56,6 +56,7 @@ from merge_distill.losses.base import LossConfigBase
 from merge_distill.losses.blend import OnlineBlend
 from merge_distill.losses.chunked import (
     ChunkRun,
+    ChunkSums,
     DistillOutput,
     LossPlan,
     _ChunkedDistill,
@@ -255,6 +256,20 @@ def logits_grad(grad_buckets: Tensor, side: StudentSide, buckets: Buckets) -> Te
     return grad.scatter_(-1, buckets.ids, torch.where(buckets.empty, on_ids[:, :1], on_ids))
 
 
+def sparse_chunk_grad(plan: "_SparsePlan", rows: slice | Tensor, weights: Tensor, logprobs: Tensor, sums: ChunkSums,
+                      vocab_size: int, rows_again: Callable[[Tensor], Tensor]) -> Tensor | None:
+    """One chunk of the sparse loss (this driver's and the fused one's): the teachers' buckets for
+    `rows`, weights [c, K] (0 where a row has no target), the student's log-probs at T [c, V]
+    (consumed) -> the divergence added to `sums`, and d loss / d (logits / T) [c, V] (None without
+    needs_grad). rows_again(row mask) -> those rows' log-probs again (student_on_buckets)."""
+    target, buckets = sparse_target(
+        [ids[rows] for ids in plan.topk_ids], [values[rows] for values in plan.topk_logprobs],
+        [tail[rows].to(sums.dtype) for tail in plan.tails], weights, plan.blend, vocab_size)
+    side = student_on_buckets(logprobs, buckets, rows_again)
+    grad_buckets = sums.divergence(side.logprobs, target, weights.sum(dim=-1) > 0)
+    return None if grad_buckets is None else logits_grad(grad_buckets, side, buckets)
+
+
 @dataclass(kw_only=True)
 class _SparsePlan(LossPlan):
     """The sparse driver's plan: the teachers' top-k and tails (flattened over B*T) and the
@@ -281,17 +296,12 @@ class _SparseDistill(_ChunkedDistill):
             if not has_teachers:
                 continue
             weights = plan.weights[rows].to(dtype) * valid.unsqueeze(-1)  # no target, no weight
-            target, buckets = sparse_target(
-                [ids[rows] for ids in plan.topk_ids], [values[rows] for values in plan.topk_logprobs],
-                [tail[rows].to(dtype) for tail in plan.tails], weights, plan.blend, V)
-            has_weight = weights.sum(dim=-1) > 0
-            side = student_on_buckets(
-                logprobs, buckets,
+            grad = sparse_chunk_grad(
+                plan, rows, weights, logprobs, run, V,
                 lambda bad: torch.log_softmax(run.flat_student[rows][bad].to(dtype) / temperature, dim=-1))  # noqa: B023
-            grad_buckets = run.divergence(side.logprobs, target, has_weight)
-            if grad_buckets is not None:
-                run.store_grad(rows, valid, logits_grad(grad_buckets, side, buckets))
-            del target, side, logprobs
+            if grad is not None:
+                run.store_grad(rows, valid, grad)
+            del grad, logprobs
         return run.finish(ctx)
 
 
