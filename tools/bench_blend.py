@@ -23,8 +23,17 @@ is kept, so RSS would measure allocator fragmentation rather than live tensors.
 With --head H the student side starts from final hidden states [B, T, H] and an lm_head [V, H]
 (the inputs), and every implementation's measured phase ends with the gradients of both: the
 current path pays for the logits [B, T, V] and their gradient, the fused one never builds them.
-The teachers' logits are inputs in both: this bench measures the student side only (the fused
-teacher side, losses/fused.HeadLogits, is not in it).
+The teachers' logits are inputs in both: this bench measures the student side only.
+
+Two more implementations take the teachers as hidden states [B, T, H] and a head [V, H] too (K = 1
+only for liger):
+- `fused_heads`: the fused driver with `HeadLogits` teachers: no [B, T, V] tensor on either side;
+- `liger`: Liger-Kernel's `LigerFusedLinearJSD` at jsd_beta = 0 (forward KL, the same loss), if
+  `liger-kernel` imports and the device is CUDA (its kernels are Triton); otherwise the row says
+  why it is missing.
+
+    python tools/bench_blend.py --device cuda --head 896 --batch 1 --seq 4096 --vocab 151936 --ks 1 \
+        --teacher-dtype bfloat16 --impls ours,fused,fused_heads,liger
 """
 
 from __future__ import annotations
@@ -46,7 +55,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from merge_distill.losses import distill_loss  # noqa: E402
 from merge_distill.losses.forward_kl import ForwardKLConfig, forward_kl  # noqa: E402
-from merge_distill.losses.fused import fused_distill_loss  # noqa: E402
+from merge_distill.losses.fused import HeadLogits, fused_distill_loss  # noqa: E402
+
+try:  # optional: Liger-Kernel's fused linear JSD (Triton, CUDA only)
+    from liger_kernel.transformers import LigerFusedLinearJSD
+except Exception as exc:  # noqa: BLE001 -- any import failure means "not available here"
+    LigerFusedLinearJSD, LIGER_MISSING = None, f"{type(exc).__name__}: {exc}"
+else:
+    LIGER_MISSING = ""
+HEAD_TEACHERS = ("fused_heads", "liger")  # implementations whose teachers are hidden states + a head
 
 MIB = 2**20
 
@@ -72,7 +89,12 @@ def make_inputs(args: argparse.Namespace, k: int) -> tuple[torch.Tensor, list[to
                    torch.randn(args.vocab, args.head, generator=gen, device=args.device).mul_(0.05).requires_grad_())
     else:
         student = torch.randn(shape, generator=gen, device=args.device).requires_grad_()
-    teachers = [torch.randn(shape, generator=gen, device=args.device, dtype=dtype).mul_(2.0) for _ in range(k)]
+    if args.impl in HEAD_TEACHERS:  # each teacher as (hidden [B, T, H], head [V, H]), logits about as spread
+        teachers = [(torch.randn(args.batch, args.seq, args.head, generator=gen, device=args.device, dtype=dtype),
+                     torch.randn(args.vocab, args.head, generator=gen, device=args.device, dtype=dtype).mul_(0.07))
+                    for _ in range(k)]
+    else:
+        teachers = [torch.randn(shape, generator=gen, device=args.device, dtype=dtype).mul_(2.0) for _ in range(k)]
     weights = torch.softmax(torch.randn(args.batch, args.seq, k, generator=gen, device=args.device), dim=-1)
     targets = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen, device=args.device)
     targets[:, -1] = -100  # the last position of each row has no next token
@@ -83,7 +105,17 @@ def make_inputs(args: argparse.Namespace, k: int) -> tuple[torch.Tensor, list[to
 def run_loss(args: argparse.Namespace, student: torch.Tensor, teachers: list[torch.Tensor],
              weights: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Forward + backward of the chosen implementation; returns the (detached) loss."""
-    if args.impl == "fused":
+    if args.impl == "liger":  # sum over positions with a target, as the others (Liger averages over them)
+        hidden, weight = student
+        (t_hidden, t_weight), = teachers
+        n = int((targets != -100).sum())
+        loss = LigerFusedLinearJSD(jsd_beta=0.0, temperature=args.temperature)(
+            hidden.reshape(-1, args.head), weight, t_hidden.reshape(-1, args.head), t_weight, targets.reshape(-1)) * n
+        loss.backward()
+        return loss.detach()
+    if args.impl == "fused_heads":
+        teachers = [HeadLogits(h, w, w.shape[0], None, args.chunk_tokens) for h, w in teachers]
+    if args.impl in ("fused", "fused_heads"):
         hidden, weight = student
         out = fused_distill_loss(hidden, weight, teachers, weights, targets, forward_kl,
                                  ForwardKLConfig(temperature=args.temperature), blend="mixture",
@@ -147,10 +179,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per run")
     parser.add_argument("--head", type=int, default=0,
                         help="hidden size H: start from hidden states and an lm_head, and add the fused driver")
-    parser.add_argument("--impls", default=None, help="comma-separated: ours, naive, fused (default: ours,naive; "
-                        "with --head: ours,fused)")
+    parser.add_argument("--impls", default=None, help="comma-separated: ours, naive, fused, fused_heads, liger "
+                        "(default: ours,naive; with --head: ours,fused)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--impl", choices=["ours", "naive", "fused"], help=argparse.SUPPRESS)
+    parser.add_argument("--impl", choices=["ours", "naive", "fused", *HEAD_TEACHERS], help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.seq = args.seq or (256 if args.small else 1024)
@@ -165,14 +197,21 @@ def main() -> None:
         ("chunk-tokens", args.chunk_tokens), ("temperature", args.temperature),
         ("teacher-dtype", args.teacher_dtype), ("threads", args.threads), ("head", args.head)]]
     impls = (args.impls or ("ours,fused" if args.head else "ours,naive")).split(",")
-    if "fused" in impls and not args.head:
-        sys.exit("--impls fused needs --head H (the fused driver starts from hidden states)")
+    if {"fused", *HEAD_TEACHERS} & set(impls) and not args.head:
+        sys.exit("--impls fused, fused_heads and liger need --head H (they start from hidden states)")
     results: dict[tuple[int, str], dict[str, float]] = {}
     for k in [int(x) for x in args.ks.split(",")]:
         for impl in impls:
+            missing = liger_missing(args, k) if impl == "liger" else ""
+            if missing:
+                print(f"liger at K = {k}: not measured ({missing})")
+                continue
             cmd = [sys.executable, __file__, "--worker", f"--impl={impl}", f"--k={k}", *forwarded]
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
             done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if done.returncode != 0 and impl == "liger":  # a third-party kernel: report it, keep the other rows
+                print(f"liger at K = {k}: failed: {done.stderr.strip().splitlines()[-1:]}")
+                continue
             if done.returncode != 0:
                 sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr}")
             results[(k, impl)] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -200,22 +239,41 @@ def main() -> None:
     print(f"max relative loss difference: {worst:.1e} (target <= 1e-5) {'ok' if worst <= 1e-5 else 'MISSED'}")
 
 
+def liger_missing(args: argparse.Namespace, k: int) -> str:
+    """Why the liger row cannot run here ("" when it can)."""
+    if LigerFusedLinearJSD is None:
+        return f"liger-kernel does not import: {LIGER_MISSING}"
+    if args.device != "cuda":
+        return "its kernels are Triton: CUDA only"
+    return "" if k == 1 else "it takes one teacher"
+
+
 def print_head_table(args: argparse.Namespace, impls: list[str], results: dict, logits_mib: float) -> None:
     """The loss phase from hidden states: every implementation's extra memory, time and loss, and
     each against the current path ("ours")."""
     print(f"loss phase from hidden states: B={args.batch} T={args.seq} H={args.head} V={args.vocab} "
           f"device={args.device} teachers={args.teacher_dtype} chunk_tokens={args.chunk_tokens}; "
           f"one [B, T, V] float32 tensor = {logits_mib:.0f} MiB")
-    print("| K | " + " | ".join(f"{i} extra MiB | {i} s" for i in impls) + " | fused / ours memory | fused / ours time "
-          "| rel. loss diff |")
-    print("|---|" + "---:|---:|" * len(impls) + "---:|---:|---:|")
-    for k in sorted({k for k, _ in results}):
-        cells = " | ".join(f"{results[(k, i)]['extra_mib']:.0f} | {results[(k, i)]['seconds']:.2f}" for i in impls)
-        ours, fused = results[(k, "ours")], results[(k, "fused")]
-        rel = abs(fused["loss"] - ours["loss"]) / abs(ours["loss"])
-        print(f"| {k} | {cells} | {fused['extra_mib'] / ours['extra_mib']:.2f} | "
-              f"{fused['seconds'] / ours['seconds']:.2f} | {rel:.1e} |")
-
+    logit_impls = [i for i in impls if i not in HEAD_TEACHERS]
+    if {"ours", "fused"} <= set(logit_impls):
+        print("| K | " + " | ".join(f"{i} extra MiB | {i} s" for i in logit_impls) + " | fused / ours memory | "
+              "fused / ours time | rel. loss diff |")
+        print("|---|" + "---:|---:|" * len(logit_impls) + "---:|---:|---:|")
+        for k in sorted({k for k, i in results if i in logit_impls}):
+            cells = " | ".join(f"{results[(k, i)]['extra_mib']:.0f} | {results[(k, i)]['seconds']:.2f}" for i in logit_impls)
+            ours, fused = results[(k, "ours")], results[(k, "fused")]
+            rel = abs(fused["loss"] - ours["loss"]) / abs(ours["loss"])
+            print(f"| {k} | {cells} | {fused['extra_mib'] / ours['extra_mib']:.2f} | "
+                  f"{fused['seconds'] / ours['seconds']:.2f} | {rel:.1e} |")
+    head_rows = [(k, i) for k, i in sorted(results) if i in HEAD_TEACHERS]
+    if head_rows:
+        print("teachers as hidden states + head (their logits made inside the measured phase):")
+        print("| K | implementation | extra MiB | seconds | loss | memory / fused_heads | time / fused_heads |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for k, impl in head_rows:
+            r, base = results[(k, impl)], results.get((k, "fused_heads"))
+            ratios = f"{r['extra_mib'] / base['extra_mib']:.2f} | {r['seconds'] / base['seconds']:.2f}" if base else "- | -"
+            print(f"| {k} | {impl} | {r['extra_mib']:.0f} | {r['seconds']:.2f} | {r['loss']:.6g} | {ratios} |")
 
 if __name__ == "__main__":
     main()

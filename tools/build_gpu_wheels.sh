@@ -7,7 +7,9 @@
 # py-cpuinfo, msgpack, numpy, psutil, rich, typer, pyyaml, safetensors, tokenizers, pyarrow,
 # huggingface-hub. It lacks deepspeed and hjson (DeepSpeed), pydantic (+ core, annotated-types,
 # typing-inspection; also needed by DeepSpeed), datasets (+ dill, multiprocess), and has an older
-# transformers (5.17) than the one this project is developed and tested with (5.24).
+# transformers (5.17) than the one this project is developed and tested with (5.24). For
+# tools/gpu_bench.sh: TRL (the GKDTrainer row) and Liger-Kernel (its fused linear JSD; the image's
+# Triton runs it), both pure Python.
 # Versions are pinned to the shared virtualenv's so the GPU runs what CI runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +31,8 @@ done
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
   typing-extensions==4.16.0 \
   transformers==5.24.0 regex==2026.11.19 \
-  datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+  datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
+  trl==1.16.0 liger-kernel==0.8.5
 
 ls -l .whl | awk 'NR > 1 {printf "%8.2f MiB  %s\n", $5 / 1048576, $9}'
 total=$(du -cb .whl/*.whl | tail -1 | cut -f1)

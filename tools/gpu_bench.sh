@@ -9,7 +9,9 @@
 #   2. tools/bench_blend.py --device cuda --head 896 at B = 1, T = 4096, V = 151,936, K = 3, bf16
 #      teachers: the loss phase from hidden states, current path against the fused driver
 #      (max_memory_allocated).
-# Not in it yet: Liger-Kernel's fused linear JSD (no measuring code is written for it).
+#   3. tools/bench_blend.py at K = 1 with the teachers' logits made from hidden states as well:
+#      the current path, fused, fused with head teachers, and Liger-Kernel's LigerFusedLinearJSD
+#      (jsd_beta 0 = forward KL, the same loss) when liger-kernel is carried in .whl/.
 # The log goes to $OUT/gpu_bench.log when OUT is set (else /tmp/gpu_bench.log) and to stdout.
 # Exit status: the number of failed steps.
 # Dry run on a machine without a GPU (small sizes, CPU): GPU_BENCH_DRY=1 bash tools/gpu_bench.sh
@@ -30,11 +32,13 @@ if [ -n "${GPU_BENCH_DRY:-}" ]; then
   DEVICE=cpu
   BENCH=(--quick --ks 1 --no-trl --work /tmp/gpu_bench_dry)
   BLEND=(--batch 1 --seq 256 --vocab 8192 --chunk-tokens 128 --head 64 --ks 3 --teacher-dtype bfloat16)
+  LIGER=(--batch 1 --seq 256 --vocab 8192 --chunk-tokens 128 --head 64 --ks 1 --teacher-dtype bfloat16)
 else
   DEVICE=cuda
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
   BENCH=(--reps 3 --steps 16 --threads 4 --batch 32)
   BLEND=(--batch 1 --seq 4096 --vocab 151936 --head 896 --ks 3 --teacher-dtype bfloat16)
+  LIGER=(--batch 1 --seq 4096 --vocab 151936 --head 896 --ks 1 --teacher-dtype bfloat16)
 fi
 
 failed=0
@@ -49,5 +53,6 @@ step() {
 }
 step "$PY" tools/bench.py --device "$DEVICE" "${BENCH[@]}"
 step "$PY" tools/bench_blend.py --device "$DEVICE" "${BLEND[@]}"
+step "$PY" tools/bench_blend.py --device "$DEVICE" "${LIGER[@]}" --impls ours,fused,fused_heads,liger
 log "failed steps: $failed"
 exit "$failed"

@@ -201,8 +201,8 @@ class ChunkSums:
         """
         plan, temperature = self.plan, self.temperature
         if plan.divergence is forward_kl:  # d/d log S = -T^2 P on rows with weight
-            probs = self._forward_kl(student, target, has_weight)
-            return None if probs is None else probs.mul_(self._row_scale(has_weight, probs).neg_().unsqueeze(-1))
+            probs = self._forward_kl(student, target, has_weight, consume=True)
+            return None if probs is None else zero_rows(probs.mul_(-temperature**2), ~has_weight)
         self.entropy_sum += torch.where(has_weight, target_entropy(target), 0.0).sum()
         with torch.enable_grad():
             student.requires_grad_(plan.needs_grad)
@@ -218,32 +218,43 @@ class ChunkSums:
     def logits_grad(self, student: Tensor, target: Tensor, has_weight: Tensor) -> Tensor | None:
         """`divergence` chained through the student's log_softmax: d(T^2 * summed divergence) /
         d(logits / T) [c, V], written over `student` (log-probs at T [c, V], consumed), or None.
+        `target` is only read (it may be a teacher's own log-probs).
 
         In general g - S sum_v g with g = d / d log S and S = exp(log S). Forward KL in closed
-        form, T^2 (S sum_v P - P) on rows with weight: three passes instead of five.
+        form, T^2 (S - P) on rows with weight (sum_v P = 1): two passes instead of five.
         """
         if self.plan.divergence is forward_kl:
-            probs = self._forward_kl(student, target, has_weight)
+            probs = self._forward_kl(student, target, has_weight, consume=False)
             if probs is None:
                 return None
-            scale = self._row_scale(has_weight, probs)
-            mass = probs.sum(dim=-1)  # 1 up to rounding; as computed, so this equals the general chain
-            return student.exp_().mul_((scale * mass).unsqueeze(-1)).addcmul_(probs, scale.unsqueeze(-1), value=-1.0)
+            grad = student.exp_().sub_(probs)
+            if self.temperature != 1.0:
+                grad.mul_(self.temperature**2)
+            return zero_rows(grad, ~has_weight)
         grad = self.divergence(student, target, has_weight)
         if grad is None:
             return None
         return student.detach().exp_().mul_(-grad.sum(dim=-1, keepdim=True)).add_(grad)
 
-    def _forward_kl(self, student: Tensor, target: Tensor, has_weight: Tensor) -> Tensor | None:
-        """Forward KL's value and target entropy into the sums; -> the target's P [c, V] or None."""
-        per_token, entropy, probs = _forward_kl_chunk(student, target, self.plan.needs_grad)
+    def forward_kl_probs_grad(self, logits: Tensor, probs: Tensor, lse: Tensor, target: Tensor,
+                              has_weight: Tensor, entropy: Tensor | None = None) -> Tensor:
+        """`logits_grad` for forward KL at T = 1 from the student's softmax instead of its log-probs:
+        logits [c, V] (read), probs S [c, V] (overwritten by the gradient), lse [c] their
+        logsumexp, target log P [c, V] (read), its entropy [c] if known -> S - P on rows with
+        weight. log S is never written and S is not exponentiated again: one pass over V fewer
+        than `logits_grad`."""
+        target_probs = self._forward_kl(logits, target, has_weight, consume=False, lse=lse, entropy=entropy)
+        return zero_rows(probs.sub_(target_probs), ~has_weight)
+
+    def _forward_kl(self, student: Tensor, target: Tensor, has_weight: Tensor, consume: bool,
+                    lse: Tensor | None = None, entropy: Tensor | None = None) -> Tensor | None:
+        """Forward KL's value and target entropy into the sums; -> the target's P [c, V] or None.
+        student: log-probs, or logits with their logsumexp `lse` [c]; entropy [c] where known
+        (`_forward_kl_chunk`)."""
+        per_token, entropy, probs = _forward_kl_chunk(student, target, self.plan.needs_grad, consume, lse, entropy)
         self.entropy_sum += torch.where(has_weight, entropy, 0.0).sum()
         self.div_sum += torch.where(has_weight, per_token, 0.0).sum() * self.temperature**2
         return probs
-
-    def _row_scale(self, has_weight: Tensor, like: Tensor) -> Tensor:
-        """T^2 on rows with weight, 0 elsewhere [c]."""
-        return has_weight.to(like.dtype).mul_(self.temperature**2)
 
 
 class ChunkRun(ChunkSums):
@@ -279,6 +290,23 @@ class ChunkRun(ChunkSums):
             self.ce_sum += chunk_ce
             yield rows, valid, logprobs
 
+    def prob_chunks(self) -> Iterator[tuple[slice, Tensor, Tensor, Tensor, Tensor]]:
+        """For `in_place` runs at T = 1: -> (rows, valid [c] bool, logits [c, V] (a view: read
+        only), softmax S [c, V] written into the chunk's rows of the gradient buffer, lse [c]),
+        adding the chunk's CE (lse - x_gold) to ce_sum. lse = max x - log max S: S's largest entry
+        is at least 1/V, so its log is as exact as the softmax (no extra pass over V besides the
+        two row maxima, which only read)."""
+        for rows in self.plan.row_groups(True):
+            targets = self.plan.targets[rows]
+            valid = targets != IGNORE_INDEX
+            logits = self.flat_student[rows]
+            probs = torch.softmax(logits, dim=-1, out=self.grad_buffer[rows])  # type: ignore[index]
+            lse = logits.amax(dim=-1) - probs.amax(dim=-1).log()
+            if self.plan.compute_ce:
+                gold = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                self.ce_sum += torch.where(valid, lse - gold, 0.0).sum()
+            yield rows, valid, logits, probs, lse  # type: ignore[misc]
+
     def store_grad(self, rows: slice | Tensor, valid: Tensor, grad: Tensor) -> None:
         """grad [c, V] = d loss / d (logits / T) of the chunk -> d loss / d logits in the buffer."""
         if self.temperature != 1.0:
@@ -308,12 +336,18 @@ class _Plan(LossPlan):
     teacher_logits: list[Tensor]  # K x [B*T, V], detached
     weights: Tensor  # [B*T, K], detached
     teachers_normalized: bool = False  # teacher_logits hold log-probs at temperature 1
+    teacher_entropy: Tensor | None = None  # [B*T]: the only teacher's entropy at T = 1, if known
 
 
-def _blend_chunk(plan: _Plan, rows: slice | Tensor, dtype: torch.dtype, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Target log-probs [c, V] at temperature T for the rows (a slice, or indices [c]), and
-    has_weight [c] bool; rows without a target (valid False) get no weight."""
+def _blend_chunk(plan: _Plan, rows: slice | Tensor, dtype: torch.dtype, valid: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """Target log-probs [c, V] at temperature T for the rows (a slice, or indices [c]),
+    has_weight [c] bool (rows without a target, valid False, get no weight), and whether the
+    target is the only teacher's own log-probs (a view: read only)."""
     weights = plan.weights[rows] * valid.unsqueeze(-1)
+    if _own_logprobs(plan, rows, dtype, weights, valid):
+        # One teacher at full weight: the target is its own log-probs, read in place (no copy);
+        # log 1 + log P = log P and log_softmax(1 * log P) = log P in either blend.
+        return plan.teacher_logits[0][rows], valid, True
     online = OnlineBlend(plan.blend, weights)
     for k, logits in enumerate(plan.teacher_logits):
         if (plan.blend == "mixture" and plan.config.temperature == 1.0 and plan.teachers_normalized
@@ -332,20 +366,59 @@ def _blend_chunk(plan: _Plan, rows: slice | Tensor, dtype: torch.dtype, valid: T
             torch.log_softmax(x, dim=-1, out=x)  # in place: one fused pass, no temporaries
         online.add(k, x)
         del x
-    return online.result(), weights.sum(dim=-1) > 0
+    return online.result(), weights.sum(dim=-1) > 0, False
 
 
-def _forward_kl_chunk(logprobs: Tensor, target: Tensor, needs_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+def _own_logprobs(plan: _Plan, rows: slice | Tensor, dtype: torch.dtype, weights: Tensor, valid: Tensor) -> bool:
+    """Whether a chunk's target is its only teacher's log-probs as they are: one normalized teacher
+    in the compute dtype, T = 1, a contiguous chunk, and weight 1 on every row with a target."""
+    if len(plan.teacher_logits) != 1 or not plan.teachers_normalized or plan.config.temperature != 1.0:
+        return False
+    logits = plan.teacher_logits[0]
+    if not isinstance(rows, slice) or not isinstance(logits, Tensor) or logits.dtype != dtype:
+        return False
+    return bool(((weights[:, 0] == 1.0) | ~valid).all())
+
+
+def _forward_kl_chunk(student: Tensor, target: Tensor, needs_grad: bool, consume: bool, lse: Tensor | None = None,
+                      entropy: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Forward KL of a chunk in closed form: per token sum_v P (log P - log S) [c], the target's
     entropy -sum_v P log P [c], and the target's probabilities P [c, V] (None without
-    `needs_grad`), from which both gradients are one or two passes. `target` is consumed: its
-    -inf (P = 0) become the lowest finite float first, so each product is 0 * finite = 0, as in
-    `kl_target_student`."""
+    `needs_grad`), from which both gradients are one or two passes.
+
+    student [c, V]: log S; or, with lse [c], the logits x (log S = x - lse, so the sum is
+    sum_v P (log P - x) + lse sum_v P, and log S is never written). entropy [c]: the target's
+    entropy where already known (a single teacher's, from its signals): not summed again.
+
+    A token with P = 0 (log P = -inf) would add 0 * -inf = NaN to both sums: log P is clamped to
+    the lowest finite float there, so each product is 0 * finite = 0, as in `kl_target_student`.
+    With `consume` the target is clamped and then overwritten in place (the sparse driver's
+    buckets, where empty slots are -inf); else it is only read (it may be a teacher's own
+    log-probs), and the rare rows that came out NaN are computed again, clamped."""
     probs = torch.exp(target)
-    target.clamp_(min=torch.finfo(target.dtype).min)
-    entropy = -torch.linalg.vecdot(probs, target)
-    per_token = torch.linalg.vecdot(probs, target.sub_(logprobs))
+    if consume:
+        target.clamp_(min=torch.finfo(target.dtype).min)
+        entropy = -torch.linalg.vecdot(probs, target)
+        per_token = torch.linalg.vecdot(probs, target.sub_(student))
+    else:
+        known = entropy is not None
+        entropy = entropy if known else -torch.linalg.vecdot(probs, target)
+        per_token = torch.linalg.vecdot(probs, torch.sub(target, student))
+        bad = (torch.isnan(entropy) | torch.isnan(per_token)).nonzero().squeeze(-1)
+        if bad.numel():
+            finite = target[bad].clamp(min=torch.finfo(target.dtype).min)
+            if not known:
+                entropy[bad] = -torch.linalg.vecdot(probs[bad], finite)
+            per_token[bad] = torch.linalg.vecdot(probs[bad], finite.sub_(student[bad]))
+    if lse is not None:
+        per_token += lse * probs.sum(dim=-1)
     return per_token, entropy, probs if needs_grad else None
+
+
+def zero_rows(grad: Tensor, rows: Tensor) -> Tensor:
+    """grad [c, W] with the rows where `rows` [c] bool is True set to 0, in place (only those rows
+    are written)."""
+    return grad.index_fill_(0, rows.nonzero().squeeze(-1), 0.0)
 
 
 class _ChunkedDistill(torch.autograd.Function):
@@ -354,10 +427,18 @@ class _ChunkedDistill(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         has_teachers = bool(plan.teacher_logits)
         run = ChunkRun(plan, student_logits, has_teachers)
+        if run.in_place and plan.divergence is forward_kl and run.temperature == 1.0 and run.dtype == student_logits.dtype:
+            # forward KL at T = 1 works from the student's softmax (forward_kl_probs_grad)
+            for rows, valid, logits, probs, lse in run.prob_chunks():
+                target, has_weight, own = _blend_chunk(plan, rows, run.dtype, valid)
+                entropy = plan.teacher_entropy[rows] if own and plan.teacher_entropy is not None else None
+                run.store_grad(rows, valid, run.forward_kl_probs_grad(logits, probs, lse, target, has_weight, entropy))
+                del target, has_weight, probs
+            return run.finish(ctx)
         for rows, valid, logprobs in run.chunks():
             if not has_teachers:
                 continue
-            target, has_weight = _blend_chunk(plan, rows, run.dtype, valid)
+            target, has_weight, _ = _blend_chunk(plan, rows, run.dtype, valid)
             # through log_softmax(logits / T) by hand, in place over the log-probs (the graph is gone)
             grad = run.logits_grad(logprobs, target, has_weight)
             del target, has_weight
@@ -415,6 +496,7 @@ def distill_loss(
     chunk_tokens: int = 1024,
     compute_ce: bool = True,
     teachers_normalized: bool = False,
+    teacher_entropy: Tensor | None = None,
 ) -> DistillOutput:
     """Chunked blended-teacher distillation loss; memory nearly flat in K.
 
@@ -427,6 +509,8 @@ def distill_loss(
     cross-entropy uses temperature 1. Computation is float32 (float64 for float64 logits).
     teachers_normalized: teacher_logits already hold log-probs at temperature 1 (as
     the online teacher source leaves float32 teachers): at T = 1 their log-softmax is skipped.
+    teacher_entropy [B, T]: with one teacher, its entropy at temperature 1 as its signals have it;
+    where the target is that teacher's own log-probs, the target entropy is read from it.
     """
     _check_inputs(student_logits, teacher_logits, weights, targets, config, blend, chunk_tokens)
     V = student_logits.shape[-1]
@@ -434,6 +518,7 @@ def distill_loss(
         teacher_logits=[logits.detach().reshape(-1, V) for logits in teacher_logits],
         weights=weights.detach().reshape(targets.numel(), len(teacher_logits)),
         teachers_normalized=teachers_normalized,
+        teacher_entropy=None if teacher_entropy is None else teacher_entropy.detach().reshape(-1),
         **shared_plan_fields(student_logits, targets, divergence, config, blend, chunk_tokens, compute_ce),
     )
     div_sum, ce_sum = _ChunkedDistill.apply(student_logits, plan)
@@ -451,9 +536,11 @@ def distill_loss_dense(
     chunk_tokens: int = 1024,
     compute_ce: bool = True,
     teachers_normalized: bool = False,
+    teacher_entropy: Tensor | None = None,
 ) -> DistillOutput:
-    """Plain reference for `distill_loss` (same signature; chunk_tokens and teachers_normalized
-    are ignored: log_softmax of log-probs is the identity).
+    """Plain reference for `distill_loss` (same signature; chunk_tokens, teachers_normalized and
+    teacher_entropy are ignored: log_softmax of log-probs is the identity, and the entropy is
+    computed here).
 
     Materialises every teacher's log-probs [K, N, V] at once, blends them with `blend_logprobs`
     and differentiates with ordinary autograd. Memory grows with K: use it for tests only.

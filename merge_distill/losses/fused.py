@@ -104,7 +104,7 @@ def _dense_logit_grad(plan: _FusedPlan, idx: Tensor, logprobs: Tensor, sums: Chu
     """The dense chunk: blend the teachers' rows idx [c], add the divergence to `sums` ->
     d loss / d (logits / T) [c, V] (None without needs_grad). logprobs [c, V] at T is consumed."""
     valid = torch.ones(idx.numel(), dtype=torch.bool, device=idx.device)
-    target, has_weight = _blend_chunk(plan, idx, sums.dtype, valid)
+    target, has_weight, _ = _blend_chunk(plan, idx, sums.dtype, valid)
     return sums.logits_grad(logprobs, target, has_weight)
 
 

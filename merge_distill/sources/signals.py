@@ -86,7 +86,8 @@ class DenseSignals:
     def loss(self, student_logits: Tensor, weights: Tensor, targets: Tensor, setup: LossSetup) -> DistillOutput:
         """student_logits [B, T, V], weights [B, T, K] (detached), targets [B, T] -> summed loss parts."""
         return distill_loss(student_logits, self.logits, weights, targets, setup.divergence, setup.config,
-                            setup.blend, setup.chunk_tokens, compute_ce=True, teachers_normalized=self.normalized)
+                            setup.blend, setup.chunk_tokens, compute_ce=True, teachers_normalized=self.normalized,
+                            teacher_entropy=self.entropy[..., 0] if len(self.logits) == 1 else None)
 
     def loss_from_hidden(self, hidden: Tensor, head: StudentHead, weights: Tensor, targets: Tensor,
                          setup: LossSetup) -> DistillOutput:

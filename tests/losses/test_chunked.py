@@ -216,3 +216,40 @@ def test_vocab_sliced_logits_are_read_in_place() -> None:
     torch.testing.assert_close(ours.divergence_sum, ref.divergence_sum)
     torch.testing.assert_close(padded_student.grad[..., :V], ref_grad)
     assert (padded_student.grad[..., V:] == 0).all()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("chunk_tokens", [1, 4, 1024])
+@pytest.mark.parametrize("ruled_out", [False, True])
+def test_forward_kl_at_t1_from_the_softmax_and_read_only_teachers(k: int, chunk_tokens: int, ruled_out: bool) -> None:
+    """Forward KL at T = 1 takes the softmax path (the student's softmax, lse from its maxima), and
+    with one normalized teacher at full weight the target is that teacher's own log-probs (read,
+    never written) with its entropy taken from `teacher_entropy`. Equal to the dense reference, also
+    where a teacher rules tokens out (-inf: the rows are computed again, clamped) and where a valid
+    row has no weight."""
+    batch = make_batch(k=k, seed=4)
+    with torch.no_grad():
+        if ruled_out:
+            batch["teacher_logits"][0][:, :, :3] = float("-inf")
+        if k == 1:
+            batch["weights"] = (batch["targets"] != -100).double().unsqueeze(-1)
+        logprobs = [torch.log_softmax(t, dim=-1) for t in batch["teacher_logits"]]
+    batch["teacher_logits"] = logprobs
+    kept = [t.clone() for t in logprobs]
+    # the teacher's entropy as its signals give it (0 where there is no target), here in float64
+    probs = logprobs[0].exp()
+    entropy = torch.where(batch["targets"] != -100, -torch.special.xlogy(probs, probs).sum(-1), 0.0) if k == 1 else None
+    config = config_for("forward_kl", {})
+    for weights in ([batch["weights"]] if k > 1 else [batch["weights"], batch["weights"].clone().index_put_(
+            (torch.tensor([2]), torch.tensor([3])), torch.tensor([0.0], dtype=torch.float64))]):
+        batch["weights"] = weights
+        ours, grad = loss_and_grad(distill_loss, batch, "forward_kl", config, chunk_tokens=chunk_tokens,
+                                   teachers_normalized=True, teacher_entropy=entropy)
+        ref, ref_grad = loss_and_grad(distill_loss_dense, batch, "forward_kl", config)
+        torch.testing.assert_close(ours.divergence_sum, ref.divergence_sum, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ours.ce_sum, ref.ce_sum, rtol=1e-12, atol=1e-12)
+        assert ours.target_entropy_sum == pytest.approx(ref.target_entropy_sum, rel=1e-12)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+        assert (grad[batch["targets"] == -100] == 0).all()
+    for before, after in zip(kept, logprobs):
+        assert torch.equal(before, after)  # the teachers' log-probs were only read

@@ -274,9 +274,11 @@ def sparse_run_metrics(recipe_path, tmp_path, fused: bool, overrides: list[str])
 
 
 def assert_same_training(a, b) -> None:
+    # abs: a divergence near 0 (jsd at T = 2: ~7e-4 nats) is a difference of sums of order the
+    # entropy (~5 nats); float32 summation order alone moves it by ~1e-8 (AVX2 vs AVX-512 kernels).
     for x, y in zip(a[0], b[0]):
         for key in ("loss", "divergence", "ce"):
-            assert y[key] == pytest.approx(x[key], rel=1e-5), key
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), key
         assert y["share"] == pytest.approx(x["share"], rel=1e-5)
     for name in a[1]:
         assert torch.allclose(b[1][name], a[1][name], rtol=1e-4, atol=1e-6), name
