@@ -61,13 +61,14 @@ class TokenBatch:
 
 
 @torch.no_grad()
-def per_token_stats(logits: Tensor, targets: Tensor, chunk_tokens: int = 2048,
-                    in_place: bool = False, with_top1: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+def per_token_stats(logits: Tensor, targets: Tensor, chunk_tokens: int = 2048, in_place: bool = False,
+                    with_top1: bool = True, with_entropy: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gold NLL, entropy and argmax of one model's next-token distribution, in chunks.
 
     logits [B, T, V] (any float dtype), targets [B, T] -> (gold_nll, entropy, top1), each [B, T];
     gold_nll and entropy are float32 and 0 where targets == -100; top1 is None without
-    `with_top1` (an argmax pass saved when nobody reads it). Log-softmax is computed in
+    `with_top1` (an argmax pass saved when nobody reads it); without `with_entropy` the entropy is
+    left 0 (its exp pass saved: a loss that computes it anyway fills it in). Log-softmax is computed in
     float32 on chunks of flattened tokens so peak extra memory is chunk_tokens x V.
 
     This runs for every teacher at every step, so it makes two passes that transcend (the
@@ -96,6 +97,8 @@ def per_token_stats(logits: Tensor, targets: Tensor, chunk_tokens: int = 2048,
         nll[sl] = torch.where(valid, -gold, 0.0)
         if top1 is not None:
             top1[sl] = logp.argmax(-1)
+        if not with_entropy:
+            continue
         h = -torch.linalg.vecdot(logp.exp(), logp)
         bad = torch.isnan(h)
         if bad.any():  # p log p with p == 0 is 0, not 0 * -inf = NaN (a -inf logit); NaN logits stay NaN

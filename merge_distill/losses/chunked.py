@@ -43,12 +43,15 @@ class DistillOutput:
     ce_sum: scalar, sum of next-token cross-entropy at temperature 1; differentiable (0 if skipped).
     n_tokens: number of positions with a target (targets != -100).
     target_entropy_sum: sum of the entropy of the blended target at temperature T (nats).
+    teacher_entropy_filled: with fill_teacher_entropy, whether every row of teacher_entropy was
+        written (every chunk's target was the only teacher's own log-probs).
     """
 
     divergence_sum: Tensor
     ce_sum: Tensor
     n_tokens: int
     target_entropy_sum: float
+    teacher_entropy_filled: bool = False
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -237,22 +240,27 @@ class ChunkSums:
         return student.detach().exp_().mul_(-grad.sum(dim=-1, keepdim=True)).add_(grad)
 
     def forward_kl_probs_grad(self, logits: Tensor, probs: Tensor, lse: Tensor, target: Tensor,
-                              has_weight: Tensor, entropy: Tensor | None = None) -> Tensor:
+                              has_weight: Tensor, entropy: Tensor | None = None, fill: Tensor | None = None) -> Tensor:
         """`logits_grad` for forward KL at T = 1 from the student's softmax instead of its log-probs:
         logits [c, V] (read), probs S [c, V] (overwritten by the gradient), lse [c] their
         logsumexp, target log P [c, V] (read), its entropy [c] if known -> S - P on rows with
         weight. log S is never written and S is not exponentiated again: one pass over V fewer
-        than `logits_grad`."""
-        target_probs = self._forward_kl(logits, target, has_weight, consume=False, lse=lse, entropy=entropy)
+        than `logits_grad`. fill: where the plan's teacher_entropy is to be written, these rows'
+        target entropy goes to it (0 on rows without weight)."""
+        target_probs = self._forward_kl(logits, target, has_weight, consume=False, lse=lse, entropy=entropy,
+                                        fill=fill)
         return zero_rows(probs.sub_(target_probs), ~has_weight)
 
     def _forward_kl(self, student: Tensor, target: Tensor, has_weight: Tensor, consume: bool,
-                    lse: Tensor | None = None, entropy: Tensor | None = None) -> Tensor | None:
+                    lse: Tensor | None = None, entropy: Tensor | None = None, fill: Tensor | None = None) -> Tensor | None:
         """Forward KL's value and target entropy into the sums; -> the target's P [c, V] or None.
         student: log-probs, or logits with their logsumexp `lse` [c]; entropy [c] where known
         (`_forward_kl_chunk`)."""
         per_token, entropy, probs = _forward_kl_chunk(student, target, self.plan.needs_grad, consume, lse, entropy)
-        self.entropy_sum += torch.where(has_weight, entropy, 0.0).sum()
+        entropy = torch.where(has_weight, entropy, 0.0)
+        if fill is not None:
+            fill.copy_(entropy)
+        self.entropy_sum += entropy.sum()
         self.div_sum += torch.where(has_weight, per_token, 0.0).sum() * self.temperature**2
         return probs
 
@@ -337,6 +345,8 @@ class _Plan(LossPlan):
     weights: Tensor  # [B*T, K], detached
     teachers_normalized: bool = False  # teacher_logits hold log-probs at temperature 1
     teacher_entropy: Tensor | None = None  # [B*T]: the only teacher's entropy at T = 1, if known
+    fill_teacher_entropy: bool = False  # teacher_entropy is to be written, not read (own-target chunks)
+    teacher_entropy_filled: bool = True  # cleared by a chunk that could not write it
 
 
 def _blend_chunk(plan: _Plan, rows: slice | Tensor, dtype: torch.dtype, valid: Tensor) -> tuple[Tensor, Tensor, bool]:
@@ -386,11 +396,13 @@ def _forward_kl_chunk(student: Tensor, target: Tensor, needs_grad: bool, consume
     entropy -sum_v P log P [c], and the target's probabilities P [c, V] (None without
     `needs_grad`), from which both gradients are one or two passes.
 
-    student [c, V]: log S; or, with lse [c], the logits x (log S = x - lse, so the sum is
-    sum_v P (log P - x) + lse sum_v P, and log S is never written). entropy [c]: the target's
-    entropy where already known (a single teacher's, from its signals): not summed again.
+    student [c, V]: log S; or, with lse [c], the logits x (log S = x - lse): then the sum is
+    sum_v P log P - sum_v P x + lse sum_v P, two dot products with P and no [c, V] difference
+    (the terms are as large as in sum_v P (log P - log S), so the rounding is the same).
+    entropy [c]: the target's entropy where already known (a single teacher's, from its
+    signals): not summed again.
 
-    A token with P = 0 (log P = -inf) would add 0 * -inf = NaN to both sums: log P is clamped to
+    A token with P = 0 (log P = -inf) would add 0 * -inf = NaN to the sums: log P is clamped to
     the lowest finite float there, so each product is 0 * finite = 0, as in `kl_target_student`.
     With `consume` the target is clamped and then overwritten in place (the sparse driver's
     buckets, where empty slots are -inf); else it is only read (it may be a teacher's own
@@ -400,6 +412,10 @@ def _forward_kl_chunk(student: Tensor, target: Tensor, needs_grad: bool, consume
         target.clamp_(min=torch.finfo(target.dtype).min)
         entropy = -torch.linalg.vecdot(probs, target)
         per_token = torch.linalg.vecdot(probs, target.sub_(student))
+    elif lse is not None:
+        neg_entropy = -entropy if entropy is not None else _dot_clamped(probs, target)
+        per_token = neg_entropy - torch.linalg.vecdot(probs, student) + lse * probs.sum(dim=-1)
+        entropy = -neg_entropy
     else:
         known = entropy is not None
         entropy = entropy if known else -torch.linalg.vecdot(probs, target)
@@ -410,9 +426,17 @@ def _forward_kl_chunk(student: Tensor, target: Tensor, needs_grad: bool, consume
             if not known:
                 entropy[bad] = -torch.linalg.vecdot(probs[bad], finite)
             per_token[bad] = torch.linalg.vecdot(probs[bad], finite.sub_(student[bad]))
-    if lse is not None:
-        per_token += lse * probs.sum(dim=-1)
     return per_token, entropy, probs if needs_grad else None
+
+
+def _dot_clamped(probs: Tensor, logprobs: Tensor) -> Tensor:
+    """sum_v P log P per row [c] (P = exp(log P), [c, V] each), with 0 * -inf = 0: rows that come
+    out NaN are summed again with log P clamped to the lowest finite float."""
+    out = torch.linalg.vecdot(probs, logprobs)
+    bad = torch.isnan(out).nonzero().squeeze(-1)
+    if bad.numel():
+        out[bad] = torch.linalg.vecdot(probs[bad], logprobs[bad].clamp(min=torch.finfo(logprobs.dtype).min))
+    return out
 
 
 def zero_rows(grad: Tensor, rows: Tensor) -> Tensor:
@@ -431,10 +455,13 @@ class _ChunkedDistill(torch.autograd.Function):
             # forward KL at T = 1 works from the student's softmax (forward_kl_probs_grad)
             for rows, valid, logits, probs, lse in run.prob_chunks():
                 target, has_weight, own = _blend_chunk(plan, rows, run.dtype, valid)
-                entropy = plan.teacher_entropy[rows] if own and plan.teacher_entropy is not None else None
-                run.store_grad(rows, valid, run.forward_kl_probs_grad(logits, probs, lse, target, has_weight, entropy))
+                given = plan.teacher_entropy[rows] if own and plan.teacher_entropy is not None else None  # type: ignore[index]
+                known, fill = (None, given) if plan.fill_teacher_entropy else (given, None)
+                run.store_grad(rows, valid, run.forward_kl_probs_grad(logits, probs, lse, target, has_weight, known, fill))
+                plan.teacher_entropy_filled &= own
                 del target, has_weight, probs
             return run.finish(ctx)
+        plan.teacher_entropy_filled = False
         for rows, valid, logprobs in run.chunks():
             if not has_teachers:
                 continue
@@ -497,6 +524,7 @@ def distill_loss(
     compute_ce: bool = True,
     teachers_normalized: bool = False,
     teacher_entropy: Tensor | None = None,
+    fill_teacher_entropy: bool = False,
 ) -> DistillOutput:
     """Chunked blended-teacher distillation loss; memory nearly flat in K.
 
@@ -511,6 +539,9 @@ def distill_loss(
     the online teacher source leaves float32 teachers): at T = 1 their log-softmax is skipped.
     teacher_entropy [B, T]: with one teacher, its entropy at temperature 1 as its signals have it;
     where the target is that teacher's own log-probs, the target entropy is read from it.
+    fill_teacher_entropy: instead, write that entropy into teacher_entropy (a view of the caller's
+    tensor; 0 where there is no target); the output's teacher_entropy_filled says whether every
+    row was written (forward KL at T = 1 with the teacher at full weight everywhere).
     """
     _check_inputs(student_logits, teacher_logits, weights, targets, config, blend, chunk_tokens)
     V = student_logits.shape[-1]
@@ -518,11 +549,13 @@ def distill_loss(
         teacher_logits=[logits.detach().reshape(-1, V) for logits in teacher_logits],
         weights=weights.detach().reshape(targets.numel(), len(teacher_logits)),
         teachers_normalized=teachers_normalized,
-        teacher_entropy=None if teacher_entropy is None else teacher_entropy.detach().reshape(-1),
+        teacher_entropy=None if teacher_entropy is None else teacher_entropy.detach().view(-1),
+        fill_teacher_entropy=fill_teacher_entropy and teacher_entropy is not None and len(teacher_logits) == 1,
         **shared_plan_fields(student_logits, targets, divergence, config, blend, chunk_tokens, compute_ce),
     )
     div_sum, ce_sum = _ChunkedDistill.apply(student_logits, plan)
-    return DistillOutput(div_sum, ce_sum, int(plan.valid_idx.numel()), plan.target_entropy_sum)
+    return DistillOutput(div_sum, ce_sum, int(plan.valid_idx.numel()), plan.target_entropy_sum,
+                         plan.fill_teacher_entropy and plan.teacher_entropy_filled)
 
 
 def distill_loss_dense(
@@ -537,10 +570,11 @@ def distill_loss_dense(
     compute_ce: bool = True,
     teachers_normalized: bool = False,
     teacher_entropy: Tensor | None = None,
+    fill_teacher_entropy: bool = False,
 ) -> DistillOutput:
-    """Plain reference for `distill_loss` (same signature; chunk_tokens, teachers_normalized and
-    teacher_entropy are ignored: log_softmax of log-probs is the identity, and the entropy is
-    computed here).
+    """Plain reference for `distill_loss` (same signature; chunk_tokens, teachers_normalized,
+    teacher_entropy and fill_teacher_entropy are ignored: log_softmax of log-probs is the
+    identity, the entropy is computed here, and nothing is filled).
 
     Materialises every teacher's log-probs [K, N, V] at once, blends them with `blend_logprobs`
     and differentiates with ordinary autograd. Memory grows with K: use it for tests only.

@@ -22,6 +22,7 @@ from merge_distill.models import cut_vocab, hidden_before_head, load_teachers, l
 from merge_distill.schema import SELF_TEACHER, Recipe
 from merge_distill.signals import TokenBatch, normalizes_in_place, per_token_stats
 from merge_distill.models import aligned_teachers
+from merge_distill.routing.registry import ROUTERS
 from merge_distill.sources.base import SourceContext, register_source
 from merge_distill.sources.signals import DenseSignals, check_finite
 
@@ -42,6 +43,9 @@ class OnlineTeachers:
         self.vocab_size = vocab_size
         self.chunk_tokens = chunk_tokens
         self.fused_heads = fused_heads  # train.fused_loss: teachers hand over hidden states + head (HeadLogits)
+        # One teacher and a router that does not read entropy: the loss fills the entropy in
+        # (DenseSignals.entropy_pending), which saves a pass over V that it would repeat.
+        self.entropy_from_loss = False
 
     @classmethod
     def open(cls, recipe: Recipe, accelerator: Accelerator, vocab_size: int, student: nn.Module | None = None,
@@ -63,6 +67,7 @@ class OnlineTeachers:
         # A ZeRO-3 teacher's head is partitioned outside its forward: such teachers give logits.
         source.fused_heads = recipe.train.fused_loss and not (
             dist_mod.uses_deepspeed(context.accelerator) and recipe.distributed.teacher_zero_stage == 3)
+        source.entropy_from_loss = len(source.models) == 1 and "entropy" not in ROUTERS.get(recipe.routing.kind).impl.needs
         return source
 
     def held_bytes(self) -> list[tuple[int, int]]:
@@ -95,12 +100,18 @@ class OnlineTeachers:
             teacher_logits = cut_vocab(out.logits, self.vocab_size)
             # float32 logits become log-probs in place: the loss then skips that log-softmax.
             normalized = normalized and normalizes_in_place(teacher_logits)
-            n, e, _ = per_token_stats(teacher_logits, targets, self.chunk_tokens, in_place=True, with_top1=False)
+            pending = self.entropy_from_loss and normalized
+            n, e, _ = per_token_stats(teacher_logits, targets, self.chunk_tokens, in_place=True, with_top1=False,
+                                      with_entropy=not pending)
             logits.append(teacher_logits)
             nll.append(n)
             ent.append(e)
         check_finite(self.names, nll, ent)
-        return DenseSignals(self.names, logits, torch.stack(nll, -1), torch.stack(ent, -1), normalized=normalized)
+        pending = self.entropy_from_loss and normalized
+        with torch.inference_mode(not pending):  # a pending entropy is written later, outside inference mode
+            entropy = torch.stack(ent, -1)
+        return DenseSignals(self.names, logits, torch.stack(nll, -1), entropy, normalized=normalized,
+                            entropy_pending=pending)
 
 
 def head_token_stats(teacher: HeadLogits, targets: Tensor, chunk_tokens: int) -> tuple[Tensor, Tensor]:

@@ -32,7 +32,7 @@ from merge_distill.losses.fused import fused_distill_loss, fused_sparse_distill_
 from merge_distill.losses.registry import DivergenceFn
 from merge_distill.losses.sparse import bucket_layout, sparse_distill_loss, teacher_table
 from merge_distill.report.stats import agreement_positions, logit_agreement, pairwise_js
-from merge_distill.signals import IGNORE_INDEX
+from merge_distill.signals import IGNORE_INDEX, per_token_stats
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,9 @@ class DenseSignals:
         to the tokenizer's vocabulary, in the teacher's compute dtype; when `normalized` they hold
         log-probs at temperature 1 (log_softmax applied in place).
     gold_nll, entropy [B, T, K] float32 at temperature 1 (0 where target is -100).
+    entropy_pending: the entropy is not computed yet (0s; one teacher, a router that does not read
+        it): `loss` fills it in, from the target's entropy where that is the teacher's own
+        log-probs, else by the usual pass. Read it only after `loss`.
     """
 
     names: list[str]
@@ -71,6 +74,7 @@ class DenseSignals:
     gold_nll: Tensor
     entropy: Tensor
     normalized: bool = False
+    entropy_pending: bool = False
     covered: None = None      # every teacher covers every position
     next_bytes: None = None   # not measured on this path
 
@@ -85,18 +89,30 @@ class DenseSignals:
 
     def loss(self, student_logits: Tensor, weights: Tensor, targets: Tensor, setup: LossSetup) -> DistillOutput:
         """student_logits [B, T, V], weights [B, T, K] (detached), targets [B, T] -> summed loss parts."""
-        return distill_loss(student_logits, self.logits, weights, targets, setup.divergence, setup.config,
-                            setup.blend, setup.chunk_tokens, compute_ce=True, teachers_normalized=self.normalized,
-                            teacher_entropy=self.entropy[..., 0] if len(self.logits) == 1 else None)
+        out = distill_loss(student_logits, self.logits, weights, targets, setup.divergence, setup.config,
+                           setup.blend, setup.chunk_tokens, compute_ce=True, teachers_normalized=self.normalized,
+                           teacher_entropy=self.entropy[..., 0] if len(self.logits) == 1 else None,
+                           fill_teacher_entropy=self.entropy_pending)
+        self._settle_entropy(out.teacher_entropy_filled, targets)
+        return out
+
+    def _settle_entropy(self, filled: bool, targets: Tensor) -> None:
+        """After the loss: a pending entropy that the loss did not fill is computed by the usual pass."""
+        if self.entropy_pending and not filled:
+            for k, logits in enumerate(self.logits):
+                self.entropy[..., k] = per_token_stats(logits, targets, with_top1=False)[1]
+        self.entropy_pending = False
 
     def loss_from_hidden(self, hidden: Tensor, head: StudentHead, weights: Tensor, targets: Tensor,
                          setup: LossSetup) -> DistillOutput:
         """`loss` from the student's final hidden states [B, T, H] and head (train.fused_loss): no
         [B, T, V] student logits (losses/fused.py)."""
-        return fused_distill_loss(hidden, head.weight, self.logits, weights, targets, setup.divergence, setup.config,
-                                  setup.blend, setup.chunk_tokens, compute_ce=True,
-                                  teachers_normalized=self.normalized, vocab_size=head.vocab_size,
-                                  softcap=head.softcap)
+        out = fused_distill_loss(hidden, head.weight, self.logits, weights, targets, setup.divergence, setup.config,
+                                 setup.blend, setup.chunk_tokens, compute_ce=True,
+                                 teachers_normalized=self.normalized, vocab_size=head.vocab_size,
+                                 softcap=head.softcap)
+        self._settle_entropy(False, targets)
+        return out
 
     @torch.no_grad()
     def agreement(self, mask: Tensor, vocab_size: int, max_tokens: int) -> Agreement:
