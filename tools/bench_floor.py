@@ -13,7 +13,10 @@ for the same reason; against the unchunked floor that algorithm difference would
 "framework overhead".
 
     python tools/bench_floor.py --teachers DIR [DIR ...] --student DIR --rows rows.pt \
-        --batch 8 --warmup 2 --steps 8 [--device cpu|cuda] [--threads 1] [--chunk-tokens 1024]
+        --batch 8 --warmup 2 --steps 8 [--device cpu|cuda] [--threads 1] [--chunk-tokens 1024] [--precision bf16]
+
+--precision bf16 does what the engine's train.precision bf16 does: teachers in bfloat16, the student
+in float32 under autocast to bfloat16 (the loss itself in float32).
 
 Prints one JSON line: tokens_per_s (over the timed steps), peak_bytes, last_loss.
 """
@@ -50,12 +53,13 @@ def mixture(teachers: list[torch.nn.Module], input_ids: torch.Tensor, attention_
 
 
 def floor_step(teachers: list[torch.nn.Module], student: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               input_ids: torch.Tensor, vocab_size: int, chunk_tokens: int = 0) -> torch.Tensor:
+               input_ids: torch.Tensor, vocab_size: int, chunk_tokens: int = 0, bf16: bool = False) -> torch.Tensor:
     """One optimizer step on input_ids [B, T]; position t predicts token t + 1 (the last has no target)."""
     attention_mask = torch.ones_like(input_ids)  # what the framework passes for packed rows
     with torch.no_grad():
         target = mixture(teachers, input_ids, attention_mask, vocab_size, chunk_tokens)
-    student_logits = student(input_ids=input_ids, attention_mask=attention_mask).logits[..., :vocab_size]
+    with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        student_logits = student(input_ids=input_ids, attention_mask=attention_mask).logits[..., :vocab_size]
     student_logprobs = torch.log_softmax(student_logits.float(), dim=-1)
     # Forward KL(target || student), fused by torch, summed over the B * (T - 1) target positions.
     kl = F.kl_div(student_logprobs[:, :-1], target[:, :-1], reduction="sum", log_target=True)
@@ -78,12 +82,15 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--chunk-tokens", type=int, default=0, help="build the mixture this many positions at a time "
                         "(0: all teachers' log-probs at once)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    teachers = [AutoModelForCausalLM.from_pretrained(d).to(device).eval().requires_grad_(False) for d in args.teachers]
+    teacher_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    teachers = [AutoModelForCausalLM.from_pretrained(d, dtype=teacher_dtype).to(device).eval().requires_grad_(False)
+                for d in args.teachers]
     student = AutoModelForCausalLM.from_pretrained(args.student).to(device).train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
     rows = torch.load(args.rows)
@@ -94,7 +101,7 @@ def main() -> None:
                 torch.cuda.synchronize()
             start = time.perf_counter()
         batch = rows[torch.arange(step * args.batch, (step + 1) * args.batch) % len(rows)].to(device)
-        loss = floor_step(teachers, student, optimizer, batch, args.vocab_size, args.chunk_tokens)
+        loss = floor_step(teachers, student, optimizer, batch, args.vocab_size, args.chunk_tokens, args.precision == "bf16")
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

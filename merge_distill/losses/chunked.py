@@ -14,6 +14,10 @@ adds the cross-entropy gradient, recomputed per chunk as softmax - onehot; the b
 becomes the logits' gradient, with no copy. Hence the outputs can be backpropagated once (no
 retain_graph) and not twice-differentiated.
 
+Forward KL at T = 1 (the default loss) skips the log-softmax chain: each chunk's softmax S is
+written into the buffer, the gradient is S - P, and the value needs only the logsumexp
+(`ChunkRun.prob_chunks`, `ChunkSums.forward_kl_probs_grad`).
+
 `distill_loss_dense` is the plain reference with the same signature and standard autograd.
 """
 
