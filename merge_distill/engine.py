@@ -218,8 +218,11 @@ def on_policy_batches(t: Training, batches: list[TokenBatch], step: int) -> list
     if policy is None or not policy.enabled:
         return batches
     model = dist_mod.unwrap(t.accelerator, t.student)
-    return [rollout(model, b, policy, policy.sampling_seed(step, m)) if policy.chosen(step, m) else b
-            for m, b in enumerate(batches)]
+    chosen = [policy.chosen(step, m) for m in range(len(batches))]
+    if policy.engine is not None and any(chosen):
+        policy.engine.sync(model, step)  # onpolicy.engine: vllm samples from a copy of the student
+    return [rollout(model, b, policy, policy.sampling_seed(step, m)) if on else b
+            for m, (b, on) in enumerate(zip(batches, chosen))]
 
 
 def metrics_row(t: Training, step: int, result: StepResult, seconds: float, elapsed: float) -> dict:

@@ -87,6 +87,7 @@ class OnPolicy:
     rank: int
     synced: bool  # ZeRO-3 student over several processes: generate runs until every process is done
     vocab_size: int | None = None  # the tokenizer's size: padded embedding rows past it are never sampled
+    engine: Any = None  # onpolicy.engine: vllm: a vllm_engine.VLLMSampler; None: transformers' generate
 
     @property
     def enabled(self) -> bool:
@@ -119,7 +120,10 @@ def rollout(model: Any, batch: TokenBatch, policy: OnPolicy, seed: int, greedy: 
     """The on-policy version of `batch`: its prompts, each followed by the student's sampled
     completion, with targets on the completion only. `model` is the unwrapped student."""
     prompts = batch_prompts(batch, policy.config.prompt_tokens)
-    completions = sample(model, prompts, policy, seed, greedy)
+    if policy.engine is not None:
+        completions = policy.engine.sample(prompts, seed, greedy, policy.pad_id)
+    else:
+        completions = sample(model, prompts, policy, seed, greedy)
     rows = [(p, c) if p is not None else (batch.input_ids.new_full((1,), policy.pad_id), c[:0])
             for p, c in zip(prompts, completions)]
     width = max(len(p) + len(c) for p, c in rows)

@@ -9,8 +9,11 @@ never fails at start for a reason validate could have seen.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
+
+import torch
 
 from transformers import AutoConfig
 
@@ -49,6 +52,7 @@ def cross_checks(recipe: Recipe, check_files: bool = True) -> list[str]:
     problems += tracker_problems(recipe)
     problems += _streaming(recipe)
     problems += _on_policy(recipe)
+    problems += _vllm_engine(recipe)
     problems += _fused_loss(recipe)
     if recipe.loss.hard_label_weight == 1.0 and recipe.routing.kind != "uniform":
         problems.append(
@@ -104,6 +108,26 @@ def _on_policy(recipe: Recipe) -> list[str]:
         problems.append(f"onpolicy.lmbda: routing.kind {recipe.routing.kind!r} needs {', '.join(missing)}, which the "
                         f"student's sampled tokens do not give (they give {', '.join(sorted(ON_POLICY_PROVIDES))}); "
                         "choose another router or onpolicy.lmbda: 0")
+    return problems
+
+
+def _vllm_engine(recipe: Recipe) -> list[str]:
+    """onpolicy.engine: vllm needs the vllm package and a CUDA GPU, and gets the student's weights as
+    they are: not a LoRA adapter or ZeRO-3 partitions."""
+    if recipe.onpolicy.engine != "vllm":
+        return []
+    problems = []
+    if importlib.util.find_spec("vllm") is None:
+        problems.append("onpolicy.engine: vllm needs the vllm package, which is not installed; pip install vllm, "
+                        "or use onpolicy.engine: hf")
+    elif not torch.cuda.is_available():
+        problems.append("onpolicy.engine: vllm runs on a CUDA GPU and none is visible; use onpolicy.engine: hf")
+    if recipe.student.lora is not None:
+        problems.append("onpolicy.engine: vllm takes the student's full weights, but student.lora trains an adapter; "
+                        "use onpolicy.engine: hf or remove student.lora")
+    if recipe.distributed.student_zero_stage == 3:
+        problems.append("onpolicy.engine: vllm takes the student's full weights, but distributed.student_zero_stage 3 "
+                        "partitions them; use onpolicy.engine: hf or student_zero_stage <= 2")
     return problems
 
 

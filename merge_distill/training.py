@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from torch import nn
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -24,6 +25,7 @@ from merge_distill.routing.base import Router
 from merge_distill.rundir import save_router
 from merge_distill.schema import LoraSection, Recipe
 from merge_distill.sources import LossSetup, SourceContext, TeacherSource, training_source
+from merge_distill.vllm_engine import VLLMSampler
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -99,6 +101,24 @@ def live_source(recipe: Recipe, context: SourceContext) -> TeacherSource | None:
     return training_source(live).build.for_training(live, context)
 
 
+def vllm_sampler(recipe: Recipe, student: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                 world_size: int) -> VLLMSampler | None:
+    """onpolicy.engine: vllm: the colocated engine, started from the recipe's student checkpoint (a
+    student derived in the run is saved to the run folder first, for vLLM to read its shape)."""
+    policy = recipe.onpolicy
+    if policy.engine != "vllm" or policy.lmbda == 0:
+        return None
+    source = recipe.student.model
+    if source is None:
+        folder = Path(recipe.output.dir) / "vllm-student"
+        student.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        source = str(folder)
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(recipe.train.precision, "float32")
+    return VLLMSampler(source, policy, dtype, recipe.data.seq_len + policy.max_new_tokens, tokenizer.eos_token_id,
+                       len(tokenizer), student.config.vocab_size, distributed=world_size > 1)
+
+
 def build_training(recipe: Recipe, accelerator: Accelerator, world_size: int, rank: int,
                    tokenizer: PreTrainedTokenizerBase, rows: list[SourceRows], total_steps: int) -> Training:
     r, dist = recipe.train, recipe.distributed
@@ -121,7 +141,8 @@ def build_training(recipe: Recipe, accelerator: Accelerator, world_size: int, ra
     student, optimizer, scheduler = dist_mod.prepare_student(accelerator, dist, student, optimizer, scheduler)
     loss = LossSetup(DIVERGENCES.get(recipe.loss.kind).impl, recipe.loss, recipe.routing.blend, r.chunk_tokens)
     onpolicy = OnPolicy(recipe.onpolicy, r.seed, row_pad_id(tokenizer), tokenizer.eos_token_id, rank,
-                        synced=world_size > 1 and dist.student_zero_stage == 3, vocab_size=vocab_size)
+                        synced=world_size > 1 and dist.student_zero_stage == 3, vocab_size=vocab_size,
+                        engine=vllm_sampler(recipe, dist_mod.unwrap(accelerator, student), tokenizer, world_size))
     return Training(accelerator, world_size, rank, student, optimizer, scheduler, router, router_optimizer, source,
                     loss, vocab_size, r.max_grad_norm, recipe.teacher_names, recipe.student.lora,
                     recipe.output.merge_lora, onpolicy, live, r.fused_loss)

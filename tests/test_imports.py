@@ -11,7 +11,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "merge_distill"
 # Function-local imports allowed: heavy optional dependencies, imported only when used.
-LOCAL_IMPORTS_ALLOWED = {"deepspeed"}
+LOCAL_IMPORTS_ALLOWED = {"deepspeed", "vllm"}
 # The schema may import only these of the package (the registries of routers and losses, which
 # import torch and pydantic alone) and itself.
 SCHEMA_MAY_IMPORT = ("merge_distill.schema", "merge_distill.routing", "merge_distill.losses", "merge_distill.registry",

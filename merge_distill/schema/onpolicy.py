@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -26,3 +28,12 @@ class OnPolicySection(BaseModel):
         "live (no cache holds the student's samples); off-policy micro-batches still read the cache.")
     samples: int = Field(4, ge=0, description="Fixed prompts answered greedily at the start and the end of the run, "
                          "shown in the report (onpolicy_samples.json).")
+    engine: Literal["hf", "vllm"] = Field(
+        "hf", description="What samples: hf, transformers' generate with a KV cache (the default); vllm, a vLLM "
+        "engine colocated on each process's GPU, given the student's weights every vllm_sync_every steps (needs the "
+        "vllm package and a CUDA GPU; not with a LoRA or ZeRO-3 student).")
+    vllm_sync_every: int = Field(1, ge=1, description="engine: vllm: copy the student's weights into the engine "
+                                 "before sampling every this many steps (1: always the current student).")
+    vllm_gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=0.95, description="engine: vllm: the share of the GPU's memory vLLM may take (weights and KV "
+        "cache); the rest stays for training.")
