@@ -16,7 +16,7 @@ retain_graph) and not twice-differentiated.
 
 Forward KL at T = 1 (the default loss) skips the log-softmax chain: each chunk's softmax S is
 written into the buffer, the gradient is S - P, and the value needs only the logsumexp
-(`ChunkRun.prob_chunks`, `ChunkSums.forward_kl_probs_grad`).
+(`ChunkSums.forward_kl_from_logits`; the fused driver does the same per chunk of logits).
 
 `distill_loss_dense` is the plain reference with the same signature and standard autograd.
 """
@@ -243,30 +243,43 @@ class ChunkSums:
             return None
         return student.detach().exp_().mul_(-grad.sum(dim=-1, keepdim=True)).add_(grad)
 
-    def forward_kl_probs_grad(self, logits: Tensor, probs: Tensor, lse: Tensor, target: Tensor,
-                              has_weight: Tensor, entropy: Tensor | None = None, fill: Tensor | None = None) -> Tensor:
-        """`logits_grad` for forward KL at T = 1 from the student's softmax instead of its log-probs:
-        logits [c, V] (read), probs S [c, V] (overwritten by the gradient), lse [c] their
-        logsumexp, target log P [c, V] (read), its entropy [c] if known -> S - P on rows with
-        weight. log S is never written and S is not exponentiated again: one pass over V fewer
-        than `logits_grad`. fill: where the plan's teacher_entropy is to be written, these rows'
-        target entropy goes to it (0 on rows without weight)."""
-        target_probs = self._forward_kl(logits, target, has_weight, consume=False, lse=lse, entropy=entropy,
-                                        fill=fill)
-        return zero_rows(probs.sub_(target_probs), ~has_weight)
+    def forward_kl_from_logits(self, logits: Tensor, target: Tensor, has_weight: Tensor, out: Tensor | None = None,
+                               entropy: Tensor | None = None, fill: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """`logits_grad` for forward KL at T = 1 from the student's logits, through its softmax S
+        instead of its log-probs: logits x [c, V] (read; overwritten when `out` is None), target log P
+        [c, V] (read), its entropy [c] if known -> (S - P on rows with weight [c, V], written into
+        `out` or over x; lse [c], the logsumexp of x, from which CE = lse - x_gold).
 
-    def _forward_kl(self, student: Tensor, target: Tensor, has_weight: Tensor, consume: bool,
-                    lse: Tensor | None = None, entropy: Tensor | None = None, fill: Tensor | None = None) -> Tensor | None:
+        The value needs no log S: sum P log P - sum P x + lse sum P, taken before S overwrites x,
+        and lse = max x - log max S (max S >= 1/V, so its log is as exact as the softmax). S is
+        not exponentiated again: two passes over V fewer than log_softmax, then `logits_grad`.
+        fill: where the plan's teacher_entropy is to be written, these rows' target entropy goes
+        to it (0 on rows without weight)."""
+        top = logits.amax(dim=-1)
+        probs = torch.exp(target)
+        neg_entropy = -entropy if entropy is not None else _dot_clamped(probs, target)
+        cross = torch.linalg.vecdot(probs, logits) - neg_entropy  # sum P x - sum P log P
+        mass = probs.sum(dim=-1)
+        student = torch.softmax(logits, dim=-1, out=logits if out is None else out)
+        lse = top - student.amax(dim=-1).log()
+        self._add_forward_kl(lse * mass - cross, -neg_entropy, has_weight, fill)
+        return zero_rows(student.sub_(probs), ~has_weight), lse
+
+    def _forward_kl(self, student: Tensor, target: Tensor, has_weight: Tensor, consume: bool) -> Tensor | None:
         """Forward KL's value and target entropy into the sums; -> the target's P [c, V] or None.
-        student: log-probs, or logits with their logsumexp `lse` [c]; entropy [c] where known
-        (`_forward_kl_chunk`)."""
-        per_token, entropy, probs = _forward_kl_chunk(student, target, self.plan.needs_grad, consume, lse, entropy)
+        student: log-probs (`_forward_kl_chunk`)."""
+        per_token, entropy, probs = _forward_kl_chunk(student, target, self.plan.needs_grad, consume)
+        self._add_forward_kl(per_token, entropy, has_weight)
+        return probs
+
+    def _add_forward_kl(self, per_token: Tensor, entropy: Tensor, has_weight: Tensor, fill: Tensor | None = None) -> None:
+        """Add a chunk's forward KL [c] and target entropy [c] (rows with weight) to the sums; fill:
+        a view to write the entropy rows into (0 where no weight)."""
         entropy = torch.where(has_weight, entropy, 0.0)
         if fill is not None:
             fill.copy_(entropy)
         self.entropy_sum += entropy.sum()
         self.div_sum += torch.where(has_weight, per_token, 0.0).sum() * self.temperature**2
-        return probs
 
 
 class ChunkRun(ChunkSums):
@@ -302,22 +315,17 @@ class ChunkRun(ChunkSums):
             self.ce_sum += chunk_ce
             yield rows, valid, logprobs
 
-    def prob_chunks(self) -> Iterator[tuple[slice, Tensor, Tensor, Tensor, Tensor]]:
-        """For `in_place` runs at T = 1: -> (rows, valid [c] bool, logits [c, V] (a view: read
-        only), softmax S [c, V] written into the chunk's rows of the gradient buffer, lse [c]),
-        adding the chunk's CE (lse - x_gold) to ce_sum. lse = max x - log max S: S's largest entry
-        is at least 1/V, so its log is as exact as the softmax (no extra pass over V besides the
-        two row maxima, which only read)."""
+    def logit_chunks(self) -> Iterator[tuple[slice, Tensor, Tensor, Tensor]]:
+        """For `in_place` runs: -> (rows, valid [c] bool, logits [c, V] (a view: read only), the
+        chunk's rows of the gradient buffer [c, V]) (`forward_kl_from_logits`)."""
         for rows in self.plan.row_groups(True):
-            targets = self.plan.targets[rows]
-            valid = targets != IGNORE_INDEX
-            logits = self.flat_student[rows]
-            probs = torch.softmax(logits, dim=-1, out=self.grad_buffer[rows])  # type: ignore[index]
-            lse = logits.amax(dim=-1) - probs.amax(dim=-1).log()
-            if self.plan.compute_ce:
-                gold = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-                self.ce_sum += torch.where(valid, lse - gold, 0.0).sum()
-            yield rows, valid, logits, probs, lse  # type: ignore[misc]
+            yield rows, self.plan.targets[rows] != IGNORE_INDEX, self.flat_student[rows], self.grad_buffer[rows]  # type: ignore[index, misc]
+
+    def add_ce(self, logits: Tensor, lse: Tensor, targets: Tensor) -> None:
+        """The chunk's CE at temperature 1, lse - x_gold over rows with a target (targets [c])."""
+        if self.plan.compute_ce:
+            gold = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            self.ce_sum += torch.where(targets != IGNORE_INDEX, lse - gold, 0.0).sum()
 
     def store_grad(self, rows: slice | Tensor, valid: Tensor, grad: Tensor) -> None:
         """grad [c, V] = d loss / d (logits / T) of the chunk -> d loss / d logits in the buffer."""
@@ -383,6 +391,13 @@ def _blend_chunk(plan: _Plan, rows: slice | Tensor, dtype: torch.dtype, valid: T
     return online.result(), weights.sum(dim=-1) > 0, False
 
 
+def teacher_entropy_rows(plan: _Plan, rows: slice | Tensor, own: bool) -> tuple[Tensor | None, Tensor | None]:
+    """The single teacher's entropy for a chunk whose target is its own log-probs: (known [c], to
+    read, or None; fill [c], a view to write into, or None), as the plan says."""
+    given = plan.teacher_entropy[rows] if own and plan.teacher_entropy is not None else None
+    return (None, given) if plan.fill_teacher_entropy else (given, None)
+
+
 def _own_logprobs(plan: _Plan, rows: slice | Tensor, dtype: torch.dtype, weights: Tensor, valid: Tensor) -> bool:
     """Whether a chunk's target is its only teacher's log-probs as they are: one normalized teacher
     in the compute dtype, T = 1, a contiguous chunk, and weight 1 on every row with a target."""
@@ -394,17 +409,11 @@ def _own_logprobs(plan: _Plan, rows: slice | Tensor, dtype: torch.dtype, weights
     return bool(((weights[:, 0] == 1.0) | ~valid).all())
 
 
-def _forward_kl_chunk(student: Tensor, target: Tensor, needs_grad: bool, consume: bool, lse: Tensor | None = None,
-                      entropy: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+def _forward_kl_chunk(student: Tensor, target: Tensor, needs_grad: bool,
+                      consume: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """Forward KL of a chunk in closed form: per token sum_v P (log P - log S) [c], the target's
     entropy -sum_v P log P [c], and the target's probabilities P [c, V] (None without
-    `needs_grad`), from which both gradients are one or two passes.
-
-    student [c, V]: log S; or, with lse [c], the logits x (log S = x - lse): then the sum is
-    sum_v P log P - sum_v P x + lse sum_v P, two dot products with P and no [c, V] difference
-    (the terms are as large as in sum_v P (log P - log S), so the rounding is the same).
-    entropy [c]: the target's entropy where already known (a single teacher's, from its
-    signals): not summed again.
+    `needs_grad`), from which both gradients are one or two passes. student: log S [c, V].
 
     A token with P = 0 (log P = -inf) would add 0 * -inf = NaN to the sums: log P is clamped to
     the lowest finite float there, so each product is 0 * finite = 0, as in `kl_target_student`.
@@ -416,19 +425,12 @@ def _forward_kl_chunk(student: Tensor, target: Tensor, needs_grad: bool, consume
         target.clamp_(min=torch.finfo(target.dtype).min)
         entropy = -torch.linalg.vecdot(probs, target)
         per_token = torch.linalg.vecdot(probs, target.sub_(student))
-    elif lse is not None:
-        neg_entropy = -entropy if entropy is not None else _dot_clamped(probs, target)
-        per_token = neg_entropy - torch.linalg.vecdot(probs, student) + lse * probs.sum(dim=-1)
-        entropy = -neg_entropy
     else:
-        known = entropy is not None
-        entropy = entropy if known else -torch.linalg.vecdot(probs, target)
+        entropy = -_dot_clamped(probs, target)
         per_token = torch.linalg.vecdot(probs, torch.sub(target, student))
-        bad = (torch.isnan(entropy) | torch.isnan(per_token)).nonzero().squeeze(-1)
+        bad = torch.isnan(per_token).nonzero().squeeze(-1)
         if bad.numel():
             finite = target[bad].clamp(min=torch.finfo(target.dtype).min)
-            if not known:
-                entropy[bad] = -torch.linalg.vecdot(probs[bad], finite)
             per_token[bad] = torch.linalg.vecdot(probs[bad], finite.sub_(student[bad]))
     return per_token, entropy, probs if needs_grad else None
 
@@ -456,14 +458,15 @@ class _ChunkedDistill(torch.autograd.Function):
         has_teachers = bool(plan.teacher_logits)
         run = ChunkRun(plan, student_logits, has_teachers)
         if run.in_place and plan.divergence is forward_kl and run.temperature == 1.0 and run.dtype == student_logits.dtype:
-            # forward KL at T = 1 works from the student's softmax (forward_kl_probs_grad)
-            for rows, valid, logits, probs, lse in run.prob_chunks():
+            # forward KL at T = 1 works from the student's softmax (forward_kl_from_logits)
+            for rows, valid, logits, buffer in run.logit_chunks():
                 target, has_weight, own = _blend_chunk(plan, rows, run.dtype, valid)
-                given = plan.teacher_entropy[rows] if own and plan.teacher_entropy is not None else None  # type: ignore[index]
-                known, fill = (None, given) if plan.fill_teacher_entropy else (given, None)
-                run.store_grad(rows, valid, run.forward_kl_probs_grad(logits, probs, lse, target, has_weight, known, fill))
+                known, fill = teacher_entropy_rows(plan, rows, own)
+                grad, lse = run.forward_kl_from_logits(logits, target, has_weight, buffer, known, fill)
+                run.add_ce(logits, lse, plan.targets[rows])
+                run.store_grad(rows, valid, grad)
                 plan.teacher_entropy_filled &= own
-                del target, has_weight, probs
+                del target, has_weight, grad
             return run.finish(ctx)
         plan.teacher_entropy_filled = False
         for rows, valid, logprobs in run.chunks():

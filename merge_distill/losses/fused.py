@@ -41,6 +41,7 @@ from merge_distill.losses.chunked import (
     compute_dtype,
     shared_plan_fields,
 )
+from merge_distill.losses.forward_kl import forward_kl
 from merge_distill.losses.registry import DivergenceFn
 from merge_distill.losses.sparse import _SparsePlan, sparse_chunk_grad, sparse_plan_fields
 
@@ -143,18 +144,28 @@ class _FusedDistill(torch.autograd.Function):
         grad_h = torch.zeros(flat_h.shape, dtype=dtype, device=hidden.device) if want_grad else None
         grad_W = torch.zeros(weight.shape, dtype=dtype, device=hidden.device) if want_grad else None
         T = sums.temperature
+        # forward KL at T = 1 from the chunk's softmax, as the dense driver (ChunkSums.forward_kl_from_logits)
+        from_softmax = want_grad and not sparse and plan.divergence is forward_kl and T == 1.0
         for idx in plan.chunks():
             h = flat_h[idx].to(dtype)
             logprobs, squashed = _chunk_logits(h, W, plan.softcap)
-            gold = plan.targets[idx].unsqueeze(-1)
-            if plan.compute_ce:  # CE = logsumexp(logits) - logit[gold], at temperature 1
-                sums.ce_sum += (torch.logsumexp(logprobs, dim=-1) - logprobs.gather(-1, gold).squeeze(-1)).sum()
-            if not has_teachers:
-                continue
-            if T != 1.0:
-                logprobs.div_(T)
-            torch.log_softmax(logprobs, dim=-1, out=logprobs)
-            g = logit_grad(plan, idx, logprobs, sums, h, W)  # type: ignore[arg-type]
+            gold = logprobs.gather(-1, plan.targets[idx].unsqueeze(-1)).squeeze(-1)  # the gold token's logit
+            if from_softmax:
+                valid = torch.ones(idx.numel(), dtype=torch.bool, device=idx.device)
+                target, has_weight, _ = _blend_chunk(plan, idx, dtype, valid)  # type: ignore[arg-type]
+                g, lse = sums.forward_kl_from_logits(logprobs, target, has_weight)  # over the logits, in place
+                if plan.compute_ce:
+                    sums.ce_sum += (lse - gold).sum()
+                del target, has_weight
+            else:
+                if plan.compute_ce:  # CE = logsumexp(logits) - logit[gold], at temperature 1
+                    sums.ce_sum += (torch.logsumexp(logprobs, dim=-1) - gold).sum()
+                if not has_teachers:
+                    continue
+                if T != 1.0:
+                    logprobs.div_(T)
+                torch.log_softmax(logprobs, dim=-1, out=logprobs)
+                g = logit_grad(plan, idx, logprobs, sums, h, W)  # type: ignore[arg-type]
             del logprobs
             if g is None:
                 continue

@@ -73,6 +73,16 @@ def test_soft_capping_and_temperature_one(kind):
     assert close(gh, ref_gh) and close(gw, ref_gw)
 
 
+@pytest.mark.parametrize("blend", ["mixture", "geometric"])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_forward_kl_at_temperature_one_from_the_softmax(blend, softcap):
+    """Forward KL at T = 1 takes the softmax path in both drivers (the CE from its logsumexp): the
+    fused one equals the logits one with a hard-label share, with and without a soft-cap."""
+    (parts, gh, gw), (ref_parts, ref_gh, ref_gw) = both("forward_kl", blend, temperature=1.0, w_ce=0.3, softcap=softcap)
+    assert parts == pytest.approx(ref_parts, rel=1e-5)
+    assert close(gh, ref_gh) and close(gw, ref_gw)
+
+
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
 def test_teachers_as_hidden_states_and_heads(kind):
     """The fused teacher side: teachers given as hidden states + head (HeadLogits, padded rows,
