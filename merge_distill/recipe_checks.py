@@ -9,7 +9,6 @@ never fails at start for a reason validate could have seen.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -117,9 +116,10 @@ def _vllm_engine(recipe: Recipe) -> list[str]:
     if recipe.onpolicy.engine != "vllm":
         return []
     problems = []
-    if importlib.util.find_spec("vllm") is None:
-        problems.append("onpolicy.engine: vllm needs the vllm package, which is not installed; pip install vllm, "
-                        "or use onpolicy.engine: hf")
+    missing = _vllm_missing()
+    if missing:
+        problems.append(f"onpolicy.engine: vllm needs the vllm package, which does not import here ({missing}); "
+                        "pip install vllm, or use onpolicy.engine: hf")
     elif not torch.cuda.is_available():
         problems.append("onpolicy.engine: vllm runs on a CUDA GPU and none is visible; use onpolicy.engine: hf")
     if recipe.student.lora is not None:
@@ -129,6 +129,15 @@ def _vllm_engine(recipe: Recipe) -> list[str]:
         problems.append("onpolicy.engine: vllm takes the student's full weights, but distributed.student_zero_stage 3 "
                         "partitions them; use onpolicy.engine: hf or student_zero_stage <= 2")
     return problems
+
+
+def _vllm_missing() -> str:
+    """Why vllm does not import ("" when it does). Imported only for a recipe that asks for it."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 -- a broken install is as unusable as a missing one
+        return f"{type(exc).__name__}: {exc}"
+    return ""
 
 
 def _hidden_store(recipe: Recipe) -> list[str]:
