@@ -556,7 +556,9 @@ def distill_loss(
         teacher_logits=[logits.detach().reshape(-1, V) for logits in teacher_logits],
         weights=weights.detach().reshape(targets.numel(), len(teacher_logits)),
         teachers_normalized=teachers_normalized,
-        teacher_entropy=None if teacher_entropy is None else teacher_entropy.detach().view(-1),
+        # written through when filling (a view of the caller's tensor), else only read
+        teacher_entropy=None if teacher_entropy is None else (
+            teacher_entropy.detach().view(-1) if fill_teacher_entropy else teacher_entropy.detach().reshape(-1)),
         fill_teacher_entropy=fill_teacher_entropy and teacher_entropy is not None and len(teacher_logits) == 1,
         **shared_plan_fields(student_logits, targets, divergence, config, blend, chunk_tokens, compute_ce),
     )
