@@ -3,17 +3,24 @@
 Workload (random init, built here, nothing downloaded): the student's tokenizer is a 4096-token
 byte-level BPE trained on standard-library Python; the cross-tokenizer teachers use it, a
 4096-token SentencePiece BPE with byte fallback, and a 4096-token byte-level BPE that splits
-digits; the same-tokenizer run uses three teachers on the student's tokenizer. Teachers: Llama,
-hidden 128, 4 layers, MLP 384; student hidden 96, 2 layers; rows of 256 tokens, micro-batch 8,
-uniform router, forward KL, align.k 64. Each of --reps fresh processes sets up both runs, takes
---warmup steps of each, then times --steps train_step calls of each, alternating between them
-(drift on a shared machine reaches both alike); the ratio is the median of the per-pair ratios.
-Both variants run with glibc malloc keeping freed memory (STEADY_MALLOC, as tools/bench.py;
---glibc-defaults runs without, and every rep prints page faults and system time per step). Per variant the time inside the teacher
+digits; the same-tokenizer run uses three teachers on the student's tokenizer. Rows of 256
+tokens, uniform router, forward KL, align.k 64. Shapes (`--size`):
+- `tiny` (the default): teachers Llama hidden 128, 4 layers, MLP 384; student hidden 96, 2
+  layers; micro-batch 8; the tokenizers' 4096 tokens;
+- `135m`: the shapes of recipes/cross_smollm2_gemma.yaml's models: every teacher of
+  SmolLM2-135M's shape (hidden 576, 30 layers, MLP 1536, 9 heads, 3 KV heads), the student its
+  first 8 layers; every tokenizer padded with unused tokens up to SmolLM2's 49,152 (so each
+  teacher's softmax and top-k cover as many tokens as SmolLM2's); micro-batch 2.
+Each of --reps fresh processes sets up both runs, takes --warmup steps of each, then times
+--steps train_step calls of each, alternating between them (drift on a shared machine reaches
+both alike); the ratio is the median of the per-pair ratios. Both variants run with glibc malloc
+keeping freed memory (STEADY_MALLOC, as tools/bench.py; --glibc-defaults runs without, and every
+rep prints page faults and system time per step). Per variant the time inside the teacher
 forwards, and for the cross run inside the top-k, the alignment (align_row) and the projection
 (project_topk): where the extra time goes.
 
-    python tools/bench_cross.py --reps 5 --steps 8      # the table in docs/CROSS_TOKENIZER.md
+    python tools/bench_cross.py --reps 5 --steps 8                 # the tiny table in docs/CROSS_TOKENIZER.md
+    python tools/bench_cross.py --size 135m --reps 2 --steps 3     # the 135m table there
 """
 
 from __future__ import annotations
@@ -27,24 +34,50 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 from bench import STEADY_MALLOC  # noqa: E402  (the same malloc settings as tools/bench.py, and why)
-SEQ_LEN, VOCAB = 256, 4096
+SEQ_LEN, VOCAB = 256, 4096  # rows of the student's tokens; the tokens each tokenizer is trained to
 VARIANTS = ("same", "cross")
 
 
-def build_assets(work: Path) -> None:
+@dataclass(frozen=True)
+class CrossSize:
+    vocab: int                                     # every tokenizer padded with unused tokens up to this
+    batch: int                                     # micro-batch rows
+    teacher: tuple[int, int, int, int, int]        # hidden, layers, MLP, heads, KV heads
+    student: tuple[int, int, int, int, int]
+
+
+SIZES = {
+    "tiny": CrossSize(VOCAB, 8, (128, 4, 384, 2, 2), (96, 2, 192, 2, 2)),
+    "135m": CrossSize(49152, 2, (576, 30, 1536, 9, 3), (576, 8, 1536, 9, 3)),  # SmolLM2-135M; its first 8 layers
+}
+
+
+def llama(vocab_rows: int, seed: int, shape: tuple[int, int, int, int, int]):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    hidden, layers, mlp, heads, kv_heads = shape
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab_rows, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2 * SEQ_LEN,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
+def build_assets(work: Path, size: CrossSize) -> None:
     import yaml
 
     from merge_distill.pico import (
         build_bpe_tokenizer,
         build_digit_bpe_tokenizer,
         build_sentencepiece_tokenizer,
-        pico_llama,
         prose_texts,
         stdlib_texts,
     )
@@ -54,17 +87,17 @@ def build_assets(work: Path) -> None:
     tokenizers = {"bl": build_bpe_tokenizer(texts, VOCAB, work / "tok-bl"),
                   "sp": build_sentencepiece_tokenizer(texts, VOCAB, work / "tok-sp"),
                   "dg": build_digit_bpe_tokenizer(texts, VOCAB, work / "tok-dg")}
+    for tokenizer in tokenizers.values():
+        if size.vocab > len(tokenizer):  # unused tokens: the softmax and the top-k cover all of them
+            tokenizer.add_tokens([f"<unused_{i}>" for i in range(size.vocab - len(tokenizer))])
     with open(work / "data.jsonl", "w", encoding="utf-8") as fh:
         for text in texts:
             fh.write(json.dumps({"text": text}) + "\n")
     models = [("same0", "bl", 1), ("same1", "bl", 2), ("same2", "bl", 3), ("cross_sp", "sp", 4), ("cross_dg", "dg", 5)]
     for name, tok, seed in models:
-        model = pico_llama(len(tokenizers[tok]), seed, hidden=128, layers=4, max_len=2 * SEQ_LEN)
-        model.config.intermediate_size = 384
-        type(model)(model.config).save_pretrained(work / name)  # rebuilt with the MLP width
+        llama(len(tokenizers[tok]), seed, size.teacher).save_pretrained(work / name)
         tokenizers[tok].save_pretrained(work / name)
-    student = pico_llama(len(tokenizers["bl"]), 10, hidden=96, layers=2, max_len=2 * SEQ_LEN)
-    student.save_pretrained(work / "student")
+    llama(len(tokenizers["bl"]), 10, size.student).save_pretrained(work / "student")
     tokenizers["bl"].save_pretrained(work / "student")
     for variant, teachers in (("same", ["same0", "same1", "same2"]), ("cross", ["same0", "cross_sp", "cross_dg"])):
         recipe = {
@@ -73,7 +106,7 @@ def build_assets(work: Path) -> None:
             "student": {"model": str(work / "student")},
             "data": {"seq_len": SEQ_LEN, "train": [{"type": "jsonl", "path": str(work / "data.jsonl"), "domain": "code"}]},
             "routing": {"kind": "uniform"}, "loss": {"kind": "forward_kl"}, "align": {"k": 64},
-            "train": {"steps": 1000, "micro_batch_size": 8, "lr": 1e-3, "schedule": "constant", "max_grad_norm": None,
+            "train": {"steps": 1000, "micro_batch_size": size.batch, "lr": 1e-3, "schedule": "constant", "max_grad_norm": None,
                       "log_every": 10**6},
             "output": {"dir": str(work / f"run-{variant}")},
         }
@@ -164,7 +197,8 @@ def worker(work: Path, warmup: int, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path("/tmp/merge_distill_bench_cross"))
+    parser.add_argument("--size", default="tiny", choices=sorted(SIZES), help="the models' shapes (see above)")
+    parser.add_argument("--work", type=Path, default=None, help="default /tmp/merge_distill_bench_cross[-SIZE]")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
@@ -172,10 +206,12 @@ def main() -> None:
                         help="run with glibc malloc's defaults instead of STEADY_MALLOC (to see their effect)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    size = SIZES[args.size]
+    args.work = args.work or Path("/tmp/merge_distill_bench_cross" + ("" if args.size == "tiny" else f"-{args.size}"))
     if args.worker:
         print(json.dumps(worker(args.work, args.warmup, args.steps)), flush=True)
         return
-    build_assets(args.work)
+    build_assets(args.work, size)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(ROOT), **({} if args.glibc_defaults else STEADY_MALLOC)}
     for name in STEADY_MALLOC if args.glibc_defaults else ():
@@ -201,7 +237,7 @@ def main() -> None:
         return statistics.median(r[key][variant] if variant else r[key] for r in reps)
 
     ratios = [r["ratio"] for r in reps]
-    print(f"\nK = 3, batch 8 x {SEQ_LEN}, 1 thread, {args.reps} processes x {args.steps} timed steps per variant "
+    print(f"\nsize {args.size} (V = {size.vocab:,}), K = 3, batch {size.batch} x {SEQ_LEN}, 1 thread, {args.reps} processes x {args.steps} timed steps per variant "
           f"(after {args.warmup}), steps alternated between the variants, "
           f"{'glibc malloc defaults' if args.glibc_defaults else 'glibc malloc keeping freed memory (STEADY_MALLOC, tools/bench.py)'}; "
           "medians\n")
@@ -214,8 +250,9 @@ def main() -> None:
           f"{median('align_ms'):.0f} ms | {median('project_ms'):.0f} ms |")
     print(f"\ncross / same per process (median over its step pairs): {', '.join(f'{r:.2f}' for r in ratios)}; "
           f"largest {max(ratios):.2f}")
-    for name, (mean, longest) in teacher_tokens(args.work).items():
-        print(f"{name}: {mean:.0f} tokens per {SEQ_LEN}-token student row; the longest row of a batch of 8: {longest:.0f} "
+    for name, (mean, longest) in teacher_tokens(args.work, batch=size.batch).items():
+        print(f"{name}: {mean:.0f} tokens per {SEQ_LEN}-token student row; the longest row of a batch of {size.batch}: "
+              f"{longest:.0f} "
               "on average (what one padded forward computes per row)")
 
 

@@ -49,7 +49,7 @@ from merge_distill.losses.sparse import _SparsePlan, sparse_chunk_grad, sparse_p
 class HeadLogits:
     """A teacher's logits [B, T, V] that are never built (the fused teacher side): its final
     hidden states [B, T, H] and head weight [V_rows, H]. It answers what the loss driver, the
-    agreement statistics and the routers ask of a logits tensor: `shape`, `reshape(-1, V)`,
+    agreement statistics and the routers ask of a logits tensor: `shape`, `dtype`, `device`, `reshape(-1, V)`,
     rows by slice or index (`flat[rows]`, `index_select`) computed on demand in float32, and
     `argmax(-1)` in chunks. Rows past the tokenizer (padding) are never computed."""
 
@@ -61,6 +61,7 @@ class HeadLogits:
         self.chunk_tokens = chunk_tokens
         self.shape = torch.Size((*hidden.shape[:-1], vocab_size))
         self.dtype = compute_dtype(hidden.dtype)
+        self.device = hidden.device
 
     def reshape(self, *shape: int) -> "HeadLogits":
         return self  # rows are always addressed over the flattened B * T positions

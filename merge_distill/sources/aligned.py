@@ -5,7 +5,9 @@ Per batch and teacher (docs/CROSS_TOKENIZER.md):
    positions are matched with teacher positions whose next tokens start at the same byte
    (align/alignment.py: one pass per row);
 2. the teacher runs on its own ids, whole or ZeRO-3 sharded as in training; its logits are cut to
-   its own tokenizer's size (padded embedding rows never reach a softmax);
+   its own tokenizer's size (padded embedding rows never reach a softmax). A whole teacher with a
+   plain linear head hands over its final hidden states instead, and its head runs in step 3, on
+   the aligned positions only (no [B, T_j, V_j] logits);
 3. at the aligned positions only, one chunk at a time: log-softmax, top-k + tail at the loss
    temperature, the NLL of the teacher's own next token and its entropy, both per byte of that
    token (so a coarser tokenizer does not look worse to a router);
@@ -31,7 +33,9 @@ from transformers import PreTrainedTokenizerBase
 from merge_distill import distributed as dist_mod
 from merge_distill.align import TokenBytes, align_row, special_counterparts
 from merge_distill.align.projection import project_topk, token_map
-from merge_distill.models import aligned_teachers, cross_tokenizer_teachers, cut_vocab, load_teachers, load_tokenizer
+from merge_distill.losses.fused import HeadLogits
+from merge_distill.models import (aligned_teachers, cross_tokenizer_teachers, cut_vocab, hidden_before_head, load_teachers,
+                                  load_tokenizer, logit_softcap)
 from merge_distill.schema import Recipe, TeacherSpec
 from merge_distill.signals import IGNORE_INDEX, TokenBatch, normalizes_in_place, per_token_stats, tail_logmass
 from merge_distill.sources.base import SourceContext, register_source
@@ -141,21 +145,34 @@ class AlignedTeachers:
             out.append(sums)
         return torch.stack(out)
 
-    def _teacher_logits(self, batch: TokenBatch, j: int) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
+    def _teacher_logits(self, batch: TokenBatch, j: int) -> Iterator[tuple[Tensor, Tensor | HeadLogits, Tensor, Tensor,
+                                                                             Tensor]]:
         """Teacher j's forwards over the batch, in groups of rows of similar length (`length_groups`:
         a teacher with a finer tokenizer has rows of very different lengths, and padding costs as
         much as text). Yields (the group's batch rows [G], logits [G, W, V_j] cut to the teacher's
-        vocabulary, teacher position per student position [G, T], next-token bytes [G, W], next
-        tokens [G, W]). ZeRO-3 teachers and the student's own ids: one group (one forward per
+        vocabulary (HeadLogits: its hidden states and head, for a whole teacher with a plain linear
+        head), teacher position per student position [G, T], next-token bytes [G, W], next tokens
+        [G, W]). ZeRO-3 teachers and the student's own ids: one group (one forward per
         batch on every process, as the collectives need)."""
         ids, attention, position, nbytes, next_ids = self._teacher_batch(batch, j)
         lengths = attention.sum(-1).tolist()
         rows = list(range(len(lengths)))
+        model = self.models[j]
+        head = None if self.sharded else model.get_output_embeddings()  # a ZeRO-3 head is partitioned
         for group in ([rows] if self.sharded or not self.aligned[j] else length_groups(lengths, FORWARD_TOKENS)):
             g = torch.tensor(group, device=ids.device)
             width = ids.shape[1] if len(group) == len(rows) else max(lengths[i] for i in group)  # right-padded
-            logits = self.models[j](input_ids=ids[g, :width], attention_mask=attention[g, :width], use_cache=False).logits
-            yield g, cut_vocab(logits, self.vocab_sizes[j]), position[g], nbytes[g, :width], next_ids[g, :width]
+            inputs = {"input_ids": ids[g, :width], "attention_mask": attention[g, :width], "use_cache": False}
+            if isinstance(head, nn.Linear) and head.bias is None:
+                # The head runs later, on the aligned positions only, one chunk at a time: no
+                # [G, W, V_j] logits, and no head at the positions no student position matches.
+                with hidden_before_head(model) as head_input:
+                    model(**inputs)
+                logits = HeadLogits(head_input[-1], head.weight, self.vocab_sizes[j], logit_softcap(model),
+                                    self.chunk_tokens)
+            else:
+                logits = cut_vocab(model(**inputs).logits, self.vocab_sizes[j])
+            yield g, logits, position[g], nbytes[g, :width], next_ids[g, :width]
 
     @torch.inference_mode()
     def teacher_targets(self, batch: TokenBatch, k: int) -> list[AlignedTargets]:
@@ -182,7 +199,7 @@ class AlignedTeachers:
                     sl = slice(s, s + self.chunk_tokens)
                     chunk_rows = (group[rows[0][sl]], rows[1][sl])                    # in the batch
                     # one chunk of aligned rows [chunk, V_j], gathered: our own copy, free to overwrite
-                    x = logits[rows[0][sl], picked[sl]].float()
+                    x = aligned_rows(logits, rows[0][sl], picked[sl])
                     gold = next_ids[rows[0][sl], picked[sl]]
                     # float32: x becomes log-probs at temperature 1 in place (one log-softmax pass serves both)
                     n, e, _ = per_token_stats(x.unsqueeze(0), gold.unsqueeze(0), self.chunk_tokens, in_place=True,
@@ -210,6 +227,14 @@ class AlignedTeachers:
         k = min(self.k, self.student_vocab)
         targets = self.teacher_targets(batch, k)
         return projected_signals(self.names, targets, [m if a else None for m, a in zip(self.maps, self.aligned)], k)
+
+
+def aligned_rows(logits: Tensor | HeadLogits, rows: Tensor, positions: Tensor) -> Tensor:
+    """Logits [G, W, V] (or the teacher's hidden states + head) at (rows [c], positions [c]) -> [c, V]
+    float32, a fresh tensor."""
+    if isinstance(logits, HeadLogits):
+        return logits[rows * logits.shape[1] + positions]  # the head on these positions only
+    return logits[rows, positions].float()
 
 
 @dataclass

@@ -254,15 +254,20 @@ def test_length_groups_minimise_padded_tokens_exactly() -> None:
         assert cost(groups, lengths, overhead) == best
 
 
-def test_grouped_forwards_give_the_one_forward_signals(pico, sp_teacher, tmp_path, monkeypatch) -> None:
-    """Rows of the SentencePiece teacher run in length groups; the signals equal those of one
-    padded forward over the batch (what a ZeRO-3 teacher does) up to float32 summation order."""
+def sentencepiece_source(pico, sp_teacher, tmp_path) -> tuple[AlignedTeachers, TokenBatch]:
+    """The pico recipe with its second teacher on a SentencePiece tokenizer: the aligned source and
+    3 packed rows."""
     recipe = pico_recipe_dict(pico, tmp_path / "run")
     recipe["teachers"][1]["model"] = str(sp_teacher)
     loaded = load_recipe(write_recipe(tmp_path / "r.yaml", recipe))
     tokenizer = load_tokenizer(str(pico["student"]))
-    source = AlignedTeachers.open(loaded, accelerator_for(loaded), tokenizer)
-    batch = packed_batch(loaded, tokenizer, rows=3)
+    return AlignedTeachers.open(loaded, accelerator_for(loaded), tokenizer), packed_batch(loaded, tokenizer, rows=3)
+
+
+def test_grouped_forwards_give_the_one_forward_signals(pico, sp_teacher, tmp_path, monkeypatch) -> None:
+    """Rows of the SentencePiece teacher run in length groups; the signals equal those of one
+    padded forward over the batch (what a ZeRO-3 teacher does) up to float32 summation order."""
+    source, batch = sentencepiece_source(pico, sp_teacher, tmp_path)
     import merge_distill.sources.aligned as aligned
 
     monkeypatch.setattr(aligned, "FORWARD_TOKENS", 0)  # a forward costs nothing: one group per length
@@ -274,3 +279,24 @@ def test_grouped_forwards_give_the_one_forward_signals(pico, sp_teacher, tmp_pat
     for a, b in zip(grouped, single):
         assert torch.equal(a.span, b.span)
         assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5) and torch.allclose(a.gold_nll, b.gold_nll, atol=1e-5)
+
+
+def test_whole_teachers_run_their_head_on_the_aligned_positions_only(pico, sp_teacher, tmp_path, monkeypatch) -> None:
+    """A whole teacher with a plain linear head hands over its hidden states: the forward builds
+    logits for each row's last position only, and the targets (made chunk by chunk from the hidden
+    states at the aligned positions) equal those made from its full logits, up to float32
+    summation order."""
+    source, batch = sentencepiece_source(pico, sp_teacher, tmp_path)
+    teacher = source.models[1]
+    widths = []
+    hook = teacher.get_output_embeddings().register_forward_hook(lambda m, i, out: widths.append(out.shape[1]))
+    from_hidden = source.teacher_targets(batch, 16)
+    hook.remove()
+    assert widths and set(widths) == {1}
+    monkeypatch.setattr(teacher, "get_output_embeddings", lambda: None)  # as a head the source cannot run itself
+    from_logits = source.teacher_targets(batch, 16)
+    for a, b in zip(from_hidden, from_logits):
+        assert torch.equal(a.span, b.span) and torch.equal(a.ids, b.ids)
+        assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5) and torch.allclose(a.tail, b.tail, atol=1e-5)
+        assert torch.allclose(a.gold_nll, b.gold_nll, atol=1e-5) and torch.allclose(a.entropy, b.entropy, atol=1e-5)
+    assert (from_hidden[1].span >= 0).any()
