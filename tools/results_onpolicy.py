@@ -50,18 +50,21 @@ ARMS = [
     ("off-policy (lmbda 0), domain routing", 0.0, "domain"),
     ("on-policy lmbda 0.5, domain routing", 0.5, "domain"),
 ]
+WARM = "warm start (off-policy, domain routing; every arm starts here)"
 ROUTERS = {"ce": {"kind": "ce", "tau": 0.5}, "uniform": {"kind": "uniform"},
            "domain": {"kind": "domain", "weights": {"math": "arith"}}}  # the task's rows to its specialist
 
 
-def recipe_dict(lmbda: float, router: str, seed: int, steps: int, out: Path) -> dict:
+def recipe_dict(lmbda: float, router: str, seed: int, steps: int, out: Path, start: Path | None = None) -> dict:
+    """One arm's recipe; the student starts from `start` (a saved student: the warm start), else
+    from layers 0 and 3 of `arith`."""
     demo, arith = ROOT / ".cache" / "demo", arith_task.OUT
     return {
         "name": "arith_onpolicy",
         "teachers": [{"name": "arith", "model": str(arith / "teachers" / "arith")},
                      {"name": "code", "model": str(demo / "teachers" / "code")},
                      {"name": "prose", "model": str(demo / "teachers" / "prose")}],
-        "student": {"from_teacher": {"teacher": "arith", "layers": [0, 3]}},
+        "student": {"model": str(start)} if start else {"from_teacher": {"teacher": "arith", "layers": [0, 3]}},
         "data": {"seq_len": 64, "packing": False,
                  "train": [{"type": "jsonl", "path": str(arith / "data" / "train.jsonl"), "field": "messages",
                             "format": "chat", "domain": "math"}]},
@@ -87,6 +90,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--warm-steps", type=int, default=0,
+                        help="first train one off-policy student per seed for this many steps (domain routing), and "
+                        "start every arm from it, as GKD starts from a supervised student (0: no warm start)")
     parser.add_argument("--problems", type=int, default=300, help="held-out problems scored")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "RESULTS_ONPOLICY.md")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "results_onpolicy")
@@ -110,18 +116,31 @@ def main() -> None:
     drift: dict[str, dict[int, tuple[float, float, float, float]]] = {}
     reused = 0
     chosen = [ARMS[int(i) - 1] for i in args.only.split(",")] if args.only else ARMS
+
+    def trained(tag: str, recipe: dict) -> Path:
+        nonlocal reused
+        path, run_dir = args.runs / f"{tag}.yaml", args.runs / tag
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(recipe)
+        if finished(run_dir, path, text):  # a run this recipe already finished is reused, not retrained
+            reused += 1
+            return run_dir
+        path.write_text(text)
+        return run(load_recipe(path), overwrite=True, console=quiet)
+
+    starts: dict[int, Path | None] = dict.fromkeys(args.seeds)
+    if args.warm_steps:
+        results = {WARM: {}, **results}
+        for seed in args.seeds:
+            tag = f"warm{args.warm_steps}-s{seed}"
+            warm = trained(tag, recipe_dict(0.0, "domain", seed, args.warm_steps, args.runs / tag))
+            starts[seed] = warm / "student"
+            results[WARM][seed] = score(warm, teacher, tokenizer, held)
+            print(f"{WARM}, seed {seed}: exact match {results[WARM][seed][0]:.1%}", flush=True)
     for name, lmbda, router in chosen:
         for seed in args.seeds:
-            tag = f"lmbda{lmbda:g}-{router}-s{seed}"
-            path = args.runs / f"{tag}.yaml"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            text = yaml.safe_dump(recipe_dict(lmbda, router, seed, args.steps, args.runs / tag))
-            run_dir = args.runs / tag
-            if finished(run_dir, path, text):  # a run this recipe already finished is reused, not retrained
-                reused += 1
-            else:
-                path.write_text(text)
-                run_dir = run(load_recipe(path), overwrite=True, console=quiet)
+            tag = f"lmbda{lmbda:g}-{router}" + (f"-warm{args.warm_steps}" if args.warm_steps else "") + f"-s{seed}"
+            run_dir = trained(tag, recipe_dict(lmbda, router, seed, args.steps, args.runs / tag, starts[seed]))
             results[name][seed] = score(run_dir, teacher, tokenizer, held)
             if lmbda > 0:
                 drift.setdefault(name, {})[seed] = arith_drift(run_dir)
@@ -165,7 +184,8 @@ def write_markdown(args, teacher_em: float, results: dict, drift: dict, seconds:
         "# Results: on-policy distillation on a task with checkable answers",
         "",
         f"Regenerate with `python tools/results_onpolicy.py` (this page: `--steps {args.steps} --seeds "
-        f"{' '.join(map(str, seeds))}`, {seconds / 60:.1f} minutes for the call that wrote it, which reused "
+        f"{' '.join(map(str, seeds))}{f' --warm-steps {args.warm_steps}' if args.warm_steps else ''}"
+        f"{f' --problems {args.problems}' if args.problems != 300 else ''}`, {seconds / 60:.1f} minutes for the call that wrote it, which reused "
         f"{reused} finished runs of the same recipes), after `python tools/arith_task.py`.",
         "",
         "Task: two-digit addition with worked answers (tools/arith_task.py), 10% of the 10,000 problems held out.",
@@ -175,7 +195,11 @@ def write_markdown(args, teacher_em: float, results: dict, drift: dict, seconds:
         "problems;",
         "- the demo's `code` and `prose`, teachers of other domains.",
         "",
-        f"Every student starts from layers 0 and 3 of `arith` and trains for {args.steps} steps of 16 conversations.",
+        (f"Every student starts from layers 0 and 3 of `arith` and trains for {args.steps} steps of 16 conversations."
+         if not args.warm_steps else
+         f"Per seed, one warm start: layers 0 and 3 of `arith` distilled off-policy for {args.warm_steps} steps of 16 "
+         "conversations (domain routing), as GKD starts from a supervised student. Every arm starts from it and trains "
+         f"{args.steps} more steps of 16 conversations, with the same data order."),
         "Every arm uses reverse KL with no hard label, and the sampled answers stop at EOS or 32 tokens.",
         "",
         "Cells give the student's exact match and the `arith` teacher's reverse KL on the student's own greedy",
