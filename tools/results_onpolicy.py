@@ -10,7 +10,10 @@ Teachers:
 
 Students start from layers 0 and 3 of `arith` (a truncated copy, as in classic distillation), and
 train on the arithmetic conversations for the same steps with the same divergence (reverse KL, no
-hard label). Only two settings differ between arms:
+hard label). With --warm-steps N, that truncated copy is first distilled off-policy for N steps
+(domain routing, one run per seed), and every arm starts from it, as GKD's students start from a
+supervised checkpoint: on-policy samples from a student that cannot yet answer teach little.
+Only two settings differ between arms:
 - onpolicy.lmbda: 0 off-policy, 0.5 half, 1 all micro-batches sampled by the student;
 - routing: `ce` (per token, by each teacher's NLL of the token), `domain` (the task's rows to
   `arith`) or the uniform blend.
