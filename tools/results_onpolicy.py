@@ -53,6 +53,7 @@ ARMS = [
     ("off-policy (lmbda 0), domain routing", 0.0, "domain"),
     ("on-policy lmbda 0.5, domain routing", 0.5, "domain"),
 ]
+DEFAULT_OUT = ROOT / "docs" / "RESULTS_ONPOLICY.md"
 WARM = "warm start (off-policy, domain routing; every arm starts here)"
 ROUTERS = {"ce": {"kind": "ce", "tau": 0.5}, "uniform": {"kind": "uniform"},
            "domain": {"kind": "domain", "weights": {"math": "arith"}}}  # the task's rows to its specialist
@@ -97,7 +98,7 @@ def main() -> None:
                         help="first train one off-policy student per seed for this many steps (domain routing), and "
                         "start every arm from it, as GKD starts from a supervised student (0: no warm start)")
     parser.add_argument("--problems", type=int, default=300, help="held-out problems scored")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "RESULTS_ONPOLICY.md")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "results_onpolicy")
     parser.add_argument("--only", help="train these arms only (comma-separated numbers from 1, in table order) and "
                         "write no page: to share the arms between processes; a later full call reuses their runs")
@@ -188,7 +189,8 @@ def write_markdown(args, teacher_em: float, results: dict, drift: dict, seconds:
         "",
         f"Regenerate with `python tools/results_onpolicy.py` (this page: `--steps {args.steps} --seeds "
         f"{' '.join(map(str, seeds))}{f' --warm-steps {args.warm_steps}' if args.warm_steps else ''}"
-        f"{f' --problems {args.problems}' if args.problems != 300 else ''}`, {seconds / 60:.1f} minutes for the call that wrote it, which reused "
+        f"{f' --problems {args.problems}' if args.problems != 300 else ''}"
+        f"{f' --out {args.out.resolve().relative_to(ROOT)}' if args.out.resolve() != DEFAULT_OUT else ''}`, {seconds / 60:.1f} minutes for the call that wrote it, which reused "
         f"{reused} finished runs of the same recipes), after `python tools/arith_task.py`.",
         "",
         "Task: two-digit addition with worked answers (tools/arith_task.py), 10% of the 10,000 problems held out.",
