@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--only", help="train these arms only (comma-separated numbers from 1, in table order) and "
                         "write no page: to share the arms between processes; a later full call reuses their runs")
     args = parser.parse_args()
+    args.runs = args.runs.resolve()  # a recipe's relative output.dir is read from the recipe's folder
     if not (arith_task.OUT / "teachers" / "arith").is_dir():
         raise SystemExit("the arithmetic teacher is missing: run `python tools/arith_task.py` first")
     from rich.console import Console
@@ -181,6 +182,12 @@ def verdict(results: dict, seeds: list[int], better: str, worse: str) -> str:
     return f"no: it wins on {sum(wins)} of {len(seeds)} seeds"
 
 
+def shown(path: Path) -> str:
+    """A path as the page names it: relative to the repository when inside it."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def write_markdown(args, teacher_em: float, results: dict, drift: dict, seconds: float, reused: int) -> None:
     seeds = args.seeds
     off, half, full, domain, uniform, off_domain, half_domain = (name for name, _, _ in ARMS)
@@ -190,7 +197,7 @@ def write_markdown(args, teacher_em: float, results: dict, drift: dict, seconds:
         f"Regenerate with `python tools/results_onpolicy.py` (this page: `--steps {args.steps} --seeds "
         f"{' '.join(map(str, seeds))}{f' --warm-steps {args.warm_steps}' if args.warm_steps else ''}"
         f"{f' --problems {args.problems}' if args.problems != 300 else ''}"
-        f"{f' --out {args.out.resolve().relative_to(ROOT)}' if args.out.resolve() != DEFAULT_OUT else ''}`, {seconds / 60:.1f} minutes for the call that wrote it, which reused "
+        f"{f' --out {shown(args.out)}' if args.out.resolve() != DEFAULT_OUT else ''}`, {seconds / 60:.1f} minutes for the call that wrote it, which reused "
         f"{reused} finished runs of the same recipes), after `python tools/arith_task.py`.",
         "",
         "Task: two-digit addition with worked answers (tools/arith_task.py), 10% of the 10,000 problems held out.",
