@@ -109,8 +109,9 @@ def check_heads(names: list[str], heads: list[Any]) -> None:
     (a HeadLogits from the teacher source, or the nn.Linear itself; None: neither)."""
     for name, head in zip(names, heads):
         if not isinstance(head, (HeadLogits, nn.Linear)):
-            raise UserError(f"cache.store: hidden: teacher {name!r} has an output head that is not a plain linear layer, "
-                            "so its logits cannot be made from hidden states; set cache.store: topk")
+            raise UserError(f"cache.store: hidden: teacher {name!r} has an output head that is not a plain linear layer "
+                            "(or rescales what that layer gives, as Cohere's logit_scale does), so its logits cannot be "
+                            "made from hidden states; set cache.store: topk")
 
 
 def _save_heads(teachers: OnlineTeachers, root: Path) -> None:

@@ -6,8 +6,9 @@ Per batch and teacher (docs/CROSS_TOKENIZER.md):
    (align/alignment.py: one pass per row);
 2. the teacher runs on its own ids, whole or ZeRO-3 sharded as in training; its logits are cut to
    its own tokenizer's size (padded embedding rows never reach a softmax). A whole teacher with a
-   plain linear head hands over its final hidden states instead, and its head runs in step 3, on
-   the aligned positions only (no [B, T_j, V_j] logits);
+   plain linear head hands over its final hidden states instead (sources/heads.py, which checks
+   that the head gives the model's own logits), and its head runs in step 3, on the aligned
+   positions only (no [B, T_j, V_j] logits);
 3. at the aligned positions only, one chunk at a time: log-softmax, top-k + tail at the loss
    temperature, the NLL of the teacher's own next token and its entropy, both per byte of that
    token (so a coarser tokenizer does not look worse to a router);
@@ -34,11 +35,11 @@ from merge_distill import distributed as dist_mod
 from merge_distill.align import TokenBytes, align_row, special_counterparts
 from merge_distill.align.projection import project_topk, token_map
 from merge_distill.losses.fused import HeadLogits
-from merge_distill.models import (aligned_teachers, cross_tokenizer_teachers, cut_vocab, hidden_before_head, load_teachers,
-                                  load_tokenizer, logit_softcap)
+from merge_distill.models import aligned_teachers, cross_tokenizer_teachers, cut_vocab, load_teachers, load_tokenizer
 from merge_distill.schema import Recipe, TeacherSpec
 from merge_distill.signals import IGNORE_INDEX, TokenBatch, normalizes_in_place, per_token_stats, tail_logmass
 from merge_distill.sources.base import SourceContext, register_source
+from merge_distill.sources.heads import head_forward
 from merge_distill.sources.signals import SparseSignals, check_finite
 
 
@@ -72,6 +73,7 @@ class AlignedTeachers:
         self.k, self.temperature, self.chunk_tokens = k, temperature, chunk_tokens
         self.aligned = aligned  # per teacher: through the alignment (else: the student's own ids)
         self.sharded = sharded  # ZeRO-3 teachers: one forward per batch on every process (collectives)
+        self.head_verified: dict[int, bool] = {}  # per teacher: its head gives its own logits (sources/heads.py)
 
     @classmethod
     def open(cls, recipe: Recipe, accelerator: Accelerator, student_tokenizer: PreTrainedTokenizerBase,
@@ -158,19 +160,16 @@ class AlignedTeachers:
         lengths = attention.sum(-1).tolist()
         rows = list(range(len(lengths)))
         model = self.models[j]
-        head = None if self.sharded else model.get_output_embeddings()  # a ZeRO-3 head is partitioned
         for group in ([rows] if self.sharded or not self.aligned[j] else length_groups(lengths, FORWARD_TOKENS)):
             g = torch.tensor(group, device=ids.device)
             width = ids.shape[1] if len(group) == len(rows) else max(lengths[i] for i in group)  # right-padded
             inputs = {"input_ids": ids[g, :width], "attention_mask": attention[g, :width], "use_cache": False}
-            if isinstance(head, nn.Linear) and head.bias is None:
-                # The head runs later, on the aligned positions only, one chunk at a time: no
-                # [G, W, V_j] logits, and no head at the positions no student position matches.
-                with hidden_before_head(model) as head_input:
-                    model(**inputs)
-                logits = HeadLogits(head_input[-1], head.weight, self.vocab_sizes[j], logit_softcap(model),
-                                    self.chunk_tokens)
-            else:
+            # A whole teacher's head runs later, on the aligned positions only, one chunk at a time:
+            # no [G, W, V_j] logits, and no head where no student position matches (a ZeRO-3 head
+            # is partitioned: those give logits).
+            logits = None if self.sharded else head_forward(model, inputs, self.vocab_sizes[j], self.chunk_tokens,
+                                                            self.head_verified, j)
+            if logits is None:
                 logits = cut_vocab(model(**inputs).logits, self.vocab_sizes[j])
             yield g, logits, position[g], nbytes[g, :width], next_ids[g, :width]
 

@@ -18,12 +18,13 @@ from torch import Tensor, nn
 
 from merge_distill import distributed as dist_mod
 from merge_distill.losses.fused import HeadLogits
-from merge_distill.models import cut_vocab, hidden_before_head, load_teachers, logit_softcap
+from merge_distill.models import cut_vocab, load_teachers
 from merge_distill.schema import SELF_TEACHER, Recipe
 from merge_distill.signals import TokenBatch, normalizes_in_place, per_token_stats
 from merge_distill.models import aligned_teachers
 from merge_distill.routing.registry import ROUTERS
 from merge_distill.sources.base import SourceContext, register_source
+from merge_distill.sources.heads import head_forward
 from merge_distill.sources.signals import DenseSignals, check_finite
 
 
@@ -46,6 +47,7 @@ class OnlineTeachers:
         # One teacher and a router that does not read entropy: the loss fills the entropy in
         # (DenseSignals.entropy_pending), which saves a pass over V that it would repeat.
         self.entropy_from_loss = False
+        self.head_verified: dict[int, bool] = {}  # per teacher: its head gives its own logits (sources/heads.py)
 
     @classmethod
     def open(cls, recipe: Recipe, accelerator: Accelerator, vocab_size: int, student: nn.Module | None = None,
@@ -83,20 +85,18 @@ class OnlineTeachers:
         targets = batch.targets
         logits, nll, ent = [], [], []
         normalized = True
-        for model in self.models:
-            head = model.get_output_embeddings() if self.fused_heads and hasattr(model, "get_output_embeddings") else None
-            if isinstance(head, nn.Linear):  # the fused teacher side: no [B, T, V] logits
-                with hidden_before_head(model) as head_input:
-                    model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-                teacher_logits = HeadLogits(head_input[-1], head.weight, self.vocab_size, logit_softcap(model),
-                                            self.chunk_tokens)
-                n, e = head_token_stats(teacher_logits, targets, self.chunk_tokens)
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+        for i, model in enumerate(self.models):
+            head_logits = head_forward(model, inputs, self.vocab_size, self.chunk_tokens, self.head_verified,
+                                       i) if self.fused_heads else None
+            if head_logits is not None:  # the fused teacher side: no [B, T, V] logits
+                n, e = head_token_stats(head_logits, targets, self.chunk_tokens)
                 normalized = False
-                logits.append(teacher_logits)
+                logits.append(head_logits)
                 nll.append(n)
                 ent.append(e)
                 continue
-            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            out = model(**inputs)
             teacher_logits = cut_vocab(out.logits, self.vocab_size)
             # float32 logits become log-probs in place: the loss then skips that log-softmax.
             normalized = normalized and normalizes_in_place(teacher_logits)

@@ -300,3 +300,20 @@ def test_whole_teachers_run_their_head_on_the_aligned_positions_only(pico, sp_te
         assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5) and torch.allclose(a.tail, b.tail, atol=1e-5)
         assert torch.allclose(a.gold_nll, b.gold_nll, atol=1e-5) and torch.allclose(a.entropy, b.entropy, atol=1e-5)
     assert (from_hidden[1].span >= 0).any()
+
+
+def test_a_teacher_that_rescales_its_logits_is_aligned_on_its_own_logits(pico, sp_teacher, tmp_path, monkeypatch) -> None:
+    """A cross-tokenizer teacher whose logits are scaled after its head (as Cohere's logit_scale):
+    its targets are those of its own (scaled) logits, not of its head alone."""
+    source, batch = sentencepiece_source(pico, sp_teacher, tmp_path)
+    unscaled = source.teacher_targets(batch, 16)[1]
+    teacher = source.models[1]
+    teacher.register_forward_hook(lambda module, args, output: setattr(output, "logits", output.logits * 0.25) or output)
+    source.head_verified.clear()
+    scaled = source.teacher_targets(batch, 16)[1]
+    assert source.head_verified[1] is False
+    monkeypatch.setattr(teacher, "get_output_embeddings", lambda: None)  # the logits path, with the scale
+    reference = source.teacher_targets(batch, 16)[1]
+    assert torch.allclose(scaled.logprobs, reference.logprobs, atol=1e-5)
+    assert torch.allclose(scaled.entropy, reference.entropy, atol=1e-5)
+    assert not torch.allclose(scaled.entropy, unscaled.entropy, atol=1e-3)  # the scale changes the distribution
