@@ -82,15 +82,16 @@ STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHO
 # ---- assets ---------------------------------------------------------------------------------
 
 
-def llama(seed: int, size: Size, shape: tuple[int, int, int, int, int]):
+def llama(vocab_rows: int, max_positions: int, seed: int, shape: tuple[int, int, int, int, int]):
+    """A randomly initialised Llama of `shape` (hidden, layers, MLP, heads, KV heads), seeded."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     hidden, layers, mlp, heads, kv_heads = shape
     return LlamaForCausalLM(LlamaConfig(
-        vocab_size=size.vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2 * size.seq,
+        vocab_size=vocab_rows, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0))
 
 
@@ -130,8 +131,8 @@ def build_assets(work: Path, args: argparse.Namespace) -> dict:
     with open(work / "data.jsonl", "w", encoding="utf-8") as fh:
         for text in texts:
             fh.write(json.dumps({"text": text}) + "\n")
-    for name, model in [*((f"teacher{i}", llama(1 + i, size, size.teacher)) for i in range(K_MAX)),
-                        ("student", llama(10, size, size.student))]:
+    for name, model in [*((f"teacher{i}", llama(size.vocab, 2 * size.seq, 1 + i, size.teacher)) for i in range(K_MAX)),
+                        ("student", llama(size.vocab, 2 * size.seq, 10, size.student))]:
         model.save_pretrained(work / name)
         tokenizer.save_pretrained(work / name)
     for k in range(1, K_MAX + 1):

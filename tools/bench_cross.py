@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
-from bench import STEADY_MALLOC  # noqa: E402  (the same malloc settings as tools/bench.py, and why)
+from bench import STEADY_MALLOC, llama  # noqa: E402  (the same malloc settings as tools/bench.py, and why)
 SEQ_LEN, VOCAB = 256, 4096  # rows of the student's tokens; the tokens each tokenizer is trained to
 VARIANTS = ("same", "cross")
 
@@ -57,18 +57,6 @@ SIZES = {
     "tiny": CrossSize(VOCAB, 8, (128, 4, 384, 2, 2), (96, 2, 192, 2, 2)),
     "135m": CrossSize(49152, 2, (576, 30, 1536, 9, 3), (576, 8, 1536, 9, 3)),  # SmolLM2-135M; its first 8 layers
 }
-
-
-def llama(vocab_rows: int, seed: int, shape: tuple[int, int, int, int, int]):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    hidden, layers, mlp, heads, kv_heads = shape
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab_rows, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2 * SEQ_LEN,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0))
 
 
 def build_assets(work: Path, size: CrossSize) -> None:
@@ -95,9 +83,9 @@ def build_assets(work: Path, size: CrossSize) -> None:
             fh.write(json.dumps({"text": text}) + "\n")
     models = [("same0", "bl", 1), ("same1", "bl", 2), ("same2", "bl", 3), ("cross_sp", "sp", 4), ("cross_dg", "dg", 5)]
     for name, tok, seed in models:
-        llama(len(tokenizers[tok]), seed, size.teacher).save_pretrained(work / name)
+        llama(len(tokenizers[tok]), 2 * SEQ_LEN, seed, size.teacher).save_pretrained(work / name)
         tokenizers[tok].save_pretrained(work / name)
-    llama(len(tokenizers["bl"]), 10, size.student).save_pretrained(work / "student")
+    llama(len(tokenizers["bl"]), 2 * SEQ_LEN, 10, size.student).save_pretrained(work / "student")
     tokenizers["bl"].save_pretrained(work / "student")
     for variant, teachers in (("same", ["same0", "same1", "same2"]), ("cross", ["same0", "cross_sp", "cross_dg"])):
         recipe = {
