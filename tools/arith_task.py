@@ -7,6 +7,11 @@ students never train on them. Each problem is a chat:
 - user: "47+38=";
 - assistant: a worked answer, digit by digit with the carry, "7+8=15 c1; 4+3+1=8; =85".
 
+data/train.jsonl holds the worked answers (the teacher's training data). data/train_answers.jsonl
+holds the same problems with the computed answer only ("=85", the worked answer's last step), as
+most question-answer sets are: the students' data when the teacher's worked answers are not at
+hand (tools/results_onpolicy.py --data answers).
+
 The specialist teacher `arith` has the demo teachers' architecture and tokenizer
 (tools/build_demo.py, so it blends with the demo's `code` and `prose` teachers). It is trained
 from scratch on the rendered conversations. The script prints its greedy exact match on 300
@@ -56,17 +61,23 @@ def problems(seed: int = 0) -> tuple[list[tuple[int, int]], list[tuple[int, int]
     return pairs[cut:], pairs[:cut]
 
 
-def conversation(a: int, b: int) -> list[dict[str, str]]:
-    return [{"role": "user", "content": f"{a}+{b}="}, {"role": "assistant", "content": worked(a, b)}]
+def answer_only(a: int, b: int) -> str:
+    """The computed answer alone, written as the worked answer's last step."""
+    return f"={a + b}"
+
+
+def conversation(a: int, b: int, answer=worked) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"{a}+{b}="}, {"role": "assistant", "content": answer(a, b)}]
 
 
 def write_data(out: Path) -> None:
+    """train.jsonl and eval.jsonl (worked answers), train_answers.jsonl (computed answers only)."""
     train, held = problems()
     out.mkdir(parents=True, exist_ok=True)
-    for name, pairs in (("train", train), ("eval", held)):
+    for name, pairs, answer in (("train", train, worked), ("eval", held, worked), ("train_answers", train, answer_only)):
         with open(out / f"{name}.jsonl", "w", encoding="utf-8") as fh:
             for a, b in pairs:
-                fh.write(json.dumps({"messages": conversation(a, b)}) + "\n")
+                fh.write(json.dumps({"messages": conversation(a, b, answer)}) + "\n")
 
 
 @torch.no_grad()

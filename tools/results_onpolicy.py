@@ -2,7 +2,9 @@
 checkable answers, and does per-token routing beat the uniform blend there?
 
     python tools/arith_task.py           # once, after `make demo`: the arithmetic data and teacher
-    python tools/results_onpolicy.py     # the table (3 seeds)
+    python tools/results_onpolicy.py     # the table (3 seeds): docs/RESULTS_ONPOLICY.md
+    python tools/results_onpolicy.py --data answers --out docs/RESULTS_ONPOLICY_ANSWERS.md
+    python tools/results_onpolicy.py --warm-steps 150 --out docs/RESULTS_ONPOLICY_WARM.md
 
 Teachers:
 - `arith`, the specialist (tools/arith_task.py: two-digit addition with worked answers);
@@ -18,10 +20,16 @@ Only two settings differ between arms:
 - routing: `ce` (per token, by each teacher's NLL of the token), `domain` (the task's rows to
   `arith`) or the uniform blend.
 
-Sampled answers are as long as the dataset's (the worked answer and EOS), so the arms see about
-the same number of target tokens. Each student is scored on 300 held-out problems, greedy:
+--data names the students' conversations (the on-policy arms read only their prompts):
+- worked (default): the teacher's own worked answers, which are also its greedy answers, so the
+  off-policy arms are sequence-level KD. Sampled answers are about as long, so the arms see about
+  the same number of target tokens;
+- answers: the computed answer only ("=85"), as most question-answer sets are
+  (docs/RESULTS_ONPOLICY_ANSWERS.md). Its rows are a quarter as long as a sampled answer, so one
+  more arm gives off-policy 4x the steps: as many target tokens as the on-policy arm. Each student is scored on 300 held-out problems, greedy:
 - exact match (the final "=<sum>");
-- the `arith` teacher's reverse KL on the student's own answers (nats per answer token).
+- the `arith` teacher's reverse KL on the student's own answers (nats per answer token);
+- and the page shows the seed-0 students' answers to the first 3 problems.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import yaml
@@ -53,15 +62,31 @@ ARMS = [
     ("off-policy (lmbda 0), domain routing", 0.0, "domain"),
     ("on-policy lmbda 0.5, domain routing", 0.5, "domain"),
 ]
+# With answers-only data an off-policy row has ~4 target tokens against ~18 per sampled answer: this
+# arm gives off-policy (domain routing) 4x the steps, as many target tokens as the on-policy arm.
+MATCHED = ("off-policy (lmbda 0), domain routing, 4x the steps", 0.0, "domain")
+MATCHED_FACTOR = 4
 DEFAULT_OUT = ROOT / "docs" / "RESULTS_ONPOLICY.md"
 WARM = "warm start (off-policy, domain routing; every arm starts here)"
 ROUTERS = {"ce": {"kind": "ce", "tau": 0.5}, "uniform": {"kind": "uniform"},
            "domain": {"kind": "domain", "weights": {"math": "arith"}}}  # the task's rows to its specialist
 
 
-def recipe_dict(lmbda: float, router: str, seed: int, steps: int, out: Path, start: Path | None = None) -> dict:
+DATA = {"worked": "train.jsonl", "answers": "train_answers.jsonl"}  # the students' data (--data)
+STUDENT_DATA = {
+    "worked": ["Students' data: the training problems with the teacher's own worked answers (data/train.jsonl), which "
+               "are also its greedy answers. Off-policy arms train on them; on-policy arms read only their prompts."],
+    "answers": ["Students' data: the training problems with the computed answer only (`=85`, data/train_answers.jsonl), "
+                "as most question-answer sets are: the teacher's worked answers are not at hand. Off-policy arms train "
+                "on these rows; on-policy arms read only their prompts, so they are the same runs as with the worked "
+                "answers."],
+}
+
+
+def recipe_dict(lmbda: float, router: str, seed: int, steps: int, out: Path, start: Path | None = None,
+                data: str = "worked") -> dict:
     """One arm's recipe; the student starts from `start` (a saved student: the warm start), else
-    from layers 0 and 3 of `arith`."""
+    from layers 0 and 3 of `arith`. `data` names the students' training conversations (DATA)."""
     demo, arith = ROOT / ".cache" / "demo", arith_task.OUT
     return {
         "name": "arith_onpolicy",
@@ -70,7 +95,7 @@ def recipe_dict(lmbda: float, router: str, seed: int, steps: int, out: Path, sta
                      {"name": "prose", "model": str(demo / "teachers" / "prose")}],
         "student": {"model": str(start)} if start else {"from_teacher": {"teacher": "arith", "layers": [0, 3]}},
         "data": {"seq_len": 64, "packing": False,
-                 "train": [{"type": "jsonl", "path": str(arith / "data" / "train.jsonl"), "field": "messages",
+                 "train": [{"type": "jsonl", "path": str(arith / "data" / DATA[data]), "field": "messages",
                             "format": "chat", "domain": "math"}]},
         "routing": ROUTERS[router],
         "loss": {"kind": "reverse_kl", "temperature": 1.0},
@@ -82,12 +107,25 @@ def recipe_dict(lmbda: float, router: str, seed: int, steps: int, out: Path, sta
     }
 
 
-def score(run_dir: Path, teacher, tokenizer, held: list[tuple[int, int]]) -> tuple[float, float]:
+class Scored(NamedTuple):
+    exact_match: float
+    reverse_kl: float  # the `arith` teacher's, on the student's greedy answers (nats per answer token)
+    tokens: int  # the run's target tokens, data and sampled, summed over its steps (metrics.jsonl)
+    examples: list[str]  # the greedy answers to the first EXAMPLES held-out problems
+
+
+EXAMPLES = 3
+
+
+def score(run_dir: Path, teacher, tokenizer, held: list[tuple[int, int]]) -> Scored:
     from transformers import AutoModelForCausalLM
 
     student = AutoModelForCausalLM.from_pretrained(run_dir / "student").eval()
     answers = arith_task.greedy_answers(student, tokenizer, held)
-    return arith_task.exact_match(student, tokenizer, held, answers), arith_task.answer_reverse_kl(student, teacher, answers)
+    tokens = sum(json.loads(line)["tokens"] for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    examples = [tokenizer.decode(completion, skip_special_tokens=True) for _, completion in answers[:EXAMPLES]]
+    return Scored(arith_task.exact_match(student, tokenizer, held, answers),
+                  arith_task.answer_reverse_kl(student, teacher, answers), tokens, examples)
 
 
 def main() -> None:
@@ -97,6 +135,9 @@ def main() -> None:
     parser.add_argument("--warm-steps", type=int, default=0,
                         help="first train one off-policy student per seed for this many steps (domain routing), and "
                         "start every arm from it, as GKD starts from a supervised student (0: no warm start)")
+    parser.add_argument("--data", choices=sorted(DATA), default="worked",
+                        help="the students' conversations: the teacher's worked answers, or the computed answers only "
+                        "(on-policy arms read only their prompts)")
     parser.add_argument("--problems", type=int, default=300, help="held-out problems scored")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "results_onpolicy")
@@ -106,6 +147,7 @@ def main() -> None:
     args.runs = args.runs.resolve()  # a recipe's relative output.dir is read from the recipe's folder
     if not (arith_task.OUT / "teachers" / "arith").is_dir():
         raise SystemExit("the arithmetic teacher is missing: run `python tools/arith_task.py` first")
+    arith_task.write_data(arith_task.OUT / "data")  # seeded: rewrites the same files, adds a missing one
     from rich.console import Console
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -116,11 +158,12 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     held = arith_task.problems()[1][: args.problems]
     teacher_em = arith_task.exact_match(teacher, tokenizer, held)
-    results: dict[str, dict[int, tuple[float, float]]] = {name: {} for name, _, _ in ARMS}
+    arms = ARMS + ([MATCHED] if args.data == "answers" else [])
+    results: dict[str, dict[int, Scored]] = {name: {} for name, _, _ in arms}
     quiet = Console(file=io.StringIO())
     drift: dict[str, dict[int, tuple[float, float, float, float]]] = {}
     reused = 0
-    chosen = [ARMS[int(i) - 1] for i in args.only.split(",")] if args.only else ARMS
+    chosen = [arms[int(i) - 1] for i in args.only.split(",")] if args.only else arms
 
     def trained(tag: str, recipe: dict) -> Path:
         nonlocal reused
@@ -134,18 +177,22 @@ def main() -> None:
         return run(load_recipe(path), overwrite=True, console=quiet)
 
     starts: dict[int, Path | None] = dict.fromkeys(args.seeds)
+    prefix = "" if args.data == "worked" else f"{args.data}-"
     if args.warm_steps:
         results = {WARM: {}, **results}
         for seed in args.seeds:
-            tag = f"warm{args.warm_steps}-s{seed}"
-            warm = trained(tag, recipe_dict(0.0, "domain", seed, args.warm_steps, args.runs / tag))
+            tag = prefix + f"warm{args.warm_steps}-s{seed}"
+            warm = trained(tag, recipe_dict(0.0, "domain", seed, args.warm_steps, args.runs / tag, data=args.data))
             starts[seed] = warm / "student"
             results[WARM][seed] = score(warm, teacher, tokenizer, held)
             print(f"{WARM}, seed {seed}: exact match {results[WARM][seed][0]:.1%}", flush=True)
     for name, lmbda, router in chosen:
+        factor = MATCHED_FACTOR if name == MATCHED[0] else 1
         for seed in args.seeds:
-            tag = f"lmbda{lmbda:g}-{router}" + (f"-warm{args.warm_steps}" if args.warm_steps else "") + f"-s{seed}"
-            run_dir = trained(tag, recipe_dict(lmbda, router, seed, args.steps, args.runs / tag, starts[seed]))
+            tag = (prefix + f"lmbda{lmbda:g}-{router}" + (f"-x{factor}" if factor > 1 else "")
+                   + (f"-warm{args.warm_steps}" if args.warm_steps else "") + f"-s{seed}")
+            run_dir = trained(tag, recipe_dict(lmbda, router, seed, args.steps * factor, args.runs / tag,
+                                               starts[seed], args.data))
             results[name][seed] = score(run_dir, teacher, tokenizer, held)
             if lmbda > 0:
                 drift.setdefault(name, {})[seed] = arith_drift(run_dir)
@@ -182,6 +229,12 @@ def verdict(results: dict, seeds: list[int], better: str, worse: str) -> str:
     return f"no: it wins on {sum(wins)} of {len(seeds)} seeds"
 
 
+def cell(text: str, width: int = 40) -> str:
+    """A student's answer as a table cell: one line, no column bar, at most `width` characters."""
+    text = text.replace("\n", "\\n").replace("|", "\\|").replace("`", "'")
+    return f"`{text[:width]}`" + ("…" if len(text) > width else "")
+
+
 def shown(path: Path) -> str:
     """A path as the page names it: relative to the repository when inside it."""
     path = path.resolve()
@@ -196,11 +249,14 @@ def write_markdown(args, teacher_em: float, results: dict, drift: dict, seconds:
         "",
         f"Regenerate with `python tools/results_onpolicy.py` (this page: `--steps {args.steps} --seeds "
         f"{' '.join(map(str, seeds))}{f' --warm-steps {args.warm_steps}' if args.warm_steps else ''}"
+        f"{f' --data {args.data}' if args.data != 'worked' else ''}"
         f"{f' --problems {args.problems}' if args.problems != 300 else ''}"
         f"{f' --out {shown(args.out)}' if args.out.resolve() != DEFAULT_OUT else ''}`, {seconds / 60:.1f} minutes for the call that wrote it, which reused "
         f"{reused} finished runs of the same recipes), after `python tools/arith_task.py`.",
         "",
         "Task: two-digit addition with worked answers (tools/arith_task.py), 10% of the 10,000 problems held out.",
+        "",
+        *STUDENT_DATA[args.data],
         "",
         "Teachers:",
         f"- `arith`, the specialist, at **{teacher_em:.1%}** greedy exact match on the {args.problems} held-out "
@@ -217,13 +273,17 @@ def write_markdown(args, teacher_em: float, results: dict, drift: dict, seconds:
         "Cells give the student's exact match and the `arith` teacher's reverse KL on the student's own greedy",
         f"answers (nats per answer token), on {args.problems} held-out problems, per seed:",
         "",
-        "| student | " + " | ".join(f"seed {s}: exact match, reverse KL" for s in seeds) + " | mean exact match |",
-        "|---|" + "---|" * len(seeds) + "---|",
+        "| student | " + " | ".join(f"seed {s}: exact match, reverse KL" for s in seeds)
+        + " | mean exact match | target tokens per run |",
+        "|---|" + "---|" * len(seeds) + "---|---:|",
     ]
     for name in results:
         cells = " | ".join(f"{results[name][s][0]:.1%}, {results[name][s][1]:.3f}" for s in seeds)
         mean = sum(results[name][s][0] for s in seeds) / len(seeds)
-        lines.append(f"| {name} | {cells} | {mean:.1%} |")
+        tokens = sum(results[name][s][2] for s in seeds) / len(seeds)
+        lines.append(f"| {name} | {cells} | {mean:.1%} | {tokens:,.0f} |")
+    lines += ["", "Target tokens per run: the data and sampled tokens the run's loss covered, summed over its steps "
+              "(metrics.jsonl), mean over seeds."]
     lines += [
         "",
         "## Verdicts (exact match, decided seed by seed)",
@@ -235,8 +295,19 @@ def write_markdown(args, teacher_em: float, results: dict, drift: dict, seconds:
         f"beats off-policy with the same domain routing: {verdict(results, seeds, half_domain, off_domain)}.",
         f"- On-policy lmbda 1 (domain routing) beats off-policy with the same domain routing: "
         f"{verdict(results, seeds, domain, off_domain)}.",
+        *([f"- On-policy lmbda 1 (domain routing) beats off-policy with the same routing and {MATCHED_FACTOR}x the "
+           f"steps: {verdict(results, seeds, domain, MATCHED[0])}."] if MATCHED[0] in results else []),
         f"- Routed on-policy beats the uniform-blend on-policy student: ce routing "
         f"{verdict(results, seeds, full, uniform)}; domain routing {verdict(results, seeds, domain, uniform)}.",
+    ]
+    first = seeds[0]
+    problems = ", ".join(f"{a}+{b}" for a, b in arith_task.problems()[1][:EXAMPLES])
+    lines += ["", f"## What the students answer (seed {first}, greedy, the first {EXAMPLES} held-out problems: {problems})",
+              "", "| student | " + " | ".join(f"answer {i + 1}" for i in range(EXAMPLES)) + " |",
+              "|---|" + "---|" * EXAMPLES]
+    for name in results:
+        lines.append(f"| {name} | " + " | ".join(cell(text) for text in results[name][first].examples) + " |")
+    lines += [
         "",
         "## Who was trusted on the samples (from each run's metrics.jsonl)",
         "",
