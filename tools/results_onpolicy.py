@@ -26,7 +26,9 @@ Only two settings differ between arms:
   the same number of target tokens;
 - answers: the computed answer only ("=85"), as most question-answer sets are
   (docs/RESULTS_ONPOLICY_ANSWERS.md). Its rows are a quarter as long as a sampled answer, so one
-  more arm gives off-policy 4x the steps: as many target tokens as the on-policy arm. Each student is scored on 300 held-out problems, greedy:
+  more arm gives off-policy 4x the steps: as many target tokens as the on-policy arm.
+
+Each student is scored on 300 held-out problems, greedy:
 - exact match (the final "=<sum>");
 - the `arith` teacher's reverse KL on the student's own answers (nats per answer token);
 - and the page shows the seed-0 students' answers to the first 3 problems.
@@ -74,8 +76,9 @@ ROUTERS = {"ce": {"kind": "ce", "tau": 0.5}, "uniform": {"kind": "uniform"},
 
 DATA = {"worked": "train.jsonl", "answers": "train_answers.jsonl"}  # the students' data (--data)
 STUDENT_DATA = {
-    "worked": ["Students' data: the training problems with the teacher's own worked answers (data/train.jsonl), which "
-               "are also its greedy answers. Off-policy arms train on them; on-policy arms read only their prompts."],
+    "worked": ["Students' data: the training problems with the teacher's own worked answers (data/train.jsonl), what "
+               "it writes itself (below: to the letter on held-out problems), so the off-policy arms are sequence-level "
+               "KD. Off-policy arms train on them; on-policy arms read only their prompts."],
     "answers": ["Students' data: the training problems with the computed answer only (`=85`, data/train_answers.jsonl), "
                 "as most question-answer sets are: the teacher's worked answers are not at hand. Off-policy arms train "
                 "on these rows; on-policy arms read only their prompts, so they are the same runs as with the worked "
@@ -157,7 +160,10 @@ def main() -> None:
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     held = arith_task.problems()[1][: args.problems]
-    teacher_em = arith_task.exact_match(teacher, tokenizer, held)
+    teacher_answers = arith_task.greedy_answers(teacher, tokenizer, held)
+    teacher_em = arith_task.exact_match(teacher, tokenizer, held, teacher_answers)
+    teacher_worked = sum(tokenizer.decode(completion, skip_special_tokens=True).strip() == arith_task.worked(a, b)
+                         for (a, b), (_, completion) in zip(held, teacher_answers))  # the data's answer, to the letter
     arms = ARMS + ([MATCHED] if args.data == "answers" else [])
     results: dict[str, dict[int, Scored]] = {name: {} for name, _, _ in arms}
     quiet = Console(file=io.StringIO())
@@ -199,7 +205,7 @@ def main() -> None:
             print(f"{name}, seed {seed}: exact match {results[name][seed][0]:.1%}, "
                   f"reverse KL {results[name][seed][1]:.3f}", flush=True)
     if not args.only:
-        write_markdown(args, teacher_em, results, drift, time.time() - started, reused)
+        write_markdown(args, (teacher_em, teacher_worked), results, drift, time.time() - started, reused)
 
 
 def arith_drift(run_dir: Path, window: int = 10) -> tuple[float, float, float, float]:
@@ -241,7 +247,7 @@ def shown(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def write_markdown(args, teacher_em: float, results: dict, drift: dict, seconds: float, reused: int) -> None:
+def write_markdown(args, teacher: tuple[float, int], results: dict, drift: dict, seconds: float, reused: int) -> None:
     seeds = args.seeds
     off, half, full, domain, uniform, off_domain, half_domain = (name for name, _, _ in ARMS)
     lines = [
@@ -259,8 +265,8 @@ def write_markdown(args, teacher_em: float, results: dict, drift: dict, seconds:
         *STUDENT_DATA[args.data],
         "",
         "Teachers:",
-        f"- `arith`, the specialist, at **{teacher_em:.1%}** greedy exact match on the {args.problems} held-out "
-        "problems;",
+        f"- `arith`, the specialist, at **{teacher[0]:.1%}** greedy exact match on the {args.problems} held-out "
+        f"problems; its greedy answer is the worked answer, to the letter, on {teacher[1]} of them;",
         "- the demo's `code` and `prose`, teachers of other domains.",
         "",
         (f"Every student starts from layers 0 and 3 of `arith` and trains for {args.steps} steps of 16 conversations."
