@@ -44,8 +44,7 @@ def main() -> None:
     wrong, recovered = 0, 0
     for (a, b), (prompt, answer) in zip(held, arith_task.greedy_answers(student, tokenizer, held)):
         text = tokenizer.decode(answer, skip_special_tokens=True)
-        found = arith_task.ANSWER.search(text)
-        if found and int(found.group(1)) == a + b:
+        if arith_task.right_sum(text, a, b):
             continue
         wrong += 1
         gold = tokenizer(arith_task.worked(a, b), add_special_tokens=False)["input_ids"]
@@ -56,8 +55,7 @@ def main() -> None:
             more = teacher.generate(prefix, attention_mask=torch.ones_like(prefix), max_new_tokens=40, do_sample=False,
                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         continued = tokenizer.decode(more[0, len(prompt):], skip_special_tokens=True)
-        found = arith_task.ANSWER.search(continued)
-        back = bool(found) and int(found.group(1)) == a + b
+        back = arith_task.right_sum(continued, a, b)
         recovered += back
         if wrong <= args.show:
             print(f"{a}+{b}: student {text!r}, worked {arith_task.worked(a, b)!r}; first wrong token "

@@ -104,13 +104,17 @@ def greedy_answers(model, tokenizer, pairs: list[tuple[int, int]], max_new_token
     return out
 
 
+def right_sum(text: str, a: int, b: int) -> bool:
+    """Whether an answer's text ends with "=<a + b>"."""
+    found = ANSWER.search(text)
+    return bool(found) and int(found.group(1)) == a + b
+
+
 def exact_match(model, tokenizer, pairs: list[tuple[int, int]], answers=None) -> float:
     """Share of problems whose greedy answer ends with "=<a + b>"."""
     answers = answers or greedy_answers(model, tokenizer, pairs)
-    right = 0
-    for (a, b), (_, completion) in zip(pairs, answers):
-        found = ANSWER.search(tokenizer.decode(completion, skip_special_tokens=True))
-        right += bool(found) and int(found.group(1)) == a + b
+    right = sum(right_sum(tokenizer.decode(completion, skip_special_tokens=True), a, b)
+                for (a, b), (_, completion) in zip(pairs, answers))
     return right / len(pairs)
 
 

@@ -55,19 +55,25 @@ import arith_task  # noqa: E402
 from merge_distill.engine import run  # noqa: E402
 from merge_distill.recipe import load_recipe  # noqa: E402
 
+class Arm(NamedTuple):
+    name: str
+    lmbda: float
+    router: str
+    steps_factor: int = 1  # trains --steps x this
+
+
 ARMS = [
-    ("off-policy (lmbda 0), ce routing", 0.0, "ce"),
-    ("on-policy lmbda 0.5, ce routing", 0.5, "ce"),
-    ("on-policy lmbda 1, ce routing", 1.0, "ce"),
-    ("on-policy lmbda 1, domain routing", 1.0, "domain"),
-    ("on-policy lmbda 1, uniform blend", 1.0, "uniform"),
-    ("off-policy (lmbda 0), domain routing", 0.0, "domain"),
-    ("on-policy lmbda 0.5, domain routing", 0.5, "domain"),
+    Arm("off-policy (lmbda 0), ce routing", 0.0, "ce"),
+    Arm("on-policy lmbda 0.5, ce routing", 0.5, "ce"),
+    Arm("on-policy lmbda 1, ce routing", 1.0, "ce"),
+    Arm("on-policy lmbda 1, domain routing", 1.0, "domain"),
+    Arm("on-policy lmbda 1, uniform blend", 1.0, "uniform"),
+    Arm("off-policy (lmbda 0), domain routing", 0.0, "domain"),
+    Arm("on-policy lmbda 0.5, domain routing", 0.5, "domain"),
 ]
 # With answers-only data an off-policy row has ~4 target tokens against ~18 per sampled answer: this
 # arm gives off-policy (domain routing) 4x the steps, as many target tokens as the on-policy arm.
-MATCHED = ("off-policy (lmbda 0), domain routing, 4x the steps", 0.0, "domain")
-MATCHED_FACTOR = 4
+MATCHED = Arm("off-policy (lmbda 0), domain routing, 4x the steps", 0.0, "domain", 4)
 DEFAULT_OUT = ROOT / "docs" / "RESULTS_ONPOLICY.md"
 WARM = "warm start (off-policy, domain routing; every arm starts here)"
 ROUTERS = {"ce": {"kind": "ce", "tau": 0.5}, "uniform": {"kind": "uniform"},
@@ -125,7 +131,7 @@ def score(run_dir: Path, teacher, tokenizer, held: list[tuple[int, int]]) -> Sco
 
     student = AutoModelForCausalLM.from_pretrained(run_dir / "student").eval()
     answers = arith_task.greedy_answers(student, tokenizer, held)
-    tokens = sum(json.loads(line)["tokens"] for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    tokens = sum(row["tokens"] for row in metric_rows(run_dir))
     examples = [tokenizer.decode(completion, skip_special_tokens=True) for _, completion in answers[:EXAMPLES]]
     return Scored(arith_task.exact_match(student, tokenizer, held, answers),
                   arith_task.answer_reverse_kl(student, teacher, answers), tokens, examples)
@@ -165,7 +171,7 @@ def main() -> None:
     teacher_worked = sum(tokenizer.decode(completion, skip_special_tokens=True).strip() == arith_task.worked(a, b)
                          for (a, b), (_, completion) in zip(held, teacher_answers))  # the data's answer, to the letter
     arms = ARMS + ([MATCHED] if args.data == "answers" else [])
-    results: dict[str, dict[int, Scored]] = {name: {} for name, _, _ in arms}
+    results: dict[str, dict[int, Scored]] = {arm.name: {} for arm in arms}
     quiet = Console(file=io.StringIO())
     drift: dict[str, dict[int, tuple[float, float, float, float]]] = {}
     reused = 0
@@ -192,8 +198,7 @@ def main() -> None:
             starts[seed] = warm / "student"
             results[WARM][seed] = score(warm, teacher, tokenizer, held)
             print(f"{WARM}, seed {seed}: exact match {results[WARM][seed][0]:.1%}", flush=True)
-    for name, lmbda, router in chosen:
-        factor = MATCHED_FACTOR if name == MATCHED[0] else 1
+    for name, lmbda, router, factor in chosen:
         for seed in args.seeds:
             tag = (prefix + f"lmbda{lmbda:g}-{router}" + (f"-x{factor}" if factor > 1 else "")
                    + (f"-warm{args.warm_steps}" if args.warm_steps else "") + f"-s{seed}")
@@ -208,11 +213,15 @@ def main() -> None:
         write_markdown(args, (teacher_em, teacher_worked), results, drift, time.time() - started, reused)
 
 
+def metric_rows(run_dir: Path) -> list[dict]:
+    """The run's metrics.jsonl, one dict per step."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def arith_drift(run_dir: Path, window: int = 10) -> tuple[float, float, float, float]:
     """From the run's metrics.jsonl: `arith`'s routing share on the sampled tokens and its reverse
     KL on them, each averaged over the first and the last `window` steps with samples."""
-    rows = [json.loads(line)["on_policy"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if r["tokens"]]
+    rows = [row["on_policy"] for row in metric_rows(run_dir) if row["on_policy"]["tokens"]]
 
     def mean(part: list[dict], key: str) -> float:
         return sum(r[key]["arith"] for r in part) / len(part)
@@ -249,7 +258,7 @@ def shown(path: Path) -> str:
 
 def write_markdown(args, teacher: tuple[float, int], results: dict, drift: dict, seconds: float, reused: int) -> None:
     seeds = args.seeds
-    off, half, full, domain, uniform, off_domain, half_domain = (name for name, _, _ in ARMS)
+    off, half, full, domain, uniform, off_domain, half_domain = (arm.name for arm in ARMS)
     lines = [
         "# Results: on-policy distillation on a task with checkable answers",
         "",
@@ -301,8 +310,8 @@ def write_markdown(args, teacher: tuple[float, int], results: dict, drift: dict,
         f"beats off-policy with the same domain routing: {verdict(results, seeds, half_domain, off_domain)}.",
         f"- On-policy lmbda 1 (domain routing) beats off-policy with the same domain routing: "
         f"{verdict(results, seeds, domain, off_domain)}.",
-        *([f"- On-policy lmbda 1 (domain routing) beats off-policy with the same routing and {MATCHED_FACTOR}x the "
-           f"steps: {verdict(results, seeds, domain, MATCHED[0])}."] if MATCHED[0] in results else []),
+        *([f"- On-policy lmbda 1 (domain routing) beats off-policy with the same routing and {MATCHED.steps_factor}x "
+           f"the steps: {verdict(results, seeds, domain, MATCHED.name)}."] if MATCHED.name in results else []),
         f"- Routed on-policy beats the uniform-blend on-policy student: ce routing "
         f"{verdict(results, seeds, full, uniform)}; domain routing {verdict(results, seeds, domain, uniform)}.",
     ]
